@@ -1,0 +1,121 @@
+"""Labelled examples as tensors: what the learned merges train on and evaluation scores.
+
+A task's data is a batch dict of equal-length tensors (``input_ids``, ``attention_mask``, ...) plus
+``labels``. Users give JSONL (``{"text": ..., "label": ...}``) tokenized with the base model's
+tokenizer, or a safetensors file of ready tensors; tests build tensors directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from merge_core.errors import DataError
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """``inputs``: model keyword arguments, each of shape (n, ...); ``labels``: (n,) int64 class ids
+    (or (n, seq) token ids with -100 for ignored positions, for generation tasks)."""
+
+    inputs: Mapping[str, Tensor]
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        for name, t in self.inputs.items():
+            if len(t) != n:
+                raise DataError(f"input {name!r} has {len(t)} rows but there are {n} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, index: Tensor) -> TaskData:
+        return TaskData({k: v[index] for k, v in self.inputs.items()}, self.labels[index])
+
+    def batches(self, batch_size: int) -> Iterator[TaskData]:
+        for start in range(0, len(self), batch_size):
+            yield self.take(torch.arange(start, min(start + batch_size, len(self))))
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> TaskData:
+        """A random batch without replacement (the whole set when it is smaller)."""
+        if batch_size >= len(self):
+            return self
+        return self.take(torch.randperm(len(self), generator=generator)[:batch_size])
+
+    def to(self, device: torch.device | str) -> TaskData:
+        return TaskData({k: v.to(device) for k, v in self.inputs.items()}, self.labels.to(device))
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Flat dict (inputs + labels) for hashing or saving."""
+        return {**self.inputs, "labels": self.labels}
+
+
+def require_labelled(task: str, data: TaskData | None, split: str = "validation") -> TaskData:
+    """The learned merges and the grid searches need labelled examples; say so plainly."""
+    if data is None or len(data) == 0:
+        raise DataError(
+            f"task {task!r} has no {split} examples; give at least one labelled example "
+            "(the paper uses 32 per task)"
+        )
+    return data
+
+
+def tokenize(texts: Sequence[str], labels: Sequence[int], tokenizer, max_length: int = 64) -> TaskData:
+    """Tokenize to fixed-length tensors (padding to the longest, truncating at ``max_length``)."""
+    if len(texts) != len(labels):
+        raise DataError(f"{len(texts)} texts but {len(labels)} labels")
+    enc = tokenizer(
+        list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    inputs = {k: enc[k] for k in MODEL_INPUTS if k in enc}
+    return TaskData(inputs, torch.as_tensor(list(labels), dtype=torch.long))
+
+
+def load_task_data(path: str | os.PathLike[str], tokenizer=None, max_length: int = 64) -> TaskData:
+    """Read JSONL (``text`` + ``label`` per line) or a safetensors file (``labels`` + inputs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+        if "labels" not in tensors:
+            raise DataError(f"{path}: no 'labels' tensor; supervised merges need labels")
+        labels = tensors.pop("labels")
+        return TaskData(tensors, labels)
+    if path.suffix not in (".jsonl", ".json"):
+        raise DataError(f"{path}: expected .jsonl (text, label per line) or .safetensors")
+    texts, labels = [], []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            texts.append(str(row["text"]))
+            labels.append(int(row["label"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise DataError(
+                f"{path}:{lineno}: each line must be a JSON object with 'text' and an integer "
+                f"'label' ({e})"
+            ) from e
+    if not texts:
+        raise DataError(f"{path} holds no examples")
+    if tokenizer is None:
+        raise DataError(f"{path} is text: the base model dir needs a tokenizer to read it")
+    return tokenize(texts, labels, tokenizer, max_length)
+
+
+def save_task_data(data: TaskData, path: str | os.PathLike[str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in data.tensors().items()}, str(path))

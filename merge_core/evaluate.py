@@ -1,0 +1,75 @@
+"""Scoring merged models per task, and the paper's results table (accuracy, rank, averages)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from merge_core.data import TaskData
+from merge_core.model import FunctionalModel, correct, task_loss
+
+
+@torch.no_grad()
+def task_scores(
+    model: FunctionalModel,
+    params: Mapping[str, Tensor],
+    head: Mapping[str, Tensor],
+    data: TaskData,
+    batch_size: int = 64,
+) -> tuple[float, float]:
+    """(accuracy, mean loss) of the model with ``params`` and ``head`` on ``data``."""
+    hits = total = 0
+    loss_sum = 0.0
+    for batch in data.batches(batch_size):
+        batch = batch.to(model.device)
+        logits = model.logits(params, head, batch.inputs)
+        right, counted = correct(model.kind, logits, batch.labels)
+        hits, total = hits + right, total + counted
+        loss_sum += float(task_loss(model.kind, logits, batch.labels)) * len(batch)
+    return hits / max(total, 1), loss_sum / max(len(data), 1)
+
+
+def evaluate(
+    model: FunctionalModel,
+    params: Mapping[str, Tensor],
+    heads: Mapping[str, Mapping[str, Tensor]],
+    data: Mapping[str, TaskData],
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Accuracy per task (each task scored with its own head)."""
+    return {t: task_scores(model, params, heads[t], d, batch_size)[0] for t, d in data.items()}
+
+
+def ranks(results: Mapping[str, Mapping[str, float]], task: str) -> dict[str, float]:
+    """Rank of each method on one task: 1 is best; tied methods share the best rank of the tie."""
+    scores = {m: r[task] for m, r in results.items() if task in r}
+    return {m: 1 + sum(other > s for other in scores.values()) for m, s in scores.items()}
+
+
+def results_table(
+    results: Mapping[str, Mapping[str, float]],
+    *,
+    tasks: Sequence[str] | None = None,
+    individual: Mapping[str, float] | None = None,
+    digits: int = 1,
+) -> str:
+    """Markdown table in the paper's layout: per-task accuracy (%) with its rank among the methods,
+    average accuracy, average rank, and (given individual models' accuracies) normalised accuracy."""
+    tasks = list(tasks or sorted({t for r in results.values() for t in r}))
+    rank_of = {t: ranks(results, t) for t in tasks}
+    header = ["method", *tasks, "avg acc", "avg rank"] + (["normalised"] if individual else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, accs in results.items():
+        cells = [method]
+        for t in tasks:
+            cells.append(f"{100 * accs[t]:.{digits}f} ({rank_of[t][method]})" if t in accs else "-")
+        avg = sum(accs[t] for t in tasks) / len(tasks)
+        avg_rank = sum(rank_of[t][method] for t in tasks) / len(tasks)
+        cells += [f"{100 * avg:.{digits}f}", f"{avg_rank:.2f}"]
+        if individual:
+            norm = sum(accs[t] / individual[t] for t in tasks) / len(tasks)
+            cells.append(f"{100 * norm:.{digits}f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

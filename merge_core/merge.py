@@ -1,0 +1,289 @@
+"""Run one merge: k task vectors + a method (+ validation data) -> merged tensors.
+
+Everything that can be checked without reading weights is checked first (method, parameters, k,
+validation data), so a refused merge costs nothing. Hyperparameters given as lists (or left at the
+method's default grid) are chosen on the validation data by mean accuracy, as the papers do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from merge_core.checkpoint import open_checkpoint
+from merge_core.data import TaskData, require_labelled
+from merge_core.errors import ConfigError
+from merge_core.evaluate import task_scores
+from merge_core.methods.learned import LearnedMerge, LearnedMergeConfig, combine, train_merge_weights
+from merge_core.methods.registry import MethodSpec, get_method
+from merge_core.model import FunctionalModel, TaskKind
+from merge_core.task_vectors import TaskVector, mergeable_names, stack_deltas
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MergeResult:
+    """A merged model in memory: every base tensor (merged where mergeable) in the base's dtype."""
+
+    method: str
+    tensors: dict[str, Tensor]
+    heads: dict[str, dict[str, Tensor]]
+    params: dict[str, Any]
+    search: list[dict[str, Any]] = field(default_factory=list)
+    learned: LearnedMerge | None = None
+    val_accuracy: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed, so random methods (DARE) do not depend on the order tensors are visited."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _candidates(spec: MethodSpec, params: Mapping[str, Any]) -> list[dict[str, float]]:
+    unknown = sorted(set(params) - set(spec.grid))
+    if unknown:
+        raise ConfigError(
+            f"method {spec.name!r} has no parameter(s) {unknown}; it takes {sorted(spec.grid) or 'none'}"
+        )
+    grid = {k: tuple(params.get(k, v)) if isinstance(params.get(k, v), (list, tuple))
+            else (params[k],) for k, v in spec.grid.items()}
+    keys = sorted(grid)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def _learned_config(spec: MethodSpec, params: Mapping[str, Any], seed: int) -> LearnedMergeConfig:
+    assert spec.learned is not None
+    fields = {f.name for f in dataclasses.fields(LearnedMergeConfig)}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise ConfigError(
+            f"method {spec.name!r} has no parameter(s) {unknown}; it takes {sorted(fields)}"
+        )
+    return dataclasses.replace(spec.learned, **{"seed": seed, **params})
+
+
+def _check_inputs(
+    spec: MethodSpec, vectors: Sequence[TaskVector], val: Mapping[str, TaskData] | None, needs_val: bool
+) -> list[str]:
+    if len(vectors) < 2:
+        raise ConfigError(
+            f"merging needs at least 2 fine-tuned models, got {len(vectors)}; with one model there "
+            "is nothing to merge: use it as it is"
+        )
+    names = [v.name for v in vectors]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"model names must be unique; repeated: {dupes}")
+    tasks = [t for v in vectors for t in v.tasks]
+    if needs_val:
+        for t in tasks:
+            data = (val or {}).get(t)
+            require_labelled(t, data)
+    return tasks
+
+
+def merge(
+    base_path: str | Path,
+    vectors: Sequence[TaskVector],
+    method: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    val: Mapping[str, TaskData] | None = None,
+    kind: TaskKind = "classification",
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
+    model: FunctionalModel | None = None,
+) -> MergeResult:
+    """Merge ``vectors`` (task vectors against ``base_path``) with ``method``.
+
+    ``params``: method hyperparameters; a list means "search these on the validation data". ``val``:
+    task name -> validation data (labelled for SuperMerge and grid searches, inputs for AdaMerging).
+    """
+    started = time.perf_counter()
+    spec = get_method(method)
+    params = dict(params or {})
+    if spec.kind == "learned":
+        config = _learned_config(spec, params, seed)
+        _check_inputs(spec, vectors, val, needs_val=True)
+        if model is None:
+            model = FunctionalModel(base_path, kind, device)
+        result = _merge_learned(spec, base_path, vectors, config, val or {}, model, progress)
+    else:
+        candidates = _candidates(spec, params)
+        _check_inputs(spec, vectors, val, needs_val=len(candidates) > 1)
+        if model is None and (len(candidates) > 1 or val):
+            model = FunctionalModel(base_path, kind, device)
+        result = _merge_per_tensor(spec, base_path, vectors, candidates, val or {}, model, seed, progress)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _heads(vectors: Sequence[TaskVector]) -> dict[str, dict[str, Tensor]]:
+    return {t: h for v in vectors for t, h in v.heads.items()}
+
+
+def _val_scores(
+    model: FunctionalModel | None,
+    params: Mapping[str, Tensor],
+    heads: Mapping[str, Mapping[str, Tensor]],
+    val: Mapping[str, TaskData],
+) -> dict[str, tuple[float, float]]:
+    if model is None:
+        return {}
+    on_device = {n: t.to(model.device) for n, t in params.items()}
+    return {
+        t: task_scores(model, on_device, {n: x.to(model.device) for n, x in heads[t].items()}, d)
+        for t, d in val.items()
+        if t in heads
+    }
+
+
+def _per_tensor_params(
+    spec: MethodSpec, base, names: Sequence[str], vectors: Sequence[TaskVector],
+    candidate: Mapping[str, float], seed: int,
+) -> dict[str, Tensor]:
+    assert spec.op is not None
+    out = {}
+    for n in names:
+        b = base.get(n)
+        out[n] = spec.op(b, stack_deltas(b, vectors, n), seed=tensor_seed(seed, n), **candidate)
+    return out
+
+
+def _merge_per_tensor(
+    spec: MethodSpec,
+    base_path: str | Path,
+    vectors: Sequence[TaskVector],
+    candidates: list[dict[str, float]],
+    val: Mapping[str, TaskData],
+    model: FunctionalModel | None,
+    seed: int,
+    progress: bool,
+) -> MergeResult:
+    heads = _heads(vectors)
+    search: list[dict[str, Any]] = []
+    with open_checkpoint(base_path) as base:
+        names = mergeable_names(base)
+        best: tuple[float, float] | None = None
+        chosen, merged = candidates[0], None
+        if len(candidates) > 1:
+            bar = tqdm(candidates, desc=f"{spec.name}: grid search", disable=not progress, leave=False)
+            for cand in bar:
+                params = _per_tensor_params(spec, base, names, vectors, cand, seed)
+                scores = _val_scores(model, params, heads, val)
+                acc = sum(s[0] for s in scores.values()) / len(scores)
+                loss = sum(s[1] for s in scores.values()) / len(scores)
+                search.append({**cand, "val_accuracy": acc, "val_loss": loss})
+                if best is None or (acc, -loss) > best:
+                    best, chosen, merged = (acc, -loss), cand, params
+        if merged is None:
+            merged = _per_tensor_params(spec, base, names, vectors, chosen, seed)
+        val_acc = {t: s[0] for t, s in _val_scores(model, merged, heads, val).items()}
+        tensors = _full_state(base, merged)
+    return MergeResult(spec.name, tensors, heads, dict(chosen), search, None, val_acc)
+
+
+def _full_state(base, merged: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Every base tensor, merged ones cast back to the base dtype, others (int buffers) copied."""
+    return {
+        n: merged[n].detach().to("cpu", base.dtype(n)) if n in merged else base.get(n)
+        for n in base.keys()
+    }
+
+
+def _merge_learned(
+    spec: MethodSpec,
+    base_path: str | Path,
+    vectors: Sequence[TaskVector],
+    config: LearnedMergeConfig,
+    val: Mapping[str, TaskData],
+    model: FunctionalModel,
+    progress: bool,
+) -> MergeResult:
+    heads = _heads(vectors)
+    heads_dev = {t: {n: x.to(model.device) for n, x in h.items()} for t, h in heads.items()}
+    with open_checkpoint(base_path) as base:
+        names = mergeable_names(base)
+        base_params = model.base_params(names)
+        stacked = {n: stack_deltas(base_params[n], vectors, n).to(model.device) for n in names}
+        data = {t: val[t] for v in vectors for t in v.tasks}
+        learned = train_merge_weights(model, base_params, stacked, heads_dev, data, config, progress=progress)
+        with torch.no_grad():
+            merged = combine(base_params, stacked, learned.coefficients.to(model.device), learned.group_of)
+        del stacked
+        val_acc = {t: s[0] for t, s in _val_scores(model, merged, heads, data).items()}
+        tensors = _full_state(base, merged)
+    params = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    return MergeResult(spec.name, tensors, heads, params, [], learned, val_acc)
+
+
+def result_record(result: MergeResult, *, base_path: str | Path, models: Mapping[str, str]) -> dict[str, Any]:
+    """How the model was made, saved as supermerge.json beside it."""
+    record: dict[str, Any] = {
+        "method": result.method,
+        "paper": get_method(result.method).paper,
+        "base": str(base_path),
+        "models": dict(models),
+        "tasks": sorted(result.heads),
+        "params": result.params,
+        "grid_search": result.search,
+        "val_accuracy": result.val_accuracy,
+        "seconds": round(result.seconds, 3),
+    }
+    if result.learned is not None:
+        record["merge_weights"] = {
+            "file": "merge_weights.safetensors",
+            "shape": list(result.learned.weights.shape),
+            "rows": list(models),
+            "groups": result.learned.groups,
+            "loss_first_last": [result.learned.losses[0], result.learned.losses[-1]]
+            if result.learned.losses else [],
+        }
+    return record
+
+
+def save_result(
+    result: MergeResult,
+    out_dir: str | Path,
+    *,
+    base_path: str | Path,
+    models: Mapping[str, str],
+    overwrite: bool = False,
+    extra_record: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the merged model as a transformers-loadable dir, its per-task heads under ``heads/``,
+    and W (``merge_weights.safetensors``) for learned methods, atomically."""
+    from safetensors.torch import save as to_bytes
+
+    from merge_core.checkpoint import config_dir, write_model_dir
+
+    extra = {f"heads/{t}.safetensors": to_bytes({n: x.contiguous() for n, x in h.items()})
+             for t, h in result.heads.items()}
+    if result.learned is not None:
+        extra["merge_weights.safetensors"] = to_bytes(
+            {"weights": result.learned.weights, "coefficients": result.learned.coefficients}
+        )
+    record = {**result_record(result, base_path=base_path, models=models), **(extra_record or {})}
+    return write_model_dir(
+        out_dir,
+        iter(result.tensors.items()),
+        config_from=config_dir(base_path),
+        record=record,
+        overwrite=overwrite,
+        extra_files=extra,
+    )

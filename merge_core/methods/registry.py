@@ -1,0 +1,87 @@
+"""The one list of merge methods, by name. A variant is a configured instance, not a subclass."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import Tensor
+
+from merge_core.errors import ConfigError
+from merge_core.methods import adamerging, average, dare, supermerge, task_arithmetic, ties
+from merge_core.methods.learned import LearnedMergeConfig
+
+MergeOp = Callable[..., Tensor]
+"""``op(base, deltas, *, seed, **params) -> merged``: base (shape S), deltas (k, *S) fp32 -> fp32 S."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    paper: str
+    kind: Literal["per_tensor", "learned"]
+    summary: str
+    op: MergeOp | None = None
+    grid: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    """Hyperparameters searched on validation data unless the user fixes them."""
+    learned: LearnedMergeConfig | None = None
+
+    @property
+    def needs_labels(self) -> bool:
+        if self.kind == "learned":
+            return self.learned is not None and self.learned.objective == "supervised"
+        return any(len(v) > 1 for v in self.grid.values())
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("average", average.PAPER, "per_tensor", "plain weight averaging", average.merge),
+        MethodSpec(
+            "task_arithmetic", task_arithmetic.PAPER, "per_tensor",
+            "base + lam * sum of task vectors; lam by grid search",
+            task_arithmetic.merge, task_arithmetic.PARAM_GRID,
+        ),
+        MethodSpec(
+            "ties", ties.PAPER, "per_tensor",
+            "trim to top-density magnitudes, elect sign, disjoint mean (per tensor)",
+            ties.merge, ties.PARAM_GRID,
+        ),
+        MethodSpec(
+            "dare_ta", dare.PAPER, "per_tensor",
+            "random drop p, rescale 1/(1-p), then task arithmetic",
+            functools.partial(dare.merge, combine="ta"), dare.PARAM_GRID,
+        ),
+        MethodSpec(
+            "dare_ties", dare.PAPER, "per_tensor",
+            "random drop p, rescale 1/(1-p), then TIES sign election and disjoint mean",
+            functools.partial(dare.merge, combine="ties"), dare.PARAM_GRID,
+        ),
+        MethodSpec(
+            "adamerging", adamerging.PAPER, "learned",
+            "layer-wise weights in [0, 1] trained on prediction entropy (unlabelled)",
+            learned=adamerging.ADAMERGING,
+        ),
+        MethodSpec(
+            "supermerge", supermerge.PAPER, "learned",
+            "per-tensor tanh weights trained on labelled validation data",
+            learned=supermerge.SUPERMERGE,
+        ),
+        MethodSpec(
+            "supermerge_no_tanh", supermerge.PAPER, "learned",
+            "SuperMerge without the tanh bound (the paper's ablation)",
+            learned=supermerge.SUPERMERGE_NO_TANH,
+        ),
+    )
+}
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown merge method {name!r}; choose one of: {', '.join(METHODS)}"
+        ) from None

@@ -1,0 +1,72 @@
+"""Tiny BERT models and word-level tokenizers, built offline for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast
+
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)]
+
+
+def tiny_config(**overrides: object) -> BertConfig:
+    kwargs: dict[str, object] = dict(
+        vocab_size=len(TINY_VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    kwargs.update(overrides)
+    return BertConfig(**kwargs)
+
+
+def make_tiny_base(out_dir: Path, seed: int = 0) -> Path:
+    """Save a random tiny BertModel (like the packaged MiniLM: a headless encoder) with a tokenizer."""
+    torch.manual_seed(seed)
+    model = BertModel(tiny_config())
+    model.save_pretrained(out_dir, safe_serialization=True)
+    vocab = out_dir / "vocab.txt"
+    vocab.write_text("\n".join(TINY_VOCAB) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True).save_pretrained(out_dir)
+    return out_dir
+
+
+# --- synthetic classification tasks a tiny BERT learns in seconds -------------------------------
+
+TASK_TOKENS: dict[str, tuple[range, range]] = {
+    # label 1 when the sentence has more tokens from the first range than from the second
+    "alpha": (range(5, 15), range(15, 25)),
+    "beta": (range(25, 35), range(35, 45)),
+    "gamma": (range(45, 55), range(55, 64)),
+}
+
+
+def make_task_data(task: str, n: int, seed: int, seq_len: int = 12):
+    """Random token sentences labelled by a rule that differs per task (balanced-ish, binary)."""
+    from merge_core.data import TaskData
+
+    pos, neg = TASK_TOKENS[task]
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, len(TINY_VOCAB), (n, seq_len), generator=g)
+    ids[:, 0] = 2  # [CLS]
+    ids[:, -1] = 3  # [SEP]
+    in_pos = ((ids >= pos.start) & (ids < pos.stop)).sum(1)
+    in_neg = ((ids >= neg.start) & (ids < neg.stop)).sum(1)
+    labels = (in_pos > in_neg).long()
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return TaskData(inputs, labels)
+
+
+def make_finetuned(base_dir: Path, task: str, out_dir: Path, *, lora_rank: int | None = None,
+                   seed: int = 0, n: int = 256, epochs: float = 6.0) -> Path:
+    """Full fine-tune (or LoRA) of the tiny base on one synthetic task."""
+    from merge_core.finetune import FinetuneConfig, finetune_classifier
+
+    lr = 3e-3 if lora_rank else 1e-3
+    config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=32, seed=seed, lora_rank=lora_rank)
+    return finetune_classifier(base_dir, make_task_data(task, n, seed + 1), 2, out_dir, config)
