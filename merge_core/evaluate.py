@@ -53,23 +53,36 @@ def results_table(
     *,
     tasks: Sequence[str] | None = None,
     individual: Mapping[str, float] | None = None,
+    references: Mapping[str, Mapping[str, float]] | None = None,
     digits: int = 1,
 ) -> str:
     """Markdown table in the paper's layout: per-task accuracy (%) with its rank among the methods,
-    average accuracy, average rank, and (given individual models' accuracies) normalised accuracy."""
-    tasks = list(tasks or sorted({t for r in results.values() for t in r}))
+    average accuracy, average rank, and (given individual models' accuracies) normalised accuracy.
+
+    ``references`` (e.g. the pretrained model and the individual fine-tunes) are shown first, unranked:
+    the paper ranks merging methods only.
+    """
+    references = references or {}
+    every = [*results.values(), *references.values()]
+    tasks = list(tasks or sorted({t for r in every for t in r}))
     rank_of = {t: ranks(results, t) for t in tasks}
     header = ["method", *tasks, "avg acc", "avg rank"] + (["normalised"] if individual else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for method, accs in results.items():
-        cells = [method]
+    rows = [(m, a, False) for m, a in references.items()] + [(m, a, True) for m, a in results.items()]
+    for method, accs, ranked in rows:
+        cells = [method if ranked else f"*{method}*"]
         for t in tasks:
-            cells.append(f"{100 * accs[t]:.{digits}f} ({rank_of[t][method]})" if t in accs else "-")
-        avg = sum(accs[t] for t in tasks) / len(tasks)
-        avg_rank = sum(rank_of[t][method] for t in tasks) / len(tasks)
-        cells += [f"{100 * avg:.{digits}f}", f"{avg_rank:.2f}"]
+            if t not in accs:
+                cells.append("-")
+            else:
+                rank = f" ({rank_of[t][method]})" if ranked else ""
+                cells.append(f"{100 * accs[t]:.{digits}f}{rank}")
+        scored = [t for t in tasks if t in accs]
+        avg = sum(accs[t] for t in scored) / len(scored) if scored else float("nan")
+        cells.append(f"{100 * avg:.{digits}f}")
+        cells.append(f"{sum(rank_of[t][method] for t in tasks) / len(tasks):.2f}" if ranked else "-")
         if individual:
-            norm = sum(accs[t] / individual[t] for t in tasks) / len(tasks)
-            cells.append(f"{100 * norm:.{digits}f}")
+            norm = [accs[t] / individual[t] for t in scored if individual.get(t)]
+            cells.append(f"{100 * sum(norm) / len(norm):.{digits}f}" if norm else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,0 +1,158 @@
+"""``supermerge``: merge fine-tuned copies of one pretrained model into one multi-task model.
+
+The CLI sits at the top of the import graph (flows -> orchestrator -> merge_core) so one entry point
+serves flat merges, evaluation and, later, the hierarchical flow. Each subcommand is a typed function;
+argparse only maps flags onto it. Errors supermerge raises on purpose print as one line (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from merge_core.errors import SupermergeError
+
+log = logging.getLogger("supermerge")
+
+EXAMPLE_CONFIG = """\
+example config (paths relative to the config file):
+
+  base: models/base                 # HF model dir or .safetensors of the pretrained model
+  output: merged/supermerge         # written atomically; refused if it exists (use --overwrite)
+  method: supermerge                # see `supermerge methods`
+  parameters: {steps: 100, lr: 0.01}  # a list value is searched on the validation data
+  models:
+    - name: sentiment
+      path: models/sentiment        # full fine-tune dir, .safetensors, or a PEFT LoRA/IA3 adapter dir
+      validation: data/sentiment.val.jsonl   # {"text": ..., "label": ...} per line; 32 a task suffices
+      test: data/sentiment.test.jsonl
+    - name: language
+      path: models/language
+      validation: data/language.val.jsonl
+"""
+
+
+def cmd_merge(
+    config_path: Path, *, output: Path | None, method: str | None, device: str | None, overwrite: bool
+) -> int:
+    """Merge the models a config names and print where the result is and how well it scores."""
+    from merge_core.config import load_config
+    from merge_core.job import run_merge
+
+    overrides = {"output": str(output.resolve()) if output else None, "method": method, "device": device}
+    config = load_config(config_path, overrides)
+    report = run_merge(config, overwrite=overwrite, progress=True)
+    print(f"merged {len(config.models)} models with {report.method} in {report.seconds:.1f} s -> {report.output}")
+    if report.params:
+        print("parameters: " + ", ".join(f"{k}={v}" for k, v in sorted(report.params.items())))
+    if report.val_accuracy:
+        print("validation accuracy: " + _fmt(report.val_accuracy))
+    if report.test_accuracy:
+        print("test accuracy:       " + _fmt(report.test_accuracy))
+    return 0
+
+
+def cmd_evaluate(config_path: Path, models: Sequence[Path], *, device: str | None, references: bool) -> int:
+    """Score merged models on every task's test data and print the paper's table."""
+    from merge_core.config import load_config
+    from merge_core.evaluate import results_table
+    from merge_core.job import score_models
+
+    config = load_config(config_path, {"device": device})
+    merged = {p.name: p for p in (models or [config.output])}
+    refs = {"pretrained": None, "individual": None} if references else {}
+    scores = score_models(config, {**refs, **merged}, progress=True)
+    print(
+        results_table(
+            {k: scores[k] for k in merged},
+            references={k: scores[k] for k in refs},
+            individual=scores.get("individual"),
+        )
+    )
+    return 0
+
+
+def cmd_methods() -> int:
+    """List the merge methods with their papers and default hyperparameter grids."""
+    from merge_core.methods.registry import METHODS
+
+    for spec in METHODS.values():
+        grid = ", ".join(f"{k}={list(v)}" for k, v in spec.grid.items())
+        print(f"{spec.name:20s} {spec.summary}\n{'':20s} {spec.paper}" + (f"\n{'':20s} grid: {grid}" if grid else ""))
+    return 0
+
+
+def cmd_demo(workdir: Path, *, steps: int) -> int:
+    """Real end-to-end run: the packaged MiniLM, fine-tuned briefly on two real tasks, merged."""
+    from bench.demo import run_demo
+
+    print(run_demo(workdir, steps=steps, progress=True))
+    return 0
+
+
+def _fmt(acc: dict[str, float]) -> str:
+    return ", ".join(f"{t} {100 * a:.1f}%" for t, a in sorted(acc.items()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="supermerge",
+        description=(
+            "Merge k fine-tuned copies of one pretrained model (full fine-tunes or PEFT LoRA/IA3 "
+            "adapters) into one multi-task model. SuperMerge (arXiv 2412.10416) learns one tanh-bounded "
+            "weight per model per tensor on a small labelled validation set; Task Arithmetic, TIES, DARE, "
+            "AdaMerging and averaging are there to compare."
+        ),
+        epilog=EXAMPLE_CONFIG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every step (INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("merge", help="merge the models a YAML config names", epilog=EXAMPLE_CONFIG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", type=Path, help="YAML config (base, models, method, parameters, output)")
+    p.add_argument("--output", type=Path, help="override the config's output dir")
+    p.add_argument("--method", help="override the config's method (see `supermerge methods`)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+
+    p = sub.add_parser("evaluate", help="score merged models on each task's test data (the paper's table)")
+    p.add_argument("config", type=Path, help="the YAML config the models were merged with")
+    p.add_argument("models", type=Path, nargs="*", help="merged model dirs (default: the config's output)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--no-references", action="store_true",
+                   help="skip the pretrained and individual fine-tuned reference rows")
+
+    sub.add_parser("methods", help="list merge methods, their papers and default grids")
+
+    p = sub.add_parser("demo", help="fine-tune the packaged MiniLM on two real tasks and merge them")
+    p.add_argument("--workdir", type=Path, default=Path("supermerge-demo"),
+                   help="where data, fine-tuned models and merges are cached (default ./supermerge-demo)")
+    p.add_argument("--steps", type=int, default=60, help="SuperMerge training steps")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "merge":
+            return cmd_merge(args.config, output=args.output, method=args.method, device=args.device,
+                             overwrite=args.overwrite)
+        if args.command == "evaluate":
+            return cmd_evaluate(args.config, args.models, device=args.device, references=not args.no_references)
+        if args.command == "methods":
+            return cmd_methods()
+        return cmd_demo(args.workdir, steps=args.steps)
+    except SupermergeError as e:
+        print(f"supermerge: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

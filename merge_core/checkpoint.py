@@ -1,0 +1,365 @@
+"""Checkpoint I/O: read models lazily, tensor by tensor; write merged models atomically.
+
+Reading never unpickles: safetensors files are memory-mapped headers plus tensors read on demand, and
+the legacy ``pytorch_model.bin`` is loaded with ``torch.load(weights_only=True, mmap=True)``, which
+refuses arbitrary Python objects. Writing produces a directory ``transformers`` loads directly
+(``config.json`` and tokenizer files from the base, sharded safetensors + index) and appears only when
+complete: it is written to a temporary sibling and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from merge_core.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+RECORD_FILE = "supermerge.json"
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+"""Shard size of written models (bytes); transformers' own default is 5 GB, smaller shards make a
+partial rewrite cheaper and keep peak I/O buffers small."""
+
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "tokenizer.model",
+    "added_tokens.json",
+)
+"""Files copied from the base so the merged dir loads (and tokenizes) like the base."""
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class Checkpoint:
+    """A read-only view of a model's tensors; each ``get`` reads one tensor from disk (or mmap).
+
+    Use as a context manager (or call ``close``) to release the file handles.
+    """
+
+    def __init__(self, path: Path, files: Mapping[str, Path], bin_state: dict[str, Tensor] | None = None):
+        self.path = path
+        self._file_of = dict(files)
+        self._bin = bin_state
+        self._handles: dict[Path, Any] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        if bin_state is None:
+            for f in sorted(set(self._file_of.values())):
+                handle = self._open(f)
+                for name in handle.keys():
+                    if self._file_of.get(name) == f:
+                        sl = handle.get_slice(name)
+                        self._meta[name] = (tuple(sl.get_shape()), _dtype(sl.get_dtype(), f, name))
+            missing = sorted(set(self._file_of) - set(self._meta))
+            if missing:
+                raise CheckpointError(
+                    f"{path}: the index names {len(missing)} tensor(s) its shards do not hold, e.g. "
+                    f"{missing[:3]}; the download or copy is incomplete"
+                )
+        else:
+            self._meta = {n: (tuple(t.shape), t.dtype) for n, t in bin_state.items()}
+
+    def _open(self, f: Path):
+        if f not in self._handles:
+            if not f.is_file():
+                raise CheckpointError(f"{f} does not exist (named by {self.path})")
+            try:
+                self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(
+                    f"{f} is not a readable safetensors file ({e}); it may be truncated: copy it again"
+                ) from e
+        return self._handles[f]
+
+    def keys(self) -> list[str]:
+        return list(self._meta)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._meta
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[self._known(name)][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._meta[self._known(name)][1]
+
+    def numel(self) -> int:
+        """Total number of values over all tensors."""
+        total = 0
+        for shape, _ in self._meta.values():
+            n = 1
+            for s in shape:
+                n *= s
+            total += n
+        return total
+
+    def file_of(self, name: str) -> Path:
+        return self._file_of.get(self._known(name), self.path)
+
+    def get(self, name: str) -> Tensor:
+        """The stored tensor (CPU, stored dtype). Each call reads it again: callers own the copy."""
+        self._known(name)
+        if self._bin is not None:
+            return self._bin[name]
+        f = self._file_of[name]
+        try:
+            return self._open(f).get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f}: cannot read tensor {name!r} ({e}); the file may be truncated") from e
+
+    def _known(self, name: str) -> str:
+        if name not in self._meta:
+            raise CheckpointError(f"{self.path} has no tensor {name!r}")
+        return name
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _dtype(code: str, f: Path, name: str) -> torch.dtype:
+    try:
+        return _SAFETENSORS_DTYPES[code]
+    except KeyError:
+        raise CheckpointError(f"{f}: tensor {name!r} has dtype {code}, which supermerge cannot read") from None
+
+
+def _index_files(index_path: Path) -> dict[str, Path]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path} is not a valid shard index (needs a 'weight_map'): {e}") from e
+    return {name: index_path.parent / shard for name, shard in weight_map.items()}
+
+
+def _single_file(f: Path) -> dict[str, Path]:
+    try:
+        with safe_open(str(f), framework="pt", device="cpu") as handle:
+            return {name: f for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{f} is not a readable safetensors file ({e}); it may be truncated: copy it again"
+        ) from e
+
+
+def _load_bin(f: Path) -> dict[str, Tensor]:
+    """Legacy PyTorch weights, loaded without executing pickled code."""
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError or others for bad files
+        raise CheckpointError(
+            f"{f} cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "supermerge never unpickles arbitrary objects: convert the model to safetensors "
+            "(model.save_pretrained(dir, safe_serialization=True)) and point to that"
+        ) from e
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{f} does not hold a flat dict of tensors (a state_dict)")
+    return state
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a ``.safetensors`` file, a sharded safetensors dir, a Hugging Face model dir, or a
+    ``.bin`` state dict (weights only). Nothing but headers is read until ``get``."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; give a .safetensors file or a model directory")
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return Checkpoint(path, _single_file(path))
+        if path.suffix in (".bin", ".pt", ".pth"):
+            return Checkpoint(path, {}, _load_bin(path))
+        if path.name.endswith(".index.json"):
+            return Checkpoint(path, _index_files(path))
+        raise CheckpointError(f"{path}: unknown checkpoint format; expected .safetensors, .bin or a model dir")
+    if (path / SAFETENSORS_INDEX).is_file():
+        return Checkpoint(path, _index_files(path / SAFETENSORS_INDEX))
+    if (path / SAFETENSORS_SINGLE).is_file():
+        return Checkpoint(path, _single_file(path / SAFETENSORS_SINGLE))
+    if (path / BIN_SINGLE).is_file():
+        log.warning("%s: reading legacy pytorch_model.bin with weights_only=True", path)
+        return Checkpoint(path, {}, _load_bin(path / BIN_SINGLE))
+    if (path / BIN_INDEX).is_file():
+        raise CheckpointError(
+            f"{path}: sharded .bin checkpoints are not supported; re-save the model with "
+            "save_pretrained(dir, safe_serialization=True)"
+        )
+    if (path / "adapter_config.json").is_file():
+        raise CheckpointError(f"{path} is a PEFT adapter, not a full model; give it as a fine-tuned model")
+    found = sorted(p.name for p in path.iterdir())[:10]
+    raise CheckpointError(
+        f"{path} holds no model weights (looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, "
+        f"{BIN_SINGLE}); it contains {found}"
+    )
+
+
+def config_dir(path: str | os.PathLike[str]) -> Path | None:
+    """The Hugging Face model dir (with ``config.json``) a checkpoint path belongs to, if any."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _unshare(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """safetensors refuses tensors sharing storage (tied weights): give each its own contiguous copy."""
+    seen: set[int] = set()
+    out = {}
+    for n, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[n] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
+
+
+def _write_shards(
+    folder: Path, tensors: Iterable[tuple[str, Tensor]], max_shard_bytes: int, progress: bool
+) -> None:
+    """Write tensors as shards of at most ``max_shard_bytes`` (one bigger tensor gets its own)."""
+    shards: list[list[str]] = []
+    pending: dict[str, Tensor] = {}
+    pending_bytes = 0
+    total = 0
+    weight_map: dict[str, str] = {}
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        if pending:
+            tmp_name = f"shard-{len(shards):05d}.tmp"
+            save_file(_unshare(pending), str(folder / tmp_name), metadata={"format": "pt"})
+            shards.append(list(pending))
+            for n in pending:
+                weight_map[n] = tmp_name
+            pending, pending_bytes = {}, 0
+
+    for name, tensor in tqdm(tensors, desc="writing tensors", disable=not progress, leave=False, unit="tensor"):
+        size = tensor.numel() * tensor.element_size()
+        if pending and pending_bytes + size > max_shard_bytes:
+            flush()
+        pending[name] = tensor
+        pending_bytes += size
+        total += size
+    flush()
+    if not shards:
+        raise CheckpointError("refusing to write a model with no tensors")
+    if len(shards) == 1:
+        (folder / "shard-00000.tmp").rename(folder / SAFETENSORS_SINGLE)
+        return
+    names = {}
+    for i in range(len(shards)):
+        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        (folder / f"shard-{i:05d}.tmp").rename(folder / final)
+        names[f"shard-{i:05d}.tmp"] = final
+    index = {"metadata": {"total_size": total}, "weight_map": {n: names[s] for n, s in weight_map.items()}}
+    (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def _model_card(record: Mapping[str, Any]) -> str:
+    tasks = record.get("tasks", [])
+    lines = [
+        "# Merged model (supermerge)",
+        "",
+        f"- method: `{record.get('method', '?')}` ({record.get('paper', '')})",
+        f"- base: `{record.get('base', '?')}`",
+        f"- tasks: {', '.join(f'`{t}`' for t in tasks) or '-'}",
+        "",
+        "Load the merged weights with `transformers` (`AutoModel.from_pretrained(this_dir)`). Each task keeps",
+        "its own classification head, unmerged, in `heads/<task>.safetensors`; supermerge's evaluation puts",
+        "it in place. How the model was made, with every parameter, is in `supermerge.json`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_dir(
+    out_dir: str | os.PathLike[str],
+    tensors: Iterable[tuple[str, Tensor]],
+    *,
+    config_from: str | os.PathLike[str] | None,
+    record: Mapping[str, Any],
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    extra_files: Mapping[str, bytes] | None = None,
+    progress: bool = False,
+) -> Path:
+    """Write a model dir atomically: it either appears complete at ``out_dir`` or not at all.
+
+    ``tensors`` is consumed once, lazily (a generator keeps peak memory at one shard). ``record`` is
+    saved as ``supermerge.json`` (and summarised in README.md); ``extra_files`` maps relative paths to
+    bytes (per-task heads, merge weights). An existing ``out_dir`` is replaced only with ``overwrite``.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose another output or pass overwrite (--overwrite)")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory; remove it or choose another output")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        _write_shards(tmp, tensors, max_shard_bytes, progress)
+        if config_from is not None:
+            for name in MODEL_FILES:
+                src = Path(config_from) / name
+                if src.is_file():
+                    shutil.copy2(src, tmp / name)
+        for rel, data in (extra_files or {}).items():
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        (tmp / RECORD_FILE).write_text(json.dumps(dict(record), indent=2, sort_keys=True, default=str))
+        (tmp / "README.md").write_text(_model_card(record))
+        if out.exists():
+            trash = out.parent / f".{out.name}.replaced"
+            if trash.exists():
+                shutil.rmtree(trash)
+            out.rename(trash)
+            tmp.rename(out)
+            shutil.rmtree(trash)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s", out)
+    return out
+
+
+def read_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``supermerge.json`` record of a model supermerge wrote, or None for other models."""
+    f = Path(path) / RECORD_FILE
+    return json.loads(f.read_text()) if f.is_file() else None

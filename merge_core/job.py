@@ -1,0 +1,185 @@
+"""One merge from a config, end to end: load task vectors and data, merge, save, score.
+
+This is what ``supermerge merge`` runs for a flat merge and what each node of a merge tree runs on its
+children; it does I/O but no orchestration. Every input is validated (config, files, tensor headers,
+data) before a single weight is read, so a refused merge costs seconds and writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from merge_core.checkpoint import Checkpoint, config_dir, open_checkpoint
+from merge_core.config import MergeConfig, ModelEntry
+from merge_core.data import TaskData, load_task_data
+from merge_core.deltas import dense_delta
+from merge_core.devices import resolve_device
+from merge_core.errors import CheckpointError, DataError
+from merge_core.evaluate import evaluate
+from merge_core.merge import MergeResult, merge, save_result
+from merge_core.model import FunctionalModel
+from merge_core.task_vectors import TaskVector, load_task_vector, match_names, mergeable_names
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(base: str | os.PathLike[str]):
+    """The base model's tokenizer, needed only when data is given as text (JSONL)."""
+    from transformers import AutoTokenizer
+
+    folder = config_dir(base)
+    if folder is None:
+        return None
+    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer.model"))
+    return AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+
+
+def load_split(
+    entries: Sequence[ModelEntry], split: str, tokenizer, max_length: int
+) -> dict[str, TaskData]:
+    """``validation`` or ``test`` data of every model that has it, keyed by model (task) name."""
+    out = {}
+    for m in entries:
+        path = getattr(m, split)
+        if path is not None:
+            out[m.name] = load_task_data(path, tokenizer, max_length)
+    return out
+
+
+def load_task_vectors(
+    base: Checkpoint,
+    entries: Sequence[ModelEntry],
+    *,
+    head_prefixes: Sequence[str],
+    progress: bool = False,
+) -> list[TaskVector]:
+    """Task vectors of every model; headers of all of them are checked before any tensor is read."""
+    from merge_core.adapters import is_adapter_dir
+
+    for m in entries:
+        if not is_adapter_dir(m.path):
+            with open_checkpoint(m.path) as ft:
+                match_names(base, ft, head_prefixes)
+    bar = tqdm(entries, desc="loading task vectors", disable=not progress, leave=False, unit="model")
+    return [load_task_vector(base, m.path, name=m.name, head_prefixes=head_prefixes) for m in bar]
+
+
+def model_params(base: Checkpoint, vector: TaskVector | None, names: Sequence[str]) -> dict[str, Tensor]:
+    """``theta_p + tau`` for one model (the base itself when ``vector`` is None), fp32."""
+    out = {}
+    for n in names:
+        b = base.get(n).to(torch.float32)
+        delta = None if vector is None else vector.deltas.get(n)
+        out[n] = b if delta is None else b + dense_delta(delta, b)
+    return out
+
+
+@dataclass
+class MergeReport:
+    """What a merge produced: where it is, how it was made, how well it does."""
+
+    output: Path
+    method: str
+    params: dict[str, Any]
+    seconds: float
+    val_accuracy: dict[str, float]
+    test_accuracy: dict[str, float] = field(default_factory=dict)
+
+
+def run_merge(config: MergeConfig, *, overwrite: bool = False, progress: bool = False) -> MergeReport:
+    """Merge the config's models with its method; save to ``config.output``; score on test data."""
+    if config.output.exists() and not overwrite:
+        raise CheckpointError(f"{config.output} already exists; choose another output or pass --overwrite")
+    device = resolve_device(config.device)
+    tokenizer = load_tokenizer(config.base)
+    val = load_split(config.models, "validation", tokenizer, config.max_length)
+    test = load_split(config.models, "test", tokenizer, config.max_length)
+    with open_checkpoint(config.base) as base:
+        vectors = load_task_vectors(base, config.models, head_prefixes=config.head_prefixes, progress=progress)
+    missing_heads = [v.name for v in vectors if not v.heads and (val or test)]
+    if missing_heads:
+        raise DataError(
+            f"model(s) {missing_heads} carry no task head (classifier.*), so they cannot be scored on "
+            "their data; give fine-tuned *ForSequenceClassification models or adapters with "
+            "modules_to_save=['classifier']"
+        )
+    model = FunctionalModel(config.base, config.kind, device) if (val or test) else None
+    result = merge(
+        config.base, vectors, config.method, params=config.parameters, val=val, kind=config.kind,
+        seed=config.seed, device=device, progress=progress, model=model,
+    )
+    test_acc = score_result(model, result, test) if model is not None and test else {}
+    save_result(
+        result, config.output, base_path=config.base, models={m.name: str(m.path) for m in config.models},
+        overwrite=overwrite, extra_record={"config": config.resolved(), "test_accuracy": test_acc},
+    )
+    return MergeReport(config.output, result.method, result.params, result.seconds, result.val_accuracy, test_acc)
+
+
+def score_result(model: FunctionalModel, result: MergeResult, data: Mapping[str, TaskData]) -> dict[str, float]:
+    """Accuracy of an in-memory merge on each task's data, each task with its own head."""
+    names = [n for n, t in result.tensors.items() if t.is_floating_point()]
+    params = {n: result.tensors[n].to(model.device, torch.float32) for n in names}
+    heads = {t: {n: x.to(model.device) for n, x in h.items()} for t, h in result.heads.items()}
+    return evaluate(model, params, heads, {t: d for t, d in data.items() if t in heads})
+
+
+def score_models(
+    config: MergeConfig,
+    models: Mapping[str, str | os.PathLike[str] | None],
+    *,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Test accuracy of each named model on every task it has a head for.
+
+    ``models`` maps a row name to a model path (a merged dir, a fine-tuned model, an adapter) or None
+    for the pretrained base, which is scored with each task's own fine-tuned head. The special row
+    ``individual`` scores every task's own fine-tuned model on its task (the upper bound).
+    """
+    device = resolve_device(config.device)
+    tokenizer = load_tokenizer(config.base)
+    test = load_split(config.models, "test", tokenizer, config.max_length)
+    if not test:
+        raise DataError("no model in the config has test data; add 'test:' files to score models")
+    model = FunctionalModel(config.base, config.kind, device)
+    results: dict[str, dict[str, float]] = {}
+    with open_checkpoint(config.base) as base:
+        names = mergeable_names(base)
+        own = {m.name: load_task_vector(base, m.path, name=m.name, head_prefixes=config.head_prefixes)
+               for m in config.models if m.name in test}
+        rows = tqdm(models.items(), desc="evaluating", disable=not progress, leave=False, unit="model")
+        for row, path in rows:
+            if row == "individual" and path is None:
+                results[row] = {
+                    t: _accuracy(model, model_params(base, tv, names), tv.heads, {t: test[t]})[t]
+                    for t, tv in own.items()
+                }
+                continue
+            vector = None if path is None else load_task_vector(
+                base, path, name=row, head_prefixes=config.head_prefixes
+            )
+            heads = {t: h for tv in own.values() for t, h in tv.heads.items()}
+            if vector is not None and vector.heads:
+                heads.update({t: h for t, h in vector.heads.items() if t in test})
+            results[row] = _accuracy(model, model_params(base, vector, names), heads, test)
+    return results
+
+
+def _accuracy(
+    model: FunctionalModel,
+    params: Mapping[str, Tensor],
+    heads: Mapping[str, Mapping[str, Tensor]],
+    data: Mapping[str, TaskData],
+) -> dict[str, float]:
+    on_device = {n: t.to(model.device) for n, t in params.items()}
+    heads_dev = {t: {n: x.to(model.device) for n, x in h.items()} for t, h in heads.items() if t in data}
+    return evaluate(model, on_device, heads_dev, {t: d for t, d in data.items() if t in heads_dev})
