@@ -42,8 +42,12 @@ def cmd_merge(
     from merge_core.config import load_config
     from merge_core.job import run_merge
 
-    overrides = {"output": str(output.resolve()) if output else None, "method": method, "device": device}
+    overrides = {"output": str(output.resolve()) if output else None, "device": device}
     config = load_config(config_path, overrides)
+    if method is not None and method != config.method:
+        # the config's parameters belong to its own method: another method starts from its defaults
+        log.warning("--method %s: ignoring the config's parameters for %s", method, config.method)
+        config = config.model_copy(update={"method": method, "parameters": {}})
     report = run_merge(config, overwrite=overwrite, progress=True)
     print(f"merged {len(config.models)} models with {report.method} in {report.seconds:.1f} s -> {report.output}")
     if report.params:

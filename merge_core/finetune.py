@@ -84,7 +84,7 @@ def finetune_classifier(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

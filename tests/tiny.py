@@ -38,32 +38,30 @@ def make_tiny_base(out_dir: Path, seed: int = 0) -> Path:
 
 # --- synthetic classification tasks a tiny BERT learns in seconds -------------------------------
 
-TASK_TOKENS: dict[str, tuple[range, range]] = {
-    # label 1 when the sentence has more tokens from the first range than from the second
-    "alpha": (range(5, 15), range(15, 25)),
-    "beta": (range(25, 35), range(35, 45)),
-    "gamma": (range(45, 55), range(55, 64)),
+TASK_TOKENS: dict[str, range] = {
+    # label 1 when the sentence holds any of the task's trigger tokens (~40 % of random sentences)
+    "alpha": range(5, 8),
+    "beta": range(25, 28),
+    "gamma": range(45, 48),
 }
 
 
 def make_task_data(task: str, n: int, seed: int, seq_len: int = 12):
-    """Random token sentences labelled by a rule that differs per task (balanced-ish, binary)."""
+    """Random token sentences labelled by a rule that differs per task (binary, ~40 % positive)."""
     from merge_core.data import TaskData
 
-    pos, neg = TASK_TOKENS[task]
+    triggers = TASK_TOKENS[task]
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, len(TINY_VOCAB), (n, seq_len), generator=g)
     ids[:, 0] = 2  # [CLS]
     ids[:, -1] = 3  # [SEP]
-    in_pos = ((ids >= pos.start) & (ids < pos.stop)).sum(1)
-    in_neg = ((ids >= neg.start) & (ids < neg.stop)).sum(1)
-    labels = (in_pos > in_neg).long()
+    labels = ((ids >= triggers.start) & (ids < triggers.stop)).any(1).long()
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     return TaskData(inputs, labels)
 
 
 def make_finetuned(base_dir: Path, task: str, out_dir: Path, *, lora_rank: int | None = None,
-                   seed: int = 0, n: int = 256, epochs: float = 6.0) -> Path:
+                   seed: int = 0, n: int = 256, epochs: float = 12.0) -> Path:
     """Full fine-tune (or LoRA) of the tiny base on one synthetic task."""
     from merge_core.finetune import FinetuneConfig, finetune_classifier
 

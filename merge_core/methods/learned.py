@@ -190,7 +190,7 @@ def train_merge_weights(
         if config.transform == "clamp01":
             with torch.no_grad():
                 weights.clamp_(0.0, 1.0)
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     log.info("merge weights trained: %d steps, loss %.4f -> %.4f", config.steps,
              losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))

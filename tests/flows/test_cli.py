@@ -176,7 +176,8 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(workspace, tiny_fine
     expected = make_bad(workspace, tiny_finetuned)
     assert main(["merge", str(workspace / "config.yaml")]) == 2
     captured = capsys.readouterr()
-    assert captured.err.startswith("supermerge: error:")
+    errors = [line for line in captured.err.splitlines() if "supermerge: error:" in line]
+    assert len(errors) == 1, captured.err
     assert expected in captured.err
     assert "Traceback" not in captured.err
     assert not (workspace / "out").exists()
