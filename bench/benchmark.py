@@ -1,0 +1,286 @@
+"""The multi-task merging benchmark: real pretrained model, real tasks, every method, several seeds.
+
+    python -m bench.benchmark                 # full run -> docs/benchmarks.md + docs/img/*.png
+    python -m bench.benchmark --quick         # 2 tasks, few steps: the smoke test's size
+
+Steps: fine-tune the packaged all-MiniLM-L6-v2 once per task (full, and LoRA), cached in the workdir;
+score the pretrained model and every individual fine-tune; merge with every method on the same task
+vectors and the same 32-example validation sets (hyperparameters chosen on validation only), each
+seeded method over several seeds; score each merge on held-out test data, and on out-of-domain tasks
+that are never merged (a linear probe on the merged encoder's features); record wall time and peak
+RSS per merge. The report (bench/report.py) is rendered from the JSON this writes: no number in the
+doc is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from tqdm.auto import tqdm
+
+from bench.corpora import load_corpus, split
+from bench.measure import measure
+from bench.workload import TaskModel, WorkloadConfig, minilm_dir, prepare_workload, write_merge_config
+from merge_core.checkpoint import open_checkpoint
+from merge_core.config import load_config
+from merge_core.data import TaskData, tokenize
+from merge_core.job import load_split, load_task_vectors, score_models, score_result
+from merge_core.merge import MergeResult, merge
+from merge_core.model import FunctionalModel
+
+log = logging.getLogger(__name__)
+
+ALL_METHODS = (
+    "average", "task_arithmetic", "ties", "dare_ta", "dare_ties", "adamerging", "supermerge", "supermerge_no_tanh",
+)
+DETERMINISTIC = frozenset({"average", "task_arithmetic", "ties"})
+"""Methods whose result does not depend on the seed: run once, reported with no spread."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything that determines the benchmark's numbers (saved with them)."""
+
+    tasks: tuple[str, ...] = ("language", "sentiment", "quote_topic", "news_outlet", "verb_sense", "subjectivity")
+    ood_tasks: tuple[str, ...] = ("health_source", "noun_sense")
+    """Never merged: scored by a linear probe on each merged encoder's features (the paper's table 2)."""
+    n_train: int = 1000
+    n_val: int = 32
+    n_test: int = 300
+    max_length: int = 48
+    epochs: float = 1.0
+    lr: float = 1e-4
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 60
+    """Training steps of the learned merges (SuperMerge, its ablation, AdaMerging): the same budget."""
+    batch_size: int = 8
+    """Validation examples per task per step of the learned merges."""
+    learned_lr: float = 1e-2
+    methods: tuple[str, ...] = ALL_METHODS
+    lora_rank: int | None = 8
+    """Also fine-tune LoRA adapters of this rank and merge them with ``lora_methods`` (None: skip)."""
+    lora_methods: tuple[str, ...] = ("average", "task_arithmetic", "ties", "supermerge")
+    ood_train: int = 400
+    ood_test: int = 300
+
+    def workload(self, lora_rank: int | None) -> WorkloadConfig:
+        return WorkloadConfig(tasks=self.tasks, n_train=self.n_train, n_val=self.n_val, n_test=self.n_test,
+                              max_length=self.max_length, epochs=self.epochs, lr=self.lr if lora_rank is None else 1e-3,
+                              lora_rank=lora_rank)
+
+
+QUICK = BenchConfig(
+    tasks=("language", "sentiment"), ood_tasks=("quote_topic",), n_train=48, n_test=32, max_length=32,
+    seeds=(0,), steps=3, lora_rank=4, ood_train=40, ood_test=32,
+)
+
+
+@dataclass
+class Run:
+    """One merge: which, how it went, how well it does."""
+
+    variant: str
+    method: str
+    seed: int
+    test_accuracy: dict[str, float]
+    ood_accuracy: dict[str, float]
+    val_accuracy: dict[str, float]
+    params: dict[str, Any]
+    seconds: float
+    peak_increase_bytes: int
+
+
+@dataclass
+class BenchResults:
+    config: dict[str, Any]
+    machine: dict[str, Any]
+    command: str
+    started: str
+    seconds: float = 0.0
+    references: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    """variant -> row (pretrained / individual / majority) -> task -> accuracy."""
+    ood_references: dict[str, dict[str, float]] = field(default_factory=dict)
+    runs: list[Run] = field(default_factory=list)
+    weights: dict[str, Any] = field(default_factory=dict)
+    """SuperMerge's learned coefficients tanh(W) (seed 0, full fine-tunes): rows = tasks, cols = tensors."""
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def method_params(method: str, config: BenchConfig) -> dict[str, Any]:
+    """Learned merges get the same step budget and batch; grid methods search their default grids.
+
+    AdaMerging's paper uses lr 1e-3 for 500 steps; at this benchmark's budget that barely moves its
+    coefficients off 0.3, so it gets SuperMerge's lr (documented in the report)."""
+    if method in ("supermerge", "supermerge_no_tanh", "adamerging"):
+        return {"steps": config.steps, "batch_size": config.batch_size, "lr": config.learned_lr}
+    return {}
+
+
+@torch.no_grad()
+def encoder_features(model: FunctionalModel, params: Mapping[str, torch.Tensor], data: TaskData) -> torch.Tensor:
+    """The pooled [CLS] features the task heads read: an identity 'head' returns them unchanged."""
+    hidden = model.module.config.hidden_size
+    head = {"classifier.weight": torch.eye(hidden, device=model.device),
+            "classifier.bias": torch.zeros(hidden, device=model.device)}
+    return torch.cat([model.logits(params, head, b.to(model.device).inputs).cpu() for b in data.batches(64)])
+
+
+def probe_accuracy(model: FunctionalModel, params: Mapping[str, torch.Tensor], train: TaskData, test: TaskData) -> float:
+    """Accuracy of a logistic-regression probe on the (frozen) encoder's features: how well the merged
+    encoder serves a task it was never merged for."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    probe.fit(encoder_features(model, params, train).numpy(), train.labels.numpy())
+    return float(probe.score(encoder_features(model, params, test).numpy(), test.labels.numpy()))
+
+
+def ood_data(config: BenchConfig, tokenizer) -> dict[str, tuple[TaskData, TaskData]]:
+    out = {}
+    for task in config.ood_tasks:
+        parts = split(load_corpus(task), n_train=config.ood_train, n_val=0, n_test=config.ood_test, seed=0)
+        out[task] = (tokenize(parts.train.texts, parts.train.labels, tokenizer, config.max_length),
+                     tokenize(parts.test.texts, parts.test.labels, tokenizer, config.max_length))
+    return out
+
+
+def _floating(result: MergeResult, device: torch.device) -> dict[str, torch.Tensor]:
+    return {n: t.to(device, torch.float32) for n, t in result.tensors.items() if t.is_floating_point()}
+
+
+def _base_params(base_dir: Path) -> dict[str, torch.Tensor]:
+    with open_checkpoint(base_dir) as base:
+        return {n: base.get(n).float() for n in base.keys() if base.dtype(n).is_floating_point}
+
+
+def run_variant(
+    variant: str, tasks: Sequence[TaskModel], methods: Sequence[str], config: BenchConfig, workdir: Path,
+    model: FunctionalModel, ood: Mapping[str, tuple[TaskData, TaskData]], results: BenchResults, *, progress: bool,
+) -> None:
+    """Every method (x seeds) on one set of task models; appends Runs and reference rows to ``results``."""
+    merge_config = load_config(write_merge_config(workdir / f"bench-{variant}.yaml", list(tasks), method="average",
+                                                  output=f"merged/{variant}", max_length=config.max_length))
+    scores = score_models(merge_config, {"pretrained": None, "individual": None}, progress=progress)
+    val = load_split(merge_config.models, "validation", _tokenizer(), config.max_length)
+    test = load_split(merge_config.models, "test", _tokenizer(), config.max_length)
+    majority = {t: float(torch.bincount(d.labels).max()) / len(d) for t, d in test.items()}
+    results.references[variant] = {**scores, "majority": majority}
+    with open_checkpoint(merge_config.base) as base:
+        vectors = load_task_vectors(base, merge_config.models, head_prefixes=merge_config.head_prefixes)
+    jobs = [(m, s) for m in methods for s in (config.seeds[:1] if m in DETERMINISTIC else config.seeds)]
+    for method, seed in tqdm(jobs, desc=f"merging ({variant})", disable=not progress, unit="merge"):
+        with measure() as cost:
+            result = merge(merge_config.base, vectors, method, params=method_params(method, config), val=val,
+                           seed=seed, model=model, progress=progress)
+        params = _floating(result, model.device)
+        run = Run(
+            variant=variant, method=method, seed=seed,
+            test_accuracy=score_result(model, result, test),
+            ood_accuracy={t: probe_accuracy(model, params, tr, te) for t, (tr, te) in ood.items()},
+            val_accuracy=result.val_accuracy, params=_jsonable(result.params), seconds=cost.seconds,
+            peak_increase_bytes=cost.peak_increase_bytes,
+        )
+        results.runs.append(run)
+        if method == "supermerge" and seed == config.seeds[0] and variant == "full" and result.learned is not None:
+            results.weights = {"rows": [v.name for v in vectors], "groups": result.learned.groups,
+                               "coefficients": result.learned.coefficients.tolist()}
+        del result, params
+
+
+_TOKENIZER = None
+
+
+def _tokenizer():
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        from transformers import AutoTokenizer
+
+        _TOKENIZER = AutoTokenizer.from_pretrained(minilm_dir())
+    return _TOKENIZER
+
+
+def _jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in params.items()}
+
+
+def run_benchmark(config: BenchConfig, workdir: Path, *, command: str, progress: bool = True) -> BenchResults:
+    started = time.perf_counter()
+    results = BenchResults(config=dataclasses.asdict(config), machine=machine_info(), command=command,
+                           started=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = FunctionalModel(minilm_dir())
+    ood = ood_data(config, _tokenizer())
+    base = {n: p.to(model.device) for n, p in _base_params(minilm_dir()).items()}
+    results.ood_references = {"pretrained": {t: probe_accuracy(model, base, tr, te) for t, (tr, te) in ood.items()}}
+    variants = [("full", None, config.methods)]
+    if config.lora_rank is not None:
+        variants.append((f"lora{config.lora_rank}", config.lora_rank, config.lora_methods))
+    for variant, rank, methods in variants:
+        tasks = prepare_workload(workdir, config.workload(rank), progress=progress)
+        run_variant("full" if rank is None else variant, tasks, methods, config, workdir, model, ood, results,
+                    progress=progress)
+    results.seconds = time.perf_counter() - started
+    return results
+
+
+def save_results(results: BenchResults, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(results), indent=1, sort_keys=True))
+    tmp.replace(path)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 tasks, few steps (the smoke test's size)")
+    parser.add_argument("--workdir", type=Path, default=Path("bench-work"),
+                        help="fine-tuned models and data are cached here (default ./bench-work)")
+    parser.add_argument("--out", type=Path, default=Path("docs"),
+                        help="where benchmarks.md, benchmark_results.json and img/ go (default ./docs)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds (default 0 1 2)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    config = QUICK if args.quick else BenchConfig()
+    if args.seeds:
+        config = dataclasses.replace(config, seeds=tuple(args.seeds))
+    command = "python -m bench.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
+    results = run_benchmark(config, args.workdir, command=command.strip())
+    from bench.report import write_report
+
+    save_results(results, args.out / "benchmark_results.json")
+    doc = write_report(results, args.out)
+    print(f"benchmark done in {results.seconds / 60:.1f} min -> {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
