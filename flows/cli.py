@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list merge methods, their papers and default grids")
 
+    p = sub.add_parser("bench", help="the multi-task benchmark (docs/benchmarks.md); --quick for a toy run",
+                       add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of python -m bench.benchmark")
+
     p = sub.add_parser("demo", help="fine-tune the packaged MiniLM on two real tasks and merge them")
     p.add_argument("--workdir", type=Path, default=Path("supermerge-demo"),
                    help="where data, fine-tuned models and merges are cached (default ./supermerge-demo)")
@@ -152,6 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_evaluate(args.config, args.models, device=args.device, references=not args.no_references)
         if args.command == "methods":
             return cmd_methods()
+        if args.command == "bench":
+            from bench.benchmark import main as bench_main
+
+            return bench_main(args.bench_args)
         return cmd_demo(args.workdir, steps=args.steps)
     except SupermergeError as e:
         print(f"supermerge: error: {e}", file=sys.stderr)

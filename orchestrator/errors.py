@@ -1,0 +1,24 @@
+"""Every error the orchestrator raises on purpose.
+
+They subclass merge_core's ``SupermergeError``, so the CLI prints each as one line and exits non-zero.
+Like merge_core's, each names the model, node or file at fault and says what to do, and each is raised
+while planning, before anything is written, wherever the problem can be seen up front.
+"""
+
+from merge_core.errors import SupermergeError
+
+
+class OrchestratorError(SupermergeError):
+    """Base class of the orchestrator's errors."""
+
+
+class TreeError(OrchestratorError):
+    """A merge tree cannot be built: bad hand-given groups, a fan-in below 2, clashing names."""
+
+
+class MemoryBudgetError(OrchestratorError):
+    """No plan fits the memory budget: even the smallest fan-in needs more than there is."""
+
+
+class StoreError(OrchestratorError):
+    """The checkpoint store holds something inconsistent, or a node's inputs changed since planning."""

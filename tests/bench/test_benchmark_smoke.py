@@ -1,0 +1,38 @@
+"""The benchmark end to end at toy size: real MiniLM, two real tasks, an OOD probe, the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.benchmark import BenchConfig, run_benchmark, save_results
+from bench.corpora import DataMissing
+from bench.report import write_report
+
+
+def test_benchmark_smoke_runs_and_renders(tmp_path):
+    config = BenchConfig(
+        tasks=("language", "sentiment"), ood_tasks=("quote_topic",), n_train=32, n_test=24, max_length=24,
+        seeds=(0, 1), steps=2, methods=("average", "supermerge"), lora_rank=None, ood_train=32, ood_test=24,
+    )
+    try:
+        results = run_benchmark(config, tmp_path / "work", command="pytest smoke", progress=False)
+    except DataMissing as e:
+        pytest.skip(str(e))
+    runs = {(r.method, r.seed) for r in results.runs}
+    assert runs == {("average", 0), ("supermerge", 0), ("supermerge", 1)}
+    for r in results.runs:
+        assert set(r.test_accuracy) == {"language", "sentiment"}
+        assert all(0.0 <= a <= 1.0 for a in r.test_accuracy.values())
+        assert set(r.ood_accuracy) == {"quote_topic"} and r.seconds > 0
+    refs = results.references["full"]
+    assert set(refs) == {"pretrained", "individual", "majority"}
+    assert len(results.weights["rows"]) == 2 and len(results.weights["groups"]) == 103
+
+    saved = save_results(results, tmp_path / "out" / "benchmark_results.json")
+    doc = write_report(json.loads(saved.read_text()), tmp_path / "out")
+    text = doc.read_text()
+    assert "| supermerge |" in text and "pytest smoke" in text and "Out-of-domain" in text
+    assert (tmp_path / "out" / "img" / "supermerge_weights.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / "img" / "accuracy.png").stat().st_size > 10_000
