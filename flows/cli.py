@@ -133,9 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list merge methods, their papers and default grids")
 
-    p = sub.add_parser("bench", help="the multi-task benchmark (docs/benchmarks.md); --quick for a toy run",
-                       add_help=False)
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of python -m bench.benchmark")
+    sub.add_parser("bench", help="the multi-task benchmark (docs/benchmarks.md); `supermerge bench --help`",
+                   add_help=False)
 
     p = sub.add_parser("demo", help="fine-tune the packaged MiniLM on two real tasks and merge them")
     p.add_argument("--workdir", type=Path, default=Path("supermerge-demo"),
@@ -145,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from bench.benchmark import main as bench_main  # its own flags, passed through untouched
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -156,10 +160,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_evaluate(args.config, args.models, device=args.device, references=not args.no_references)
         if args.command == "methods":
             return cmd_methods()
-        if args.command == "bench":
-            from bench.benchmark import main as bench_main
-
-            return bench_main(args.bench_args)
         return cmd_demo(args.workdir, steps=args.steps)
     except SupermergeError as e:
         print(f"supermerge: error: {e}", file=sys.stderr)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from merge_core.checkpoint import RECORD_FILE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, read_record
+from merge_core.checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, read_record
 from merge_core.data import TaskData
 from orchestrator.errors import StoreError
 
@@ -161,7 +161,3 @@ def _weights_present(folder: Path) -> bool:
         return False
     return all((folder / s).is_file() for s in shards)
 
-
-__all__ = [
-    "RECORD_FILE", "CheckpointStore", "KEY_FIELD", "data_digest", "file_fingerprint", "model_key", "node_key",
-]
