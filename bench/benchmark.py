@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -36,11 +37,13 @@ from bench.corpora import load_corpus, split
 from bench.measure import measure
 from bench.workload import TaskModel, WorkloadConfig, minilm_dir, prepare_workload, write_merge_config
 from merge_core.checkpoint import open_checkpoint
-from merge_core.config import load_config
+from merge_core.config import MergeConfig, TreeConfig, load_config
 from merge_core.data import TaskData, tokenize
-from merge_core.job import load_split, load_task_vectors, score_models, score_result
+from merge_core.evaluate import evaluate
+from merge_core.job import load_split, load_task_vectors, model_params, score_models, score_result
 from merge_core.merge import MergeResult, merge
 from merge_core.model import FunctionalModel
+from merge_core.task_vectors import load_task_vector, mergeable_names
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,11 @@ class BenchConfig:
     lora_methods: tuple[str, ...] = ("average", "task_arithmetic", "ties", "supermerge")
     ood_train: int = 400
     ood_test: int = 300
+    hierarchical_fan_in: int | None = 2
+    """Also run hierarchical SuperMerge (the orchestrator's clustered tree, this fan-in) on the full
+    fine-tunes, with the learned merges' budget at every node (None: skip)."""
+    hierarchical_seeds: tuple[int, ...] = (0,)
+    """Fewer seeds than the flat methods: a fan-in-2 tree over 6 tasks trains on 2.7x the task-steps."""
 
     def workload(self, lora_rank: int | None) -> WorkloadConfig:
         return WorkloadConfig(tasks=self.tasks, n_train=self.n_train, n_val=self.n_val, n_test=self.n_test,
@@ -212,6 +220,54 @@ def run_variant(
             results.weights = {"rows": [v.name for v in vectors], "groups": result.learned.groups,
                                "coefficients": result.learned.coefficients.tolist()}
         del result, params
+    if variant == "full" and config.hierarchical_fan_in is not None:
+        for seed in tqdm(config.hierarchical_seeds, desc="hierarchical supermerge", disable=not progress,
+                         unit="tree"):
+            results.runs.append(run_hierarchical(merge_config, config, workdir, seed, model, test, ood))
+
+
+def run_hierarchical(
+    merge_config: MergeConfig, config: BenchConfig, workdir: Path, seed: int, model: FunctionalModel,
+    test: Mapping[str, TaskData], ood: Mapping[str, tuple[TaskData, TaskData]],
+) -> Run:
+    """Hierarchical SuperMerge through the orchestrator (plan, then the executor, bottom-up through a
+    fresh checkpoint store), scored from the model it publishes, like any saved merge."""
+    from orchestrator.executor import execute
+    from orchestrator.plan import plan
+
+    params = method_params("supermerge", config)
+    tree_config = merge_config.model_copy(update={
+        "method": "supermerge", "parameters": params, "seed": seed, "device": "cpu",
+        "output": workdir / "merged" / f"hierarchical-seed{seed}",
+        "tree": TreeConfig(max_fan_in=config.hierarchical_fan_in),
+    })
+    store = workdir / "merged" / f"hierarchical-seed{seed}.store"
+    if store.exists():
+        shutil.rmtree(store)  # measure the whole tree, not a resumed one
+    with measure() as cost:
+        the_plan = plan(tree_config)
+        execute(the_plan, store_dir=store, overwrite=True)
+    with open_checkpoint(tree_config.base) as base:
+        names = mergeable_names(base)
+        merged = load_task_vector(base, tree_config.output, name="hierarchical",
+                                  head_prefixes=tree_config.head_prefixes)
+        tensors = {n: t.to(model.device) for n, t in model_params(base, merged, names).items()}
+    heads = {t: {n: x.to(model.device) for n, x in h.items()} for t, h in merged.heads.items()}
+    return Run(
+        variant="full", method="supermerge_hierarchical", seed=seed,
+        test_accuracy=evaluate(model, tensors, heads, {t: d for t, d in test.items() if t in heads}),
+        ood_accuracy={t: probe_accuracy(model, tensors, tr, te) for t, (tr, te) in ood.items()},
+        val_accuracy=execute_root_val(tree_config.output),
+        params={**_jsonable(params), "transform": "tanh", "fan_in": the_plan.fan_in,
+                "tree": json.dumps(the_plan.tree.nested()), "merge_nodes": len(the_plan.nodes)},
+        seconds=cost.seconds, peak_increase_bytes=cost.peak_increase_bytes,
+    )
+
+
+def execute_root_val(output: Path) -> dict[str, float]:
+    """The root node's validation accuracy, from the report the executor publishes with the model."""
+    report = json.loads((output / "merge_report.json").read_text())
+    return dict(report["nodes"][-1]["val_accuracy"])
 
 
 _TOKENIZER = None
@@ -230,7 +286,11 @@ def _jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in params.items()}
 
 
-def run_benchmark(config: BenchConfig, workdir: Path, *, command: str, progress: bool = True) -> BenchResults:
+def run_benchmark(
+    config: BenchConfig, workdir: Path, *, command: str, progress: bool = True, partial: Path | None = None,
+) -> BenchResults:
+    """Run everything; with ``partial``, the results so far are saved there after each variant, so a
+    crash late in the run keeps what was measured."""
     started = time.perf_counter()
     results = BenchResults(config=dataclasses.asdict(config), machine=machine_info(), command=command,
                            started=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
@@ -246,6 +306,8 @@ def run_benchmark(config: BenchConfig, workdir: Path, *, command: str, progress:
         tasks = prepare_workload(workdir, config.workload(rank), progress=progress)
         run_variant("full" if rank is None else variant, tasks, methods, config, workdir, model, ood, results,
                     progress=progress)
+        if partial is not None:
+            save_results(results, partial)
     results.seconds = time.perf_counter() - started
     return results
 
@@ -273,7 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seeds:
         config = dataclasses.replace(config, seeds=tuple(args.seeds))
     command = "python -m bench.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
-    results = run_benchmark(config, args.workdir, command=command.strip())
+    results = run_benchmark(config, args.workdir, command=command.strip(),
+                            partial=args.workdir / "benchmark_results.partial.json")
     from bench.report import write_report
 
     save_results(results, args.out / "benchmark_results.json")

@@ -79,7 +79,8 @@ def _chosen(method: str, runs: list[dict[str, Any]]) -> str:
         return "; ".join(", ".join(f"{k}={r['params'][k]}" for k in keys) for r in runs)
     if "steps" in runs[0]["params"]:
         p = runs[0]["params"]
-        return f"trained: {p['steps']} steps, lr {p['lr']}, {p['batch_size']}/task/step, {p['transform']}"
+        tree = f", tree of fan-in {p['fan_in']}" if "fan_in" in p else ""
+        return f"trained: {p['steps']} steps, lr {p['lr']}, {p['batch_size']}/task/step, {p['transform']}{tree}"
     return "-"
 
 
@@ -92,6 +93,25 @@ def ablation_section(res: dict[str, Any]) -> list[str]:
     for m in ("supermerge", "supermerge_no_tanh"):
         avgs = [_avg(r["test_accuracy"]) for r in grouped[m]]
         lines.append(f"| {m} | {_pm(avgs)} | {', '.join(f'{100 * a:.1f}' for a in avgs)} |")
+    return lines + [""]
+
+
+def hierarchical_section(res: dict[str, Any]) -> list[str]:
+    grouped = _by_method(res["runs"], "full")
+    if not {"supermerge", "supermerge_hierarchical"} <= set(grouped):
+        return []
+    hier = grouped["supermerge_hierarchical"]
+    p = hier[0]["params"]
+    lines = ["## Hierarchical vs flat SuperMerge", "",
+             f"The orchestrator clusters the task vectors by cosine similarity into a tree of fan-in {p['fan_in']} "
+             f"({p['merge_nodes']} merge nodes: `{p['tree']}`), then runs SuperMerge at each node on only its "
+             "subtree's validation data, each node with the flat merge's step budget. Peak = RSS added over the "
+             "whole run (planning, every node, checkpoints).", "",
+             "| variant | seeds | avg acc | wall s (mean) | peak MB (max) |", "|---|---|---|---|---|"]
+    for m in ("supermerge", "supermerge_hierarchical"):
+        rs = grouped[m]
+        lines.append(f"| {m} | {len(rs)} | {_pm([_avg(r['test_accuracy']) for r in rs])} | "
+                     f"{_mean([r['seconds'] for r in rs]):.1f} | {max(r['peak_increase_bytes'] for r in rs) / 2**20:.0f} |")
     return lines + [""]
 
 
@@ -199,6 +219,7 @@ def render(res: dict[str, Any], img_dir: Path, rel: str = "img") -> str:
     lines += variant_section(res, "full", "Full fine-tunes: every method")
     lines += ["![average accuracy per method](" + f"{rel}/{bars.name})", ""]
     lines += ablation_section(res)
+    lines += hierarchical_section(res)
     lines += ood_section(res)
     lora = [v for v in res["references"] if v.startswith("lora")]
     for v in lora:

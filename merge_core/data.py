@@ -41,15 +41,40 @@ class TaskData:
     def take(self, index: Tensor) -> TaskData:
         return TaskData({k: v[index] for k, v in self.inputs.items()}, self.labels[index])
 
-    def batches(self, batch_size: int) -> Iterator[TaskData]:
+    def batches(self, batch_size: int, *, by_length: bool = False) -> Iterator[TaskData]:
+        """Consecutive batches, each cut to its longest row (see ``trimmed``). ``by_length``: rows in
+        order of length, so a batch pads little (for scoring, where the order does not matter)."""
+        order = torch.arange(len(self))
+        mask = self.inputs.get("attention_mask")
+        if by_length and mask is not None:
+            order = torch.argsort(mask.sum(dim=1), stable=True)
         for start in range(0, len(self), batch_size):
-            yield self.take(torch.arange(start, min(start + batch_size, len(self))))
+            yield self.take(order[start:start + batch_size]).trimmed()
 
     def sample(self, batch_size: int, generator: torch.Generator) -> TaskData:
-        """A random batch without replacement (the whole set when it is smaller)."""
+        """A random batch without replacement (the whole set when it is smaller), cut to its longest row."""
         if batch_size >= len(self):
+            return self.trimmed()
+        return self.take(torch.randperm(len(self), generator=generator)[:batch_size]).trimmed()
+
+    def trimmed(self) -> TaskData:
+        """The same rows without the trailing columns that are padding in every row.
+
+        Data is padded to the longest row of the whole set; a batch of short rows would otherwise pay
+        for that length in every layer (scoring 300 examples ran 1.7x slower). Masked positions do not
+        change what the unmasked ones compute, so the results are the same. Left-padded data always
+        has a real token in its last column and is returned as is."""
+        mask = self.inputs.get("attention_mask")
+        if mask is None or mask.ndim != 2 or mask.shape[1] == 0:
             return self
-        return self.take(torch.randperm(len(self), generator=generator)[:batch_size])
+        used = torch.nonzero(mask.any(dim=0))
+        length = int(used.max()) + 1 if len(used) else 1
+        if length == mask.shape[1]:
+            return self
+        inputs = {k: v[:, :length] if v.ndim >= 2 and v.shape[1] == mask.shape[1] else v
+                  for k, v in self.inputs.items()}
+        labels = self.labels[:, :length] if self.labels.ndim == 2 else self.labels
+        return TaskData(inputs, labels)
 
     def to(self, device: torch.device | str) -> TaskData:
         return TaskData({k: v.to(device) for k, v in self.inputs.items()}, self.labels.to(device))

@@ -12,6 +12,7 @@ from merge_core.model import FunctionalModel, correct, task_loss
 
 
 @torch.no_grad()
+@torch.inference_mode()
 def task_scores(
     model: FunctionalModel,
     params: Mapping[str, Tensor],
@@ -22,7 +23,7 @@ def task_scores(
     """(accuracy, mean loss) of the model with ``params`` and ``head`` on ``data``."""
     hits = total = 0
     loss_sum = 0.0
-    for batch in data.batches(batch_size):
+    for batch in data.batches(batch_size, by_length=True):
         batch = batch.to(model.device)
         logits = model.logits(params, head, batch.inputs)
         right, counted = correct(model.kind, logits, batch.labels)

@@ -12,7 +12,7 @@ import hashlib
 import itertools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,7 @@ def _candidates(spec: MethodSpec, params: Mapping[str, Any]) -> list[dict[str, f
         )
     grid = {k: tuple(params.get(k, v)) if isinstance(params.get(k, v), (list, tuple))
             else (params[k],) for k, v in spec.grid.items()}
-    keys = sorted(grid)
+    keys = sorted(grid, key=lambda k: (k == spec.scale, k))  # the scale varies fastest: see _grid_params
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
@@ -165,6 +165,35 @@ def _per_tensor_params(
     return out
 
 
+def _grid_params(
+    spec: MethodSpec, base, names: Sequence[str], vectors: Sequence[TaskVector],
+    candidates: Sequence[Mapping[str, float]], seed: int, bar: Iterable[Mapping[str, float]],
+) -> Iterator[tuple[Mapping[str, float], dict[str, Tensor]]]:
+    """Each candidate (in ``bar``'s order) with its merged tensors. For a method affine in a
+    ``scale`` parameter the rest (the costly part: trims, sign elections, DARE masks) is computed once
+    per value of the other parameters, and each scale applied as ``base + scale * direction``: the
+    same fp32 operations the method does itself, so the same bits."""
+    if spec.scale is None:
+        for cand in bar:
+            yield cand, _per_tensor_params(spec, base, names, vectors, cand, seed)
+        return
+    direction: dict[str, Tensor] = {}
+    direction_for: dict[str, float] | None = None
+    for cand in bar:
+        rest = {k: v for k, v in cand.items() if k != spec.scale}
+        if rest != direction_for:
+            assert spec.op is not None
+            direction = {}  # drop the previous direction before building the next
+            for n in names:
+                b = base.get(n)
+                zero = torch.zeros(b.shape, dtype=torch.float32)
+                deltas = stack_deltas(b, vectors, n)
+                direction[n] = spec.op(zero, deltas, seed=tensor_seed(seed, n), **rest, **{spec.scale: 1.0})
+            direction_for = rest
+        scale = cand[spec.scale]
+        yield cand, {n: base.get(n).to(torch.float32) + scale * direction[n] for n in names}
+
+
 def _merge_per_tensor(
     spec: MethodSpec,
     base_path: str | Path,
@@ -183,8 +212,7 @@ def _merge_per_tensor(
         chosen, merged = candidates[0], None
         if len(candidates) > 1:
             bar = tqdm(candidates, desc=f"{spec.name}: grid search", disable=not progress, leave=False)
-            for cand in bar:
-                params = _per_tensor_params(spec, base, names, vectors, cand, seed)
+            for cand, params in _grid_params(spec, base, names, vectors, candidates, seed, bar):
                 scores = _val_scores(model, params, heads, val)
                 acc = sum(s[0] for s in scores.values()) / len(scores)
                 loss = sum(s[1] for s in scores.values()) / len(scores)

@@ -150,8 +150,9 @@ class CheckpointStore:
 
 
 def _weights_present(folder: Path) -> bool:
+    """Every weight file the dir names is there and whole (see ``safetensors_complete``)."""
     if (folder / SAFETENSORS_SINGLE).is_file():
-        return True
+        return safetensors_complete(folder / SAFETENSORS_SINGLE)
     index = folder / SAFETENSORS_INDEX
     if not index.is_file():
         return False
@@ -159,5 +160,25 @@ def _weights_present(folder: Path) -> bool:
         shards = set(json.loads(index.read_text())["weight_map"].values())
     except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
         return False
-    return all((folder / s).is_file() for s in shards)
+    return bool(shards) and all(safetensors_complete(folder / s) for s in shards)
+
+
+def safetensors_complete(f: Path) -> bool:
+    """The file holds its whole header and exactly the bytes the header's offsets end at.
+
+    Writes into the store are atomic, so a short file there means something outside supermerge cut
+    it (a full disk while copying the store, a crashed sync); it must not count as finished."""
+    try:
+        with f.open("rb") as fh:
+            size_bytes = fh.read(8)
+            if len(size_bytes) < 8:
+                return False
+            (n,) = struct.unpack("<Q", size_bytes)
+            if n > f.stat().st_size - 8:
+                return False
+            header = json.loads(fh.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return False
+    return f.stat().st_size == 8 + n + end
 

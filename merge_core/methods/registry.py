@@ -27,6 +27,10 @@ class MethodSpec:
     grid: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     """Hyperparameters searched on validation data unless the user fixes them."""
     learned: LearnedMergeConfig | None = None
+    scale: str | None = None
+    """A parameter the result is affine in: ``op(base, d, scale=s) == base + s * op(0, d, scale=1)``
+    exactly (same fp32 arithmetic). A grid search then computes the expensive part (trim, sign
+    election, DARE masks) once per value of the other parameters, not once per grid point."""
 
     @property
     def needs_labels(self) -> bool:
@@ -42,22 +46,22 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "task_arithmetic", task_arithmetic.PAPER, "per_tensor",
             "base + lam * sum of task vectors; lam by grid search",
-            task_arithmetic.merge, task_arithmetic.PARAM_GRID,
+            task_arithmetic.merge, task_arithmetic.PARAM_GRID, scale="lam",
         ),
         MethodSpec(
             "ties", ties.PAPER, "per_tensor",
             "trim to top-density magnitudes, elect sign, disjoint mean (per tensor)",
-            ties.merge, ties.PARAM_GRID,
+            ties.merge, ties.PARAM_GRID, scale="lam",
         ),
         MethodSpec(
             "dare_ta", dare.PAPER, "per_tensor",
             "random drop p, rescale 1/(1-p), then task arithmetic",
-            functools.partial(dare.merge, combine="ta"), dare.PARAM_GRID,
+            functools.partial(dare.merge, combine="ta"), dare.PARAM_GRID, scale="lam",
         ),
         MethodSpec(
             "dare_ties", dare.PAPER, "per_tensor",
             "random drop p, rescale 1/(1-p), then TIES sign election and disjoint mean",
-            functools.partial(dare.merge, combine="ties"), dare.PARAM_GRID,
+            functools.partial(dare.merge, combine="ties"), dare.PARAM_GRID, scale="lam",
         ),
         MethodSpec(
             "adamerging", adamerging.PAPER, "learned",

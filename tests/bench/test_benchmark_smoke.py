@@ -21,7 +21,7 @@ def test_benchmark_smoke_runs_and_renders(tmp_path):
     except DataMissing as e:
         pytest.skip(str(e))
     runs = {(r.method, r.seed) for r in results.runs}
-    assert runs == {("average", 0), ("supermerge", 0), ("supermerge", 1)}
+    assert runs == {("average", 0), ("supermerge", 0), ("supermerge", 1), ("supermerge_hierarchical", 0)}
     for r in results.runs:
         assert set(r.test_accuracy) == {"language", "sentiment"}
         assert all(0.0 <= a <= 1.0 for a in r.test_accuracy.values())
@@ -34,5 +34,6 @@ def test_benchmark_smoke_runs_and_renders(tmp_path):
     doc = write_report(json.loads(saved.read_text()), tmp_path / "out")
     text = doc.read_text()
     assert "| supermerge |" in text and "pytest smoke" in text and "Out-of-domain" in text
+    assert "Hierarchical vs flat SuperMerge" in text and "| supermerge_hierarchical |" in text
     assert (tmp_path / "out" / "img" / "supermerge_weights.png").stat().st_size > 10_000
     assert (tmp_path / "out" / "img" / "accuracy.png").stat().st_size > 10_000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -85,3 +86,21 @@ def test_integer_buffers_are_copied_from_the_base(tiny_base_dir, vectors):
             assert result.tensors[n].dtype == base.dtype(n)
             if not base.dtype(n).is_floating_point:
                 assert torch.equal(result.tensors[n], base.get(n))
+
+
+@pytest.mark.parametrize(("method", "grid"), [
+    ("task_arithmetic", {"lam": [0.3, 0.7]}),
+    ("ties", {"density": [0.2, 0.5], "lam": [0.8, 1.5]}),
+    ("dare_ta", {"p": [0.5, 0.9], "lam": [0.3, 1.0]}),
+    ("dare_ties", {"p": [0.5], "lam": [0.5, 1.0]}),
+])
+def test_grid_search_result_is_bit_identical_to_merging_with_the_chosen_parameters(
+    tiny_base_dir, vectors, val, method, grid
+):
+    """The grid computes trims/masks once per non-scale setting and rescales; that shortcut must give
+    exactly the tensors the method gives when called with the winning parameters."""
+    searched = merge(tiny_base_dir, vectors, method, params=grid, val=val, seed=3)
+    assert len(searched.search) == math.prod(len(v) for v in grid.values())
+    fixed = merge(tiny_base_dir, vectors, method, params=searched.params, seed=3)
+    for name, tensor in fixed.tensors.items():
+        assert torch.equal(searched.tensors[name], tensor), name

@@ -1,0 +1,189 @@
+"""The plain executor: run a plan's merge nodes bottom-up through the checkpoint store.
+
+Nodes run one after another in the plan's order (every node after its children), each through the
+same ``run_node`` a Prefect task calls. A node already finished in the store is loaded, not recomputed,
+so a killed run started again resumes where it stopped and gives the same bytes. At the end the root's
+model is published to the config's ``output`` (hard links where the filesystem allows, else copies;
+atomic: a temporary sibling renamed into place) with ``merge_report.json``: the plan, and predicted vs
+measured peak, device, seconds and validation accuracy per node. The final model is scored on the
+config's test data, as a flat ``run_merge`` does, and its ``supermerge.json`` gets the resolved config.
+
+Siblings are not run in parallel: one node at a time keeps each node's measured peak its own (the
+memory planner's budget is per node).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from merge_core.checkpoint import RECORD_FILE, open_checkpoint
+from merge_core.config import MergeConfig
+from merge_core.errors import CheckpointError, DataError
+from merge_core.evaluate import evaluate
+from merge_core.job import load_split, load_tokenizer
+from merge_core.model import FunctionalModel
+from merge_core.task_vectors import load_stored_heads, mergeable_names
+from orchestrator.errors import StoreError
+from orchestrator.node import NodeRecord, NodeTask, cached_record, run_node
+from orchestrator.plan import MergePlan
+from orchestrator.store import CheckpointStore
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "merge_report.json"
+STORE_DIR = ".supermerge-store"
+
+NodeRunner = Callable[[NodeTask, CheckpointStore], NodeRecord]
+"""What runs one node: ``run_node`` (the default), or a wrapper around it."""
+
+
+@dataclass(frozen=True)
+class ExecutionReport:
+    """What a run produced: the output dir, the store it used, one record per merge node, and the
+    final model's chosen parameters and accuracies (validation: the root's; test: scored here)."""
+
+    output: Path
+    store: Path
+    nodes: list[NodeRecord]
+    seconds: float
+    plan: dict[str, Any]
+    params: dict[str, Any] = field(default_factory=dict)
+    val_accuracy: dict[str, float] = field(default_factory=dict)
+    test_accuracy: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": str(self.output),
+            "store": str(self.store),
+            "seconds": round(self.seconds, 3),
+            "params": self.params,
+            "val_accuracy": self.val_accuracy,
+            "test_accuracy": self.test_accuracy,
+            "nodes": [
+                {**r.to_dict(), "measured_over_predicted": round(r.measured_peak_bytes / r.predicted_peak_bytes, 3)
+                 if r.predicted_peak_bytes else None}
+                for r in self.nodes
+            ],
+            "plan": self.plan,
+        }
+
+
+def default_store_dir(output: Path) -> Path:
+    """The store beside the output, shared by every output in that folder (keys are by content)."""
+    return output.parent / STORE_DIR
+
+
+def execute(
+    plan: MergePlan,
+    *,
+    store_dir: Path | None = None,
+    overwrite: bool = False,
+    runner: NodeRunner | None = None,
+    progress: bool = False,
+) -> ExecutionReport:
+    """Run ``plan`` bottom-up; publish the root to the config's output with ``merge_report.json``.
+
+    ``runner`` runs one node that is not finished in the store (default ``run_node``); finished nodes
+    are never handed to it. Test data in the config is scored on the final model.
+    """
+    output = plan.config.output
+    if output.exists() and not overwrite:
+        raise CheckpointError(f"{output} already exists; choose another output or pass --overwrite")
+    store = CheckpointStore(store_dir if store_dir is not None else default_store_dir(output))
+    run = runner if runner is not None else (lambda node, s: run_node(node, s, progress=progress))
+    started = time.perf_counter()
+    records: list[NodeRecord] = []
+    for node in tqdm(plan.nodes, desc="merge tree", disable=not progress, unit="node"):
+        done = cached_record(node, store)
+        if done is not None:
+            log.info("%s: already in the store; loading it", node.id)
+        records.append(done if done is not None else run(node, store))
+    root_dir = store.path(plan.root.key)
+    stored = store.record(plan.root.key)
+    if stored is None:
+        raise StoreError(f"the root {plan.root.id} is not finished in {store.root} after running every node; "
+                         "the node runner did not write it")
+    test_accuracy = score_model(plan.config, root_dir, plan.root.device, progress=progress)
+    report = ExecutionReport(output, store.root, records, time.perf_counter() - started, plan.to_dict(),
+                             dict(stored.get("params", {})), dict(stored.get("val_accuracy", {})), test_accuracy)
+    record = {**stored, "config": plan.config.resolved(), "test_accuracy": test_accuracy,
+              "tree": plan.tree.nested(), "report": REPORT_FILE}
+    publish(root_dir, output, {**report.to_dict(), "config": plan.config.resolved()}, record=record,
+            overwrite=overwrite)
+    return report
+
+
+def score_model(config: MergeConfig, model_dir: Path, device: str, *, progress: bool = False) -> dict[str, float]:
+    """Test accuracy of a merged model dir on every config task with test data (each with its head
+    from ``heads/``); empty when no model has test data."""
+    tokenizer = load_tokenizer(config.base)
+    test = load_split(config.models, "test", tokenizer, config.max_length)
+    if not test:
+        return {}
+    heads = load_stored_heads(model_dir)
+    missing = sorted(set(test) - set(heads))
+    if missing:
+        raise DataError(f"{model_dir} has no head for task(s) {missing} under heads/, so their test data "
+                        "cannot be scored; was it merged from these models?")
+    model = FunctionalModel(config.base, config.kind, device)
+    with open_checkpoint(config.base) as base, open_checkpoint(model_dir) as merged:
+        params = {n: merged.get(n).to(model.device, torch.float32) for n in mergeable_names(base)}
+    on_device = {t: {n: x.to(model.device) for n, x in heads[t].items()} for t in test}
+    return evaluate(model, params, on_device, test)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def publish(
+    root_dir: Path, output: Path, report: dict[str, Any], *, record: dict[str, Any], overwrite: bool
+) -> Path:
+    """Put the root's model at ``output`` with the report, atomically; ``record`` replaces the stored
+    ``supermerge.json``. Store files are never changed in place (a node is rewritten only by renaming a
+    new dir over it), so hard links are safe; the files written here are new files, not links."""
+    if output.exists() and not overwrite:
+        raise CheckpointError(f"{output} already exists; choose another output or pass --overwrite")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        for src in sorted(root_dir.rglob("*")):
+            dst = tmp / src.relative_to(root_dir)
+            if dst == tmp / RECORD_FILE:
+                continue
+            if src.is_dir():
+                dst.mkdir(parents=True, exist_ok=True)
+            else:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(src, dst)
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+        if output.exists():
+            trash = output.parent / f".{output.name}.replaced"
+            if trash.exists():
+                shutil.rmtree(trash)
+            output.rename(trash)
+            tmp.rename(output)
+            shutil.rmtree(trash)
+        else:
+            tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("published %s -> %s", root_dir, output)
+    return output

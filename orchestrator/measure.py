@@ -1,0 +1,120 @@
+"""Measure a block's real peak memory: host RSS above where it started, and CUDA's peak allocation.
+
+Host: on Linux the kernel keeps the process's RSS high-water mark (``VmHWM`` in /proc/self/status),
+and writing ``5`` to /proc/self/clear_refs resets it to the current RSS. So the block's exact peak is
+``VmHWM`` after it minus RSS before it: nothing is sampled, no spike is missed. Where that reset is not
+allowed (other kernels, some sandboxes), a thread samples RSS with psutil every millisecond instead,
+and the reading says so (``method``). Before the start is read, freed heap is handed back to the OS
+(glibc ``malloc_trim``) so memory a previous node freed but the allocator kept does not hide this
+node's growth. GPU: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (tensors
+only; the CUDA context and the caching allocator's slack are not included).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import psutil
+import torch
+
+log = logging.getLogger(__name__)
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+SAMPLE_SECONDS = 0.001
+
+
+@dataclass(frozen=True)
+class PeakReading:
+    """``host_bytes``: peak RSS above the RSS at the start; ``device_bytes``: peak CUDA allocation above
+    the start (None on CPU); ``method``: how the host peak was read (``vmhwm`` or ``sampled``)."""
+
+    host_bytes: int
+    device_bytes: int | None
+    method: str
+
+
+def _release_freed_heap() -> None:
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    libc = ctypes.CDLL(name)
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _reset_high_water_mark() -> bool:
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _high_water_mark() -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"{_STATUS} has no VmHWM line")
+
+
+class _Sampler(threading.Thread):
+    def __init__(self) -> None:
+        super().__init__(daemon=True, name="rss-sampler")
+        self.process = psutil.Process()
+        self.peak = self.process.memory_info().rss
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(SAMPLE_SECONDS):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def stop(self) -> int:
+        self.done.set()
+        self.join()
+        return max(self.peak, self.process.memory_info().rss)
+
+
+class PeakMeter:
+    """Context manager; ``reading`` holds the result after the block (also when the block raised)."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.reading: PeakReading | None = None
+        self._sampler: _Sampler | None = None
+        self._start = 0
+        self._device_start = 0
+
+    def __enter__(self) -> PeakMeter:
+        _release_freed_heap()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._device_start = torch.cuda.memory_allocated(self.device)
+        self._start = psutil.Process().memory_info().rss
+        if not _reset_high_water_mark():
+            log.info("cannot reset the RSS high-water mark here; sampling RSS every %.0f ms", SAMPLE_SECONDS * 1e3)
+            self._sampler = _Sampler()
+            self._sampler.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._sampler is not None:
+            peak, method = self._sampler.stop(), "sampled"
+        else:
+            peak, method = _high_water_mark(), "vmhwm"
+        device_bytes = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            device_bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._device_start)
+        self.reading = PeakReading(max(0, peak - self._start), device_bytes, method)

@@ -1,0 +1,483 @@
+"""The memory planner: each merge node's peak before it runs, what is free, and where each node fits.
+
+The paper's eq. 6 gives a learned merge's peak as ``4 N_params + 4 N_trainable + 8 N_trainable +
+4 k N_task_vector`` bytes: the frozen model, W's gradients and AdamW's two moments, and the k task
+vectors. Running it (merge_core.merge) holds more, and ``predict_node_peak_bytes`` counts that too:
+
+- the stacked copy of the task vectors, ``(k, *shape)`` per tensor, which merge_core builds while the
+  loaded ones are still held (so the task vectors are paid twice);
+- the merged parameters ``theta_p + sum_i f(W_i) tau_i``, built once per training step;
+- the gradients w.r.t. them during backward (they pass through one tensor at a time; the largest, the
+  embedding matrix, is held whole);
+- the activations autograd keeps for one step: every task of the node's subtree runs its batch through
+  the model before the single backward, so they grow with the tasks, not with the fan-in;
+- the process's working memory for running a model (allocator and thread-pool buffers, the
+  tokenizer, the validation data), a constant measured on the packaged MiniLM.
+
+Everything is fp32 (merge_core computes in fp32 whatever the checkpoints' dtype). The activation and
+overhead constants are calibrated against measured peaks of real nodes (``bench/memory_bench.py``
+prints measured / predicted per node); the prediction is meant to sit slightly above the measurement.
+
+What is free comes from psutil (RAM) and pynvml (each NVIDIA GPU). No GPU, or no pynvml, is fine: the
+inventory says why none is listed. The budget defaults to a safe fraction of what is free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+
+from merge_core.checkpoint import config_dir, open_checkpoint
+from merge_core.errors import ConfigError
+from merge_core.task_vectors import mergeable_names
+from orchestrator.errors import MemoryBudgetError
+
+log = logging.getLogger(__name__)
+
+FP32 = 4
+"""Bytes per value: merge_core holds task vectors, W and the merged model in fp32."""
+
+SAFE_RAM_FRACTION = 0.8
+"""Default host budget: this share of the RAM psutil reports available, so the page cache, allocator
+slack and the prediction's error (measured within -20 %..+10 %) still fit."""
+
+SAFE_GPU_FRACTION = 0.9
+"""Default GPU budget: this share of each GPU's free memory (the CUDA context and the caching
+allocator's slack are outside ``max_memory_allocated``)."""
+
+ACTIVATION_VALUES_PER_HIDDEN = 10.5
+ACTIVATION_VALUES_PER_INTERMEDIATE = 2.0
+"""fp32 values autograd keeps per token per layer: ``10.5 * hidden + 2 * intermediate``. By hand, a
+BERT layer saves about 8 hidden-wide tensors (the attention's input, Q, K, V and output, both
+LayerNorms' inputs, the FFN's input) and 2 intermediate-wide ones (GELU's input and output); the
+measured MiniLM value (7,050 per token per layer at hidden 384, intermediate 1536, for sequence
+lengths 32-128: PyTorch's fused CPU attention keeps no seq x seq matrix) sets the hidden coefficient."""
+
+EVAL_BATCH = 64
+"""merge_core scores the merged model in batches of 64 examples without gradients."""
+
+RUNTIME_BYTES = 160 * 2**20
+"""What running a model adds to a process besides tensors (oneDNN/OpenMP buffers, the tokenizer,
+transformers' loading buffers), measured on the packaged MiniLM on CPU."""
+
+
+# --- what the planner knows about the model and one node ------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The base model as the planner sees it, from the checkpoint's header and ``config.json`` only.
+
+    ``n_params``: floating-point values of the base (the length of one task vector, N);
+    ``largest_tensor``: values in its biggest tensor; ``tensor_names``: its mergeable tensors.
+    """
+
+    n_params: int
+    largest_tensor: int
+    tensor_names: tuple[str, ...]
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+    vocab: int
+    kind: Literal["classification", "causal_lm"] = "classification"
+
+
+def _config_value(config: Any, names: Sequence[str], what: str, folder: Path) -> int:
+    for n in names:
+        value = getattr(config, n, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ConfigError(
+        f"{folder}/config.json gives no {what} (looked for {list(names)}); the memory planner needs it "
+        "to size the activations"
+    )
+
+
+def model_shape(base: str | os.PathLike[str], kind: Literal["classification", "causal_lm"]) -> ModelShape:
+    """Read the base's tensor sizes (header) and its layers/hidden/heads (``config.json``)."""
+    from transformers import AutoConfig
+
+    with open_checkpoint(base) as ckpt:
+        names = tuple(mergeable_names(ckpt))
+        sizes = [math.prod(ckpt.shape(n)) for n in names]
+    folder = config_dir(base)
+    if folder is None:
+        raise ConfigError(
+            f"{base}: the memory planner needs the model's config.json beside the weights (layers, "
+            "hidden size, heads) to predict activation memory"
+        )
+    config = AutoConfig.from_pretrained(folder)
+    text = getattr(config, "text_config", None) or config
+    hidden = _config_value(text, ("hidden_size", "d_model", "n_embd"), "hidden size", folder)
+    intermediate_names = ("intermediate_size", "d_ff", "n_inner", "ffn_dim")
+    has_intermediate = any(isinstance(getattr(text, n, None), int) for n in intermediate_names)
+    return ModelShape(
+        n_params=sum(sizes),
+        largest_tensor=max(sizes),
+        tensor_names=names,
+        layers=_config_value(text, ("num_hidden_layers", "num_layers", "n_layer"), "layer count", folder),
+        hidden=hidden,
+        heads=_config_value(text, ("num_attention_heads", "num_heads", "n_head"), "head count", folder),
+        intermediate=(_config_value(text, intermediate_names, "intermediate size", folder)
+                      if has_intermediate else 4 * hidden),
+        vocab=_config_value(text, ("vocab_size",), "vocabulary size", folder),
+        kind=kind,
+    )
+
+
+@dataclass(frozen=True)
+class NodeWorkload:
+    """One merge node's size: ``k`` inputs whose loaded task vectors hold ``loaded_values`` fp32 values
+    (k * N for full fine-tunes; adapters stay compact), ``n_groups`` merge weights per input (G), and
+    one ``(examples, sequence length)`` batch per task it trains on, per step."""
+
+    k: int
+    loaded_values: int
+    n_groups: int
+    batches: tuple[tuple[int, int], ...]
+    learned: bool = True
+    candidates: int = 1
+    """Grid-search candidates of a per-tensor method (the best one is kept beside the current one)."""
+
+
+@dataclass(frozen=True)
+class PeakBytes:
+    """A node's predicted peak, per term (bytes). The first four are the paper's eq. 6."""
+
+    model_weights: int
+    """eq. 6, 4 N_params: the frozen base model the merged forward runs in (held once)."""
+    merge_weight_grads: int
+    """eq. 6, 4 N_trainable: the gradient of W (k x G)."""
+    optimizer_state: int
+    """eq. 6, 8 N_trainable: AdamW's two moments of W."""
+    task_vectors: int
+    """eq. 6, 4 k N_task_vector: the k loaded task vectors."""
+    merge_weights: int
+    """W itself (k x G)."""
+    stacked_task_vectors: int
+    """The (k, *shape) stack merge_core builds while the loaded task vectors are still held (a
+    per-tensor method stacks one tensor at a time)."""
+    merged_params: int
+    """The merged model built each step (two of them during a grid search: current and best)."""
+    merged_param_grads: int
+    """Gradients w.r.t. the merged tensors during backward (the largest tensor's, held whole)."""
+    activations: int
+    """What autograd keeps for one step: every task's batch (or one scoring batch without grad)."""
+    runtime: int
+    """Running a model's working memory beyond tensors (see RUNTIME_BYTES)."""
+    device_terms: tuple[str, ...] = ()
+    """Terms that live on the node's accelerator; the rest are host RAM. Empty on CPU."""
+
+    @property
+    def eq6(self) -> int:
+        return self.model_weights + self.merge_weight_grads + self.optimizer_state + self.task_vectors
+
+    def terms(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "device_terms"}
+
+    @property
+    def total(self) -> int:
+        return sum(self.terms().values())
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(v for k, v in self.terms().items() if k in self.device_terms)
+
+    @property
+    def host_bytes(self) -> int:
+        return self.total - self.device_bytes
+
+    @property
+    def peak(self) -> int:
+        """What the node's measured peak is compared with: the device's share on a GPU, else all."""
+        return self.device_bytes if self.device_terms else self.total
+
+    def to_dict(self) -> dict[str, int]:
+        return {**self.terms(), "eq6": self.eq6, "total": self.total, "device": self.device_bytes,
+                "host": self.host_bytes, "peak": self.peak}
+
+
+def activation_bytes(shape: ModelShape, examples: int, seq_len: int) -> int:
+    """Bytes autograd keeps for one batch of ``examples`` x ``seq_len`` tokens through the model."""
+    per_token_layer = (ACTIVATION_VALUES_PER_HIDDEN * shape.hidden
+                       + ACTIVATION_VALUES_PER_INTERMEDIATE * shape.intermediate)
+    total = examples * seq_len * shape.layers * per_token_layer
+    if shape.kind == "causal_lm":
+        total += 3 * examples * seq_len * shape.vocab  # logits, their log-softmax and its gradient
+    return int(FP32 * total)
+
+
+def _eval_activation_bytes(shape: ModelShape, batches: Sequence[tuple[int, int]]) -> int:
+    """Scoring without gradients keeps about one layer's tensors of one batch alive at a time."""
+    if not batches:
+        return 0
+    seq = max(s for _, s in batches)
+    rows = min(EVAL_BATCH, max(n for n, _ in batches))
+    per_token = 4 * shape.hidden + 2 * shape.intermediate + shape.heads * seq
+    extra = rows * seq * shape.vocab if shape.kind == "causal_lm" else 0
+    return int(FP32 * (rows * seq * per_token + extra))
+
+
+def predict_node_peak_bytes(
+    shape: ModelShape, work: NodeWorkload, device: Literal["cpu", "cuda"] = "cpu"
+) -> PeakBytes:
+    """Predict a node's peak memory, per term (see the module docstring)."""
+    n = shape.n_params
+    trainable = work.k * work.n_groups if work.learned else 0
+    if work.learned:
+        acts = sum(activation_bytes(shape, b, s) for b, s in work.batches)
+        terms = PeakBytes(
+            model_weights=FP32 * n,
+            merge_weight_grads=FP32 * trainable,
+            optimizer_state=2 * FP32 * trainable,
+            task_vectors=FP32 * work.loaded_values,
+            merge_weights=FP32 * trainable,
+            stacked_task_vectors=FP32 * work.k * n,
+            merged_params=FP32 * n,
+            merged_param_grads=FP32 * shape.largest_tensor,
+            activations=acts,
+            runtime=RUNTIME_BYTES,
+        )
+    else:
+        runs_model = bool(work.batches) or work.candidates > 1
+        terms = PeakBytes(
+            model_weights=FP32 * n if runs_model else 0,
+            merge_weight_grads=0,
+            optimizer_state=0,
+            task_vectors=FP32 * work.loaded_values,
+            merge_weights=0,
+            stacked_task_vectors=FP32 * work.k * shape.largest_tensor,
+            merged_params=FP32 * n * (2 if work.candidates > 1 else 1),
+            merged_param_grads=0,
+            activations=_eval_activation_bytes(shape, work.batches) if runs_model else 0,
+            runtime=RUNTIME_BYTES if runs_model else 0,
+        )
+    if device == "cuda":
+        on_device = ("model_weights", "merge_weight_grads", "optimizer_state", "merge_weights",
+                     "stacked_task_vectors", "merged_params", "merged_param_grads", "activations")
+        terms = dataclasses.replace(terms, device_terms=on_device)
+    return terms
+
+
+# --- what is free, and the budget ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """One CUDA device as torch numbers it (``cuda:<index>``), from NVML."""
+
+    index: int
+    name: str
+    free_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class MemoryInventory:
+    """What the machine has now. ``process_bytes``: RSS this process already uses (imports, data);
+    ``gpu_note``: why no GPU is listed ('' when NVML answered)."""
+
+    ram_available_bytes: int
+    ram_total_bytes: int
+    process_bytes: int
+    gpus: tuple[GpuMemory, ...] = ()
+    gpu_note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _visible_nvml_indices(count: int, uuids: Sequence[str]) -> list[int] | str:
+    """NVML indices of the GPUs torch sees, in torch's order, honouring CUDA_VISIBLE_DEVICES."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return list(range(count))
+    out = []
+    for item in (v.strip() for v in visible.split(",") if v.strip()):
+        if item.isdigit() and int(item) < count:
+            out.append(int(item))
+        elif item.startswith("GPU-") and any(u.startswith(item) for u in uuids):
+            out.append(next(i for i, u in enumerate(uuids) if u.startswith(item)))
+        elif item.isdigit() or item.startswith("-"):
+            break  # CUDA stops at the first invalid entry
+        else:
+            return f"CUDA_VISIBLE_DEVICES={visible!r} names devices NVML cannot match (MIG?)"
+    return out
+
+
+def _gpu_inventory() -> tuple[tuple[GpuMemory, ...], str]:
+    try:
+        import pynvml
+    except ImportError as e:
+        return (), f"pynvml is not installed ({e}); install nvidia-ml-py to plan for GPUs"
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as e:
+        return (), f"NVML did not start ({e}): no NVIDIA driver here"
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        uuids = [_text(pynvml.nvmlDeviceGetUUID(h)) for h in handles]
+        order = _visible_nvml_indices(count, uuids)
+        if isinstance(order, str):
+            return (), order
+        gpus = []
+        for torch_index, nvml_index in enumerate(order):
+            info = pynvml.nvmlDeviceGetMemoryInfo(handles[nvml_index])
+            gpus.append(GpuMemory(torch_index, _text(pynvml.nvmlDeviceGetName(handles[nvml_index])),
+                                  int(info.free), int(info.total)))
+        return tuple(gpus), "" if gpus else "NVML lists no GPU"
+    except pynvml.NVMLError as e:
+        return (), f"NVML failed while listing GPUs ({e})"
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def read_inventory() -> MemoryInventory:
+    """Free RAM (psutil) and free memory of each GPU (pynvml), now."""
+    vm = psutil.virtual_memory()
+    gpus, note = _gpu_inventory()
+    if note:
+        log.info("no GPU planned for: %s", note)
+    return MemoryInventory(int(vm.available), int(vm.total), int(psutil.Process().memory_info().rss), gpus, note)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_bytes(text: str) -> int:
+    """``'8GB'`` (10^9), ``'512MiB'`` (2^20), ``'1.5 GB'``, ``'1000000'`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise ConfigError(
+            f"memory budget {text!r} is not a size; write e.g. '8GB', '512MiB' or a number of bytes"
+        )
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise ConfigError(f"memory budget {text!r} must be positive")
+    return value
+
+
+def format_bytes(n: int | float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Bytes one node may use: ``host`` RAM beyond what the process already holds, and per GPU
+    (``gpus``: torch index -> bytes). ``source`` says where the numbers came from."""
+
+    host: int
+    gpus: dict[int, int] = field(default_factory=dict)
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"host": self.host, "gpus": {str(k): v for k, v in self.gpus.items()}, "source": self.source}
+
+
+def make_budget(memory_budget: str | None, inventory: MemoryInventory) -> Budget:
+    """The per-node budget: ``memory_budget`` caps the process's RAM (and each GPU's use); without it,
+    a safe fraction of what is free (SAFE_RAM_FRACTION of available RAM, SAFE_GPU_FRACTION per GPU)."""
+    gpu_free = {g.index: int(SAFE_GPU_FRACTION * g.free_bytes) for g in inventory.gpus}
+    if memory_budget is None:
+        return Budget(
+            host=int(SAFE_RAM_FRACTION * inventory.ram_available_bytes),
+            gpus=gpu_free,
+            source=(f"{SAFE_RAM_FRACTION:.0%} of the {format_bytes(inventory.ram_available_bytes)} RAM "
+                    f"available" + (f", {SAFE_GPU_FRACTION:.0%} of each GPU's free memory" if gpu_free else "")),
+        )
+    cap = parse_bytes(memory_budget)
+    host = cap - inventory.process_bytes
+    if host <= 0:
+        raise MemoryBudgetError(
+            f"memory budget {memory_budget} is below the {format_bytes(inventory.process_bytes)} this "
+            "process already uses; raise --memory-budget"
+        )
+    if host > inventory.ram_available_bytes:
+        log.warning("memory budget %s exceeds the %s RAM available now; planning with the budget as given",
+                    memory_budget, format_bytes(inventory.ram_available_bytes))
+    return Budget(
+        host=host,
+        gpus={i: min(cap, free) for i, free in gpu_free.items()},
+        source=(f"memory budget {memory_budget} minus the {format_bytes(inventory.process_bytes)} this "
+                "process already uses"),
+    )
+
+
+# --- placing a node --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a node runs and its prediction there; ``device`` None when it fits nowhere."""
+
+    device: str | None
+    predicted: PeakBytes
+    reason: str
+
+
+def place_node(
+    shape: ModelShape, work: NodeWorkload, budget: Budget, requested: str
+) -> Placement:
+    """Put a node on ``requested`` ('cpu', 'cuda' = any GPU, 'cuda:N') if its prediction fits there.
+
+    With 'cuda' (what ``device: auto`` resolves to on a GPU machine) the GPU with the most budget that
+    fits is chosen, and a node no GPU can hold runs on the CPU when RAM can: the plan shows it. An
+    explicit 'cuda:N' is held to that GPU.
+    """
+    cpu = predict_node_peak_bytes(shape, work, "cpu")
+    gpu = predict_node_peak_bytes(shape, work, "cuda")
+    if requested.startswith("cuda"):
+        indices = sorted(budget.gpus, key=lambda i: -budget.gpus[i])
+        if ":" in requested:
+            indices = [int(requested.split(":", 1)[1])]
+        for i in indices:
+            if gpu.device_bytes <= budget.gpus.get(i, 0) and gpu.host_bytes <= budget.host:
+                return Placement(f"cuda:{i}", gpu, "fits the GPU")
+        if ":" in requested:
+            return Placement(None, gpu, f"needs {format_bytes(gpu.device_bytes)} on {requested}, budget "
+                                        f"{format_bytes(budget.gpus.get(indices[0], 0))}")
+        if cpu.total <= budget.host:
+            return Placement("cpu", cpu, "too big for every GPU; fits RAM")
+        return Placement(None, cpu, f"needs {format_bytes(gpu.device_bytes)} on a GPU (largest budget "
+                                    f"{format_bytes(max(budget.gpus.values(), default=0))}) or "
+                                    f"{format_bytes(cpu.total)} RAM (budget {format_bytes(budget.host)})")
+    if cpu.total <= budget.host:
+        return Placement("cpu", cpu, "fits RAM")
+    return Placement(None, cpu, f"needs {format_bytes(cpu.total)} RAM, budget {format_bytes(budget.host)}")
+
+
+def loaded_values(path: str | os.PathLike[str], n_params: int) -> int:
+    """fp32 values a model's loaded task vector holds: N for a full model, the stored size of an
+    adapter (read from its header)."""
+    from merge_core.adapters import adapter_weights_file, is_adapter_dir
+
+    if not is_adapter_dir(path):
+        return n_params
+    with open_checkpoint(adapter_weights_file(Path(path))) as adapter:
+        return adapter.numel()
+
+
+def describe(predicted: PeakBytes, top: int = 3) -> str:
+    """The largest terms, for error messages and the plan."""
+    terms = sorted(predicted.terms().items(), key=lambda kv: -kv[1])[:top]
+    return ", ".join(f"{name} {format_bytes(v)}" for name, v in terms)
+

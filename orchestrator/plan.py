@@ -1,0 +1,343 @@
+"""From a merge config to a plan: the merge tree, each node's predicted peak and device, the fan-in.
+
+``plan`` does everything that can be decided before a weight is merged, and refuses there: it reads
+headers, validation data and (when clustering) the task vectors' similarity, and writes nothing. The
+fan-in is the largest whose every node fits the memory budget, up to ``tree.max_fan_in`` when given,
+trying a flat merge first (it needs no similarity); a flat merge (``tree.flat``) or hand-given groups
+are taken as they are, and refused if a node does not fit.
+``supermerge plan`` prints ``MergePlan.render()``; the executor runs ``MergePlan.nodes`` bottom-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from merge_core.adapters import is_adapter_dir
+from merge_core.checkpoint import open_checkpoint
+from merge_core.config import MergeConfig
+from merge_core.data import TaskData
+from merge_core.devices import resolve_device
+from merge_core.errors import ConfigError, DataError
+from merge_core.job import load_split, load_tokenizer
+from merge_core.methods.learned import LearnedMergeConfig, weight_groups
+from merge_core.methods.registry import MethodSpec, get_method
+from merge_core.task_vectors import load_stored_heads, match_names
+from orchestrator.errors import MemoryBudgetError, TreeError
+from orchestrator.memory import (
+    Budget,
+    MemoryInventory,
+    ModelShape,
+    NodeWorkload,
+    Placement,
+    describe,
+    format_bytes,
+    loaded_values,
+    make_budget,
+    model_shape,
+    place_node,
+    read_inventory,
+)
+from orchestrator.node import ChildRef, NodeTask
+from orchestrator.similarity import Similarity, task_vector_similarity
+from orchestrator.store import data_digest, model_key, node_key
+from orchestrator.tree import MergeTree, cluster_tree, flat_tree, tree_from_groups
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MergePlan:
+    """What will run: ``nodes`` bottom-up (the last is the root), each with its device and prediction.
+
+    ``fan_in``: the most inputs any node merges; ``fan_in_reason``: why that fan-in.
+    """
+
+    config: MergeConfig
+    tree: MergeTree
+    fan_in: int
+    fan_in_reason: str
+    nodes: list[NodeTask]
+    budget: Budget
+    inventory: MemoryInventory
+    similarity: Similarity | None = None
+
+    @property
+    def root(self) -> NodeTask:
+        return self.nodes[-1]
+
+    def node(self, node_id: str) -> NodeTask:
+        for n in self.nodes:
+            if n.id == node_id:
+                return n
+        raise KeyError(node_id)
+
+    def render(self) -> str:
+        """The text ``supermerge plan`` prints: summary, tree picture, per-node memory table."""
+        k = len(self.tree.models())
+        gpus = ", ".join(f"cuda:{g.index} {g.name} {format_bytes(g.free_bytes)} free"
+                         for g in self.inventory.gpus) or f"none ({self.inventory.gpu_note})"
+        lines = [
+            f"{k} models -> {len(self.nodes)} merge(s), fan-in {self.fan_in} ({self.fan_in_reason}), "
+            f"depth {self.tree.depth}, method {self.config.method}",
+            f"budget per node: {format_bytes(self.budget.host)} RAM ({self.budget.source}); GPUs: {gpus}",
+            "",
+            self.tree.render(lambda n: self._annotation(n)),
+            "",
+            "| node | inputs | tasks | device | predicted peak | eq. 6 part | task vectors (loaded + stacked) "
+            "| activations |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for n in self.nodes:
+            p = n.predicted
+            lines.append(
+                f"| {n.id} | {len(n.children)} | {len(n.tasks)} | {n.device} | {format_bytes(p['peak'])} "
+                f"| {format_bytes(p['eq6'])} | {format_bytes(p['task_vectors'] + p['stacked_task_vectors'])} "
+                f"| {format_bytes(p['activations'])} |"
+            )
+        return "\n".join(lines)
+
+    def _annotation(self, node_id: str) -> str:
+        n = self.node(node_id)
+        return f"[{len(n.tasks)} tasks] {n.device}, predicted {format_bytes(n.predicted['peak'])}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "groups": self.tree.nested(),
+            "fan_in": self.fan_in,
+            "fan_in_reason": self.fan_in_reason,
+            "depth": self.tree.depth,
+            "nodes": [n.to_dict() for n in self.nodes],
+            "budget": self.budget.to_dict(),
+            "inventory": self.inventory.to_dict(),
+            "similarity": self.similarity.to_dict() if self.similarity is not None else None,
+        }
+
+
+# --- planning ---------------------------------------------------------------------------------------
+
+
+def _learned_config(spec: MethodSpec, params: Mapping[str, Any]) -> LearnedMergeConfig | None:
+    """The learned method's settings with the config's parameters (for W's size and the batch size)."""
+    if spec.learned is None:
+        return None
+    fields = {f.name for f in dataclasses.fields(LearnedMergeConfig)}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise ConfigError(f"method {spec.name!r} has no parameter(s) {unknown}; it takes {sorted(fields)}")
+    return dataclasses.replace(spec.learned, **dict(params))
+
+
+def _candidate_count(spec: MethodSpec, params: Mapping[str, Any]) -> int:
+    """How many grid-search candidates a per-tensor method tries (a list value is searched)."""
+    count = 1
+    for name, default in spec.grid.items():
+        value = params.get(name, default)
+        count *= len(value) if isinstance(value, (list, tuple)) else 1
+    return count
+
+
+def _check_tree_config(config: MergeConfig, k: int) -> None:
+    tree = config.tree
+    problems = []
+    if tree.flat and tree.groups is not None:
+        problems.append("tree.flat and tree.groups both given; choose one")
+    if tree.flat and tree.max_fan_in is not None and tree.max_fan_in < k:
+        problems.append(f"tree.flat merges all {k} models in one node, but tree.max_fan_in is {tree.max_fan_in}")
+    if problems:
+        raise TreeError("tree config: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What planning reads once, whatever the tree."""
+
+    config: MergeConfig
+    shape: ModelShape
+    val: dict[str, TaskData]
+    learned: LearnedMergeConfig | None
+    candidates: int
+    n_groups: int
+    loaded: dict[str, int]
+    keys: dict[str, str]
+    base_key: str
+
+
+def _seq_len(data: TaskData) -> int:
+    ids = data.inputs.get("input_ids", next(iter(data.inputs.values())))
+    return int(ids.shape[1]) if ids.dim() > 1 else 1
+
+
+def _workload(inputs: _Inputs, tree: MergeTree, node: str) -> NodeWorkload:
+    children = tree.children(node)
+    loaded = sum(inputs.loaded[c] if tree.is_model(c) else inputs.shape.n_params for c in children)
+    batches = []
+    for t in tree.tasks(node):
+        if t in inputs.val:
+            rows = len(inputs.val[t])
+            if inputs.learned is not None:
+                rows = min(rows, inputs.learned.batch_size)
+            batches.append((rows, _seq_len(inputs.val[t])))
+    return NodeWorkload(
+        k=len(children), loaded_values=loaded, n_groups=inputs.n_groups, batches=tuple(batches),
+        learned=inputs.learned is not None, candidates=inputs.candidates,
+    )
+
+
+def _node_tasks(inputs: _Inputs, tree: MergeTree, placements: Mapping[str, Placement]) -> list[NodeTask]:
+    config = inputs.config
+    entries = {m.name: m for m in config.models}
+    keys = dict(inputs.keys)
+    nodes = []
+    for node in tree.merges():
+        tasks = tree.tasks(node)
+        val = {t: inputs.val[t] for t in tasks if t in inputs.val}
+        digest = data_digest(val)
+        children = tree.children(node)
+        keys[node] = node_key(
+            [keys[c] for c in children], base=inputs.base_key, method=config.method,
+            params=config.parameters, seed=config.seed, kind=config.kind,
+            head_prefixes=config.head_prefixes, data=digest,
+        )
+        placement = placements[node]
+        assert placement.device is not None
+        nodes.append(NodeTask(
+            id=node,
+            key=keys[node],
+            children=tuple(
+                ChildRef(c, keys[c], str(entries[c].path)) if tree.is_model(c) else ChildRef(c, keys[c])
+                for c in children
+            ),
+            tasks=tuple(tasks),
+            validation={t: str(entries[t].validation) for t in tasks if t in val},
+            base=str(config.base),
+            method=config.method,
+            parameters=dict(config.parameters),
+            kind=config.kind,
+            seed=config.seed,
+            max_length=config.max_length,
+            head_prefixes=tuple(config.head_prefixes),
+            data_digest=digest,
+            device=placement.device,
+            predicted=placement.predicted.to_dict(),
+        ))
+    return nodes
+
+
+def _check_models(config: MergeConfig, *, needs_heads: bool) -> None:
+    """Every full fine-tune's header against the base (one error per model listing its problems), and,
+    where data is scored, that it carries a task head: seen now, not after hours of merging."""
+    headless = []
+    with open_checkpoint(config.base) as base:
+        for m in config.models:
+            if is_adapter_dir(m.path):
+                continue  # checked tensor by tensor when loaded; an adapter's head is its modules_to_save
+            with open_checkpoint(m.path) as tuned:
+                names = match_names(base, tuned, config.head_prefixes)
+            if not names.head and not load_stored_heads(Path(m.path)):
+                headless.append(m.name)
+    if headless and needs_heads:
+        raise DataError(
+            f"model(s) {headless} carry no task head ({', '.join(config.head_prefixes)}*), so they cannot be "
+            "scored on their data; give fine-tuned *ForSequenceClassification models or adapters with "
+            "modules_to_save=['classifier']"
+        )
+
+
+def _read_inputs(config: MergeConfig, spec: MethodSpec, progress: bool) -> _Inputs:
+    learned = _learned_config(spec, config.parameters)
+    tokenizer = load_tokenizer(config.base)
+    val = load_split(config.models, "validation", tokenizer, config.max_length)
+    if spec.kind == "learned" or spec.needs_labels:
+        missing = [m.name for m in config.models if m.name not in val]
+        if missing:
+            raise DataError(
+                f"method {spec.name!r} trains or searches on validation data, but model(s) {missing} have no "
+                "'validation:' file; add one per model (the paper uses 32 examples a task)"
+            )
+    _check_models(config, needs_heads=bool(val) or any(m.test is not None for m in config.models))
+    shape = model_shape(config.base, config.kind)
+    n_groups = len(weight_groups(list(shape.tensor_names), learned.granularity)[0]) if learned else 0
+    keys = {m.name: model_key(m.path) for m in config.models}
+    loaded = {m.name: loaded_values(m.path, shape.n_params) for m in config.models}
+    return _Inputs(config, shape, val, learned, _candidate_count(spec, config.parameters), n_groups, loaded,
+                   keys, model_key(config.base))
+
+
+def plan(
+    config: MergeConfig,
+    *,
+    inventory: MemoryInventory | None = None,
+    similarity: Similarity | None = None,
+    progress: bool = False,
+) -> MergePlan:
+    """Plan a (hierarchical) merge of the config's models; refuse before any work if none fits.
+
+    ``inventory``: what is free (read now when None); ``similarity``: the task vectors' similarity
+    (computed, streaming, only if a clustered tree is needed).
+    """
+    names = [m.name for m in config.models]
+    k = len(names)
+    _check_tree_config(config, k)
+    spec = get_method(config.method)
+    requested = resolve_device(config.device)
+    inputs = _read_inputs(config, spec, progress)
+    inventory = inventory if inventory is not None else read_inventory()
+    budget = make_budget(config.tree.memory_budget, inventory)
+    cached: list[Similarity] = [similarity] if similarity is not None else []
+
+    def similar() -> Similarity:
+        if not cached:
+            cached.append(task_vector_similarity(
+                config.base, {m.name: m.path for m in config.models}, head_prefixes=config.head_prefixes,
+                progress=progress,
+            ))
+        if cached[0].names != names:
+            raise TreeError(f"the similarity given covers {cached[0].names}, the config's models are {names}")
+        return cached[0]
+
+    def clustered(fan_in: int) -> MergeTree:
+        return flat_tree(names) if fan_in >= k else cluster_tree(names, similar().cosine, fan_in)
+
+    tree_config = config.tree
+    choices: list[tuple[str, Callable[[], MergeTree]]]
+    if tree_config.flat:
+        choices = [("flat merge: tree.flat", lambda: flat_tree(names))]
+    elif tree_config.groups is not None:
+        choices = [("groups given by hand", lambda: tree_from_groups(tree_config.groups, names,
+                                                                      tree_config.max_fan_in))]
+    elif tree_config.max_fan_in is not None:
+        cap = min(tree_config.max_fan_in, k)
+        choices = [(f"the largest up to tree.max_fan_in {tree_config.max_fan_in} that fits the budget",
+                    lambda f=f: clustered(f)) for f in range(cap, 1, -1)]
+    else:
+        choices = [("the largest that fits the budget", lambda f=f: clustered(f)) for f in range(k, 1, -1)]
+    failure = ""
+    for reason, build in choices:
+        tree = build()
+        placements = {
+            n: place_node(inputs.shape, _workload(inputs, tree, n), budget, requested) for n in tree.merges()
+        }
+        misfits = [(n, p) for n, p in placements.items() if p.device is None]
+        if not misfits:
+            nodes = _node_tasks(inputs, tree, placements)
+            used = similarity if similarity is not None else (cached[0] if cached else None)
+            return MergePlan(config, tree, tree.fan_in, reason, nodes, budget, inventory, used)
+        node, p = max(misfits, key=lambda m: m[1].predicted.total)
+        failure = (
+            f"at fan-in {tree.fan_in} ({reason}), {len(misfits)} of {len(placements)} merge node(s) do not fit; "
+            f"{node} ({len(tree.children(node))} inputs, {len(tree.tasks(node))} tasks) {p.reason}; "
+            f"its largest terms: {describe(p.predicted)}"
+        )
+    if tree_config.flat or tree_config.groups is not None:
+        advice = ("raise the memory budget (tree.memory_budget / --memory-budget), or drop tree.flat / "
+                  "tree.groups so the planner may choose a smaller fan-in")
+    else:
+        advice = ("even fan-in 2 does not fit: raise the memory budget (tree.memory_budget / --memory-budget), "
+                  "use fewer or shorter validation examples per step (parameters.batch_size, max_length), "
+                  "or a machine with more memory")
+    raise MemoryBudgetError(f"no merge plan fits ({budget.source}): {failure}. Nothing was run; {advice}")
