@@ -1,8 +1,8 @@
 """``supermerge``: merge fine-tuned copies of one pretrained model into one multi-task model.
 
 The CLI sits at the top of the import graph (flows -> orchestrator -> merge_core) so one entry point
-serves flat merges, evaluation and, later, the hierarchical flow. Each subcommand is a typed function;
-argparse only maps flags onto it. Errors supermerge raises on purpose print as one line (exit 2).
+serves planning, merges (a flat merge is a tree of one node) and evaluation. Each subcommand is a typed
+function; argparse only maps flags onto it. Errors supermerge raises on purpose print as one line (exit 2).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from merge_core.errors import SupermergeError
+from merge_core.errors import CheckpointError, SupermergeError
 
 log = logging.getLogger("supermerge")
 
@@ -32,24 +32,76 @@ example config (paths relative to the config file):
     - name: language
       path: models/language
       validation: data/language.val.jsonl
+  tree: {max_fan_in: 4, memory_budget: 8GB}  # optional; `supermerge plan` shows the tree and its memory
 """
 
 
-def cmd_merge(
-    config_path: Path, *, output: Path | None, method: str | None, device: str | None, overwrite: bool
-) -> int:
-    """Merge the models a config names and print where the result is and how well it scores."""
-    from merge_core.config import load_config
-    from merge_core.job import run_merge
+def _load_merge_config(
+    config_path: Path,
+    *,
+    output: Path | None = None,
+    method: str | None = None,
+    device: str | None = None,
+    memory_budget: str | None = None,
+    max_fan_in: int | None = None,
+    flat: bool = False,
+):
+    """The config with the command line's overrides, validated again as a whole (one ConfigError)."""
+    from merge_core.config import load_config, parse_config
 
     overrides = {"output": str(output.resolve()) if output else None, "device": device}
     config = load_config(config_path, overrides)
+    raw = config.resolved()
     if method is not None and method != config.method:
         # the config's parameters belong to its own method: another method starts from its defaults
         log.warning("--method %s: ignoring the config's parameters for %s", method, config.method)
-        config = config.model_copy(update={"method": method, "parameters": {}})
-    report = run_merge(config, overwrite=overwrite, progress=True)
-    print(f"merged {len(config.models)} models with {report.method} in {report.seconds:.1f} s -> {report.output}")
+        raw.update(method=method, parameters={})
+    tree = dict(raw["tree"])
+    if memory_budget is not None:
+        tree["memory_budget"] = memory_budget
+    if flat:
+        tree.update(flat=True, groups=None, max_fan_in=None)
+    if max_fan_in is not None:
+        tree.update(max_fan_in=max_fan_in, flat=False)
+    raw["tree"] = tree
+    return parse_config(raw, source=f"{config_path} (with the command line's options)")
+
+
+def cmd_plan(config_path: Path, *, device: str | None, memory_budget: str | None, max_fan_in: int | None,
+             flat: bool) -> int:
+    """Print the merge tree, each node's predicted peak memory and device, and the fan-in chosen."""
+    from orchestrator.plan import plan
+
+    config = _load_merge_config(config_path, device=device, memory_budget=memory_budget,
+                                max_fan_in=max_fan_in, flat=flat)
+    print(plan(config, progress=True).render())
+    return 0
+
+
+def cmd_merge(
+    config_path: Path, *, output: Path | None, method: str | None, device: str | None, overwrite: bool,
+    memory_budget: str | None = None, max_fan_in: int | None = None, flat: bool = False,
+) -> int:
+    """Plan the merge tree (refusing before any work if it cannot fit), run it bottom-up through the
+    checkpoint store, and print where the result is and how well it scores."""
+    from orchestrator.executor import REPORT_FILE, execute
+    from orchestrator.memory import format_bytes
+    from orchestrator.plan import plan
+
+    config = _load_merge_config(config_path, output=output, method=method, device=device,
+                                memory_budget=memory_budget, max_fan_in=max_fan_in, flat=flat)
+    if config.output.exists() and not overwrite:
+        raise CheckpointError(f"{config.output} already exists; choose another output or pass --overwrite")
+    merge_plan = plan(config, progress=True)
+    report = execute(merge_plan, overwrite=overwrite, progress=True)
+    method_name = merge_plan.root.method
+    print(f"merged {len(config.models)} models with {method_name} in {report.seconds:.1f} s -> {report.output}")
+    reused = sum(r.cached for r in report.nodes)
+    worst = max(report.nodes, key=lambda r: r.measured_peak_bytes)
+    print(f"tree: {len(report.nodes)} merge(s), fan-in {merge_plan.fan_in}, depth {merge_plan.tree.depth}"
+          + (f", {reused} reused from the store" if reused else "")
+          + f"; largest node peak {format_bytes(worst.measured_peak_bytes)} ({worst.id}, predicted "
+          f"{format_bytes(worst.predicted_peak_bytes)}); per node: {report.output / REPORT_FILE}")
     if report.params:
         print("parameters: " + ", ".join(f"{k}={v}" for k, v in sorted(report.params.items())))
     if report.val_accuracy:
@@ -101,6 +153,15 @@ def _fmt(acc: dict[str, float]) -> str:
     return ", ".join(f"{t} {100 * a:.1f}%" for t, a in sorted(acc.items()))
 
 
+def _tree_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="memory one merge node may use, e.g. 8GB or 512MiB (default: a safe share of what is free)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--max-fan-in", type=int, metavar="N",
+                       help="at most N models per merge node (the planner takes the largest that fits)")
+    shape.add_argument("--flat", action="store_true", help="one merge of every model (no tree)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="supermerge",
@@ -123,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="override the config's method (see `supermerge methods`)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    _tree_options(p)
+
+    p = sub.add_parser("plan", help="show the merge tree, each node's predicted memory and device, the fan-in")
+    p.add_argument("config", type=Path, help="YAML config (base, models, method, parameters, tree)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    _tree_options(p)
 
     p = sub.add_parser("evaluate", help="score merged models on each task's test data (the paper's table)")
     p.add_argument("config", type=Path, help="the YAML config the models were merged with")
@@ -155,7 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "merge":
             return cmd_merge(args.config, output=args.output, method=args.method, device=args.device,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, memory_budget=args.memory_budget,
+                             max_fan_in=args.max_fan_in, flat=args.flat)
+        if args.command == "plan":
+            return cmd_plan(args.config, device=args.device, memory_budget=args.memory_budget,
+                            max_fan_in=args.max_fan_in, flat=args.flat)
         if args.command == "evaluate":
             return cmd_evaluate(args.config, args.models, device=args.device, references=not args.no_references)
         if args.command == "methods":

@@ -9,12 +9,15 @@ complete: it is written to a temporary sibling and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +326,17 @@ def write_model_dir(
     saved as ``supermerge.json`` (and summarised in README.md); ``extra_files`` maps relative paths to
     bytes (per-task heads, merge weights). An existing ``out_dir`` is replaced only with ``overwrite``.
     """
+    with atomic_model_dir(out_dir, overwrite=overwrite) as tmp:
+        _write_shards(tmp, tensors, max_shard_bytes, progress)
+        finish_model_dir(tmp, config_from=config_from, record=record, extra_files=extra_files)
+    return Path(out_dir)
+
+
+@contextlib.contextmanager
+def atomic_model_dir(out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary sibling of ``out_dir`` to fill; renamed to ``out_dir`` when the block ends without
+    an error, removed when it raises. An existing ``out_dir`` is refused (before the block runs)
+    unless ``overwrite``, and then replaced only once the new one is complete."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another output or pass overwrite (--overwrite)")
@@ -331,18 +345,7 @@ def write_model_dir(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        _write_shards(tmp, tensors, max_shard_bytes, progress)
-        if config_from is not None:
-            for name in MODEL_FILES:
-                src = Path(config_from) / name
-                if src.is_file():
-                    shutil.copy2(src, tmp / name)
-        for rel, data in (extra_files or {}).items():
-            target = tmp / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-        (tmp / RECORD_FILE).write_text(json.dumps(dict(record), indent=2, sort_keys=True, default=str))
-        (tmp / "README.md").write_text(_model_card(record))
+        yield tmp
         if out.exists():
             trash = out.parent / f".{out.name}.replaced"
             if trash.exists():
@@ -356,7 +359,134 @@ def write_model_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("wrote %s", out)
-    return out
+
+
+def finish_model_dir(
+    folder: Path,
+    *,
+    config_from: str | os.PathLike[str] | None,
+    record: Mapping[str, Any],
+    extra_files: Mapping[str, bytes] | None = None,
+) -> None:
+    """Everything of a model dir but its weights: the base's config and tokenizer files,
+    ``extra_files`` (relative path -> bytes), ``supermerge.json`` and the README model card."""
+    if config_from is not None:
+        for name in MODEL_FILES:
+            src = Path(config_from) / name
+            if src.is_file():
+                shutil.copy2(src, folder / name)
+    for rel, data in (extra_files or {}).items():
+        target = folder / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    (folder / RECORD_FILE).write_text(json.dumps(dict(record), indent=2, sort_keys=True, default=str))
+    (folder / "README.md").write_text(_model_card(record))
+
+
+# --- streaming writer: shard layout planned from shapes, each tensor written as it arrives ---------
+
+_SAFETENSORS_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What the writer must know of a tensor before its values exist: name, shape, dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def plan_shards(metas: Sequence[TensorMeta], max_shard_bytes: int) -> list[list[TensorMeta]]:
+    """Consecutive tensors grouped into shards of at most ``max_shard_bytes`` (a bigger tensor gets
+    its own): the rule ``write_model_dir`` applies, decided from shapes alone."""
+    shards: list[list[TensorMeta]] = []
+    size = 0
+    for meta in metas:
+        if shards and shards[-1] and size + meta.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        if not shards:
+            shards.append([])
+        shards[-1].append(meta)
+        size += meta.nbytes
+    return shards
+
+
+def _safetensors_header(shard: Sequence[TensorMeta]) -> bytes:
+    """The file header of a shard holding ``shard``'s tensors in order (8-byte length, JSON padded
+    with spaces to a multiple of 8, as the safetensors library writes it)."""
+    entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for meta in shard:
+        code = _SAFETENSORS_CODES.get(meta.dtype)
+        if code is None:
+            raise CheckpointError(f"tensor {meta.name!r} has dtype {meta.dtype}, which safetensors cannot store")
+        entries[meta.name] = {"dtype": code, "shape": list(meta.shape), "data_offsets": [offset, offset + meta.nbytes]}
+        offset += meta.nbytes
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def _raw_bytes(tensor: Tensor) -> memoryview:
+    """The tensor's values as little-endian bytes, without a copy when it is contiguous on the CPU."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def write_shards_streaming(
+    folder: Path,
+    metas: Sequence[TensorMeta],
+    tensors: Iterable[tuple[str, Tensor]],
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = False,
+) -> list[Path]:
+    """Write ``tensors`` (in the order of ``metas``, each matching its name, shape and dtype) as
+    safetensors shards of at most ``max_shard_bytes``, plus the index when there is more than one.
+
+    Each tensor goes to disk as it arrives and is not kept, so the writer holds no more than the
+    tensor it is given, where ``write_model_dir`` holds a shard. Returns the shard paths.
+    """
+    if not metas:
+        raise CheckpointError("refusing to write a model with no tensors")
+    shards = plan_shards(metas, max_shard_bytes)
+    if len(shards) == 1:
+        files = [SAFETENSORS_SINGLE]
+    else:
+        files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    incoming = iter(tensors)
+    bar = tqdm(total=len(metas), desc="writing tensors", disable=not progress, leave=False, unit="tensor")
+    with bar:
+        for shard, file in zip(shards, files, strict=True):
+            with open(folder / file, "wb") as f:
+                f.write(_safetensors_header(shard))
+                for meta in shard:
+                    name, tensor = next(incoming, (None, None))
+                    if tensor is None:
+                        raise CheckpointError(f"the tensors ran out before {meta.name!r} (of {len(metas)} planned)")
+                    if name != meta.name or tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
+                        raise CheckpointError(
+                            f"expected tensor {meta.name!r} {meta.shape} {meta.dtype} next, got {name!r} "
+                            f"{tuple(tensor.shape)} {tensor.dtype}; the tensors must come in the planned order"
+                        )
+                    f.write(_raw_bytes(tensor))
+                    del tensor
+                    bar.update(1)
+    if next(incoming, None) is not None:
+        raise CheckpointError(f"more tensors came than the {len(metas)} planned")
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(m.nbytes for m in metas)},
+            "weight_map": {m.name: file for shard, file in zip(shards, files, strict=True) for m in shard},
+        }
+        (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+    return [folder / f for f in files]
 
 
 def read_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:

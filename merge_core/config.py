@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merge_core.errors import ConfigError
+from merge_core.task_registry import with_registry_models
 from merge_core.task_vectors import DEFAULT_HEAD_PREFIXES
 
 
@@ -57,6 +58,9 @@ class MergeConfig(_Strict):
     max_length: int = Field(default=64, ge=2)
     head_prefixes: list[str] = Field(default_factory=lambda: list(DEFAULT_HEAD_PREFIXES))
     tree: TreeConfig = Field(default_factory=TreeConfig)
+    retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy())
+    registry: Path | None = None
+    """A task-model registry folder (see merge_core.task_registry); its models are appended to ``models``."""
 
     @field_validator("models")
     @classmethod
@@ -104,7 +108,7 @@ def _resolve_paths(raw: dict[str, Any], root: Path) -> dict[str, Any]:
         return value
 
     out = dict(raw)
-    for key in ("base", "output"):
+    for key in ("base", "output", "registry"):
         if key in out:
             out[key] = fix(out[key])
     if isinstance(out.get("models"), list):
@@ -122,6 +126,7 @@ def parse_config(raw: Any, *, root: Path | None = None, source: str = "config") 
         raise ConfigError(f"{source}: expected a mapping with base, output, models, method")
     if root is not None:
         raw = _resolve_paths(raw, root)
+    raw = with_registry_models(raw, source)
     try:
         config = MergeConfig.model_validate(raw)
     except ValidationError as e:
@@ -148,3 +153,14 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
     if isinstance(raw, dict) and overrides:
         raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
     return parse_config(raw, root=path.parent.resolve(), source=str(path))
+
+
+class RetryPolicy(_Strict):
+    """How often a failed merge node is tried again (the Prefect flow's task retries): a node that
+    died of something passing (a preempted GPU, a full disk being cleaned) need not fail the tree."""
+
+    retries: int = Field(default=0, ge=0)
+    retry_delay_seconds: float = Field(default=0.0, ge=0)
+
+
+MergeConfig.model_rebuild()

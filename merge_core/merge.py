@@ -243,12 +243,14 @@ def _merge_learned(
     model: FunctionalModel,
     progress: bool,
 ) -> MergeResult:
+    from merge_core.methods.learned import stack_task_vectors
+
     heads = _heads(vectors)
     heads_dev = {t: {n: x.to(model.device) for n, x in h.items()} for t, h in heads.items()}
     with open_checkpoint(base_path) as base:
         names = mergeable_names(base)
         base_params = model.base_params(names)
-        stacked = {n: stack_deltas(base_params[n], vectors, n).to(model.device) for n in names}
+        stacked = stack_task_vectors(base_params, vectors, config.storage_dtype, model.device)
         data = {t: val[t] for v in vectors for t in v.tasks}
         learned = train_merge_weights(model, base_params, stacked, heads_dev, data, config, progress=progress)
         with torch.no_grad():

@@ -11,12 +11,13 @@ vectors. Running it (merge_core.merge) holds more, and ``predict_node_peak_bytes
   embedding matrix, is held whole);
 - the activations autograd keeps for one step: every task of the node's subtree runs its batch through
   the model before the single backward, so they grow with the tasks, not with the fan-in;
-- the process's working memory for running a model (allocator and thread-pool buffers, the
-  tokenizer, the validation data), a constant measured on the packaged MiniLM.
+- a small constant for what is in flight besides (activation gradients during backward, temporaries).
 
-Everything is fp32 (merge_core computes in fp32 whatever the checkpoints' dtype). The activation and
-overhead constants are calibrated against measured peaks of real nodes (``bench/memory_bench.py``
-prints measured / predicted per node); the prediction is meant to sit slightly above the measurement.
+The model's code, which a process imports once (75-130 MB for BERT), is imported while planning
+(``load_model_code``), so it is part of what the process already uses when the budget is set rather
+than of the first node's peak. Everything is fp32 (merge_core computes in fp32 whatever the
+checkpoints' dtype). The activation term is counted, not fitted (see ACTIVATION_VALUES_PER_HIDDEN);
+``bench/memory_bench.py`` prints measured / predicted per node, which should sit a little below 1.
 
 What is free comes from psutil (RAM) and pynvml (each NVIDIA GPU). No GPU, or no pynvml, is fine: the
 inventory says why none is listed. The budget defaults to a safe fraction of what is free.
@@ -54,20 +55,30 @@ SAFE_GPU_FRACTION = 0.9
 """Default GPU budget: this share of each GPU's free memory (the CUDA context and the caching
 allocator's slack are outside ``max_memory_allocated``)."""
 
-ACTIVATION_VALUES_PER_HIDDEN = 10.5
-ACTIVATION_VALUES_PER_INTERMEDIATE = 2.0
-"""fp32 values autograd keeps per token per layer: ``10.5 * hidden + 2 * intermediate``. By hand, a
-BERT layer saves about 8 hidden-wide tensors (the attention's input, Q, K, V and output, both
-LayerNorms' inputs, the FFN's input) and 2 intermediate-wide ones (GELU's input and output); the
-measured MiniLM value (7,050 per token per layer at hidden 384, intermediate 1536, for sequence
-lengths 32-128: PyTorch's fused CPU attention keeps no seq x seq matrix) sets the hidden coefficient."""
+ACTIVATION_VALUES_PER_HIDDEN = 8
+ACTIVATION_VALUES_PER_INTERMEDIATE = 2
+ACTIVATION_VALUES_EMBEDDING = 2
+"""fp32 values autograd keeps per token: ``8 * hidden + 2 * intermediate`` per layer, plus
+``2 * hidden`` for the embeddings. By hand, a BERT layer saves about 8 hidden-wide tensors (the
+attention's input, Q, K, V and output, the LayerNorms' and the feed-forward's inputs) and 2
+intermediate-wide ones (GELU's input and output); PyTorch's fused CPU attention keeps no seq x seq
+matrix. Counted exactly with ``torch.autograd.graph.saved_tensors_hooks`` on the packaged MiniLM
+(hidden 384, intermediate 1536, 6 layers): 37,740 values per token for batches of 16x64, 16x32,
+8x128 and 32x16 tokens, against 37,632 by this formula (tests/orchestrator/test_memory.py checks the
+tiny test BERT the same way)."""
 
 EVAL_BATCH = 64
 """merge_core scores the merged model in batches of 64 examples without gradients."""
 
-RUNTIME_BYTES = 160 * 2**20
-"""What running a model adds to a process besides tensors (oneDNN/OpenMP buffers, the tokenizer,
-transformers' loading buffers), measured on the packaged MiniLM on CPU."""
+RUNTIME_BYTES = 32 * 2**20
+"""What a node that runs the model adds beyond the tensors counted here: gradients of activations in
+flight during backward, temporaries of the op at the peak, small blocks on the heap. Measured on the
+packaged MiniLM (CPU, one thread, model code imported while planning, the allocator set by
+``orchestrator.measure.return_large_blocks_promptly``): whole predictions sat 1-10 % above the
+measured peaks of all 28 nodes of ``bench/memory_bench.py`` (k = 4, 8, 16; flat and fan-in 2), i.e.
+the counted tensors alone already cover them; ``merged_param_grads`` is the likely excess (the
+embedding's gradient arrives at the end of backward, when most activations are freed). Kept as a
+margin, not fitted."""
 
 
 # --- what the planner knows about the model and one node ------------------------------------------
@@ -101,6 +112,26 @@ def _config_value(config: Any, names: Sequence[str], what: str, folder: Path) ->
         f"{folder}/config.json gives no {what} (looked for {list(names)}); the memory planner needs it "
         "to size the activations"
     )
+
+
+def load_model_code(base: str | os.PathLike[str], kind: Literal["classification", "causal_lm"]) -> None:
+    """Import the model's code now, while planning, by building it on the meta device (no weights).
+
+    The first model a process builds imports transformers' modeling code for it, which holds 75-130 MB
+    for the rest of the process (BERT, transformers 5). Done here, before the inventory is read, that
+    memory is part of what the process already uses when the budget is set, and no merge node's
+    measured peak carries it (otherwise only the first node in each process would)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from merge_core.model import _quiet_transformers
+
+    folder = config_dir(base)
+    if folder is None:
+        return
+    auto = AutoModelForSequenceClassification if kind == "classification" else AutoModelForCausalLM
+    with torch.device("meta"), _quiet_transformers():
+        auto.from_config(AutoConfig.from_pretrained(folder))
 
 
 def model_shape(base: str | os.PathLike[str], kind: Literal["classification", "causal_lm"]) -> ModelShape:
@@ -148,6 +179,12 @@ class NodeWorkload:
     learned: bool = True
     candidates: int = 1
     """Grid-search candidates of a per-tensor method (the best one is kept beside the current one)."""
+    stack_bytes_per_value: int = FP32
+    """Bytes per value of a learned merge's stacked task vectors (``storage_dtype``: 2 for bf16/fp16).
+    LoRA adapters' factored stacks are counted as dense, an upper bound."""
+    scaled_search: bool = False
+    """The method is affine in a scale parameter, so its grid search also holds the unscaled merge
+    direction (merge_core.merge's ``_grid_params``): a third model-sized copy."""
 
 
 @dataclass(frozen=True)
@@ -209,9 +246,10 @@ class PeakBytes:
 
 def activation_bytes(shape: ModelShape, examples: int, seq_len: int) -> int:
     """Bytes autograd keeps for one batch of ``examples`` x ``seq_len`` tokens through the model."""
-    per_token_layer = (ACTIVATION_VALUES_PER_HIDDEN * shape.hidden
-                       + ACTIVATION_VALUES_PER_INTERMEDIATE * shape.intermediate)
-    total = examples * seq_len * shape.layers * per_token_layer
+    per_token = (shape.layers * (ACTIVATION_VALUES_PER_HIDDEN * shape.hidden
+                                 + ACTIVATION_VALUES_PER_INTERMEDIATE * shape.intermediate)
+                 + ACTIVATION_VALUES_EMBEDDING * shape.hidden)
+    total = examples * seq_len * per_token
     if shape.kind == "causal_lm":
         total += 3 * examples * seq_len * shape.vocab  # logits, their log-softmax and its gradient
     return int(FP32 * total)
@@ -242,7 +280,7 @@ def predict_node_peak_bytes(
             optimizer_state=2 * FP32 * trainable,
             task_vectors=FP32 * work.loaded_values,
             merge_weights=FP32 * trainable,
-            stacked_task_vectors=FP32 * work.k * n,
+            stacked_task_vectors=work.stack_bytes_per_value * work.k * n,
             merged_params=FP32 * n,
             merged_param_grads=FP32 * shape.largest_tensor,
             activations=acts,
@@ -257,7 +295,7 @@ def predict_node_peak_bytes(
             task_vectors=FP32 * work.loaded_values,
             merge_weights=0,
             stacked_task_vectors=FP32 * work.k * shape.largest_tensor,
-            merged_params=FP32 * n * (2 if work.candidates > 1 else 1),
+            merged_params=FP32 * n * (1 if work.candidates == 1 else 3 if work.scaled_search else 2),
             merged_param_grads=0,
             activations=_eval_activation_bytes(shape, work.batches) if runs_model else 0,
             runtime=RUNTIME_BYTES if runs_model else 0,

@@ -24,7 +24,7 @@ from merge_core.data import TaskData, load_task_data
 from merge_core.job import load_task_vectors, load_tokenizer
 from merge_core.merge import merge, save_result
 from orchestrator.errors import StoreError
-from orchestrator.measure import PeakMeter
+from orchestrator.measure import PeakMeter, return_large_blocks_promptly
 from orchestrator.store import KEY_FIELD, CheckpointStore, data_digest
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,7 @@ def run_node(node: NodeTask, store: CheckpointStore, *, progress: bool = False) 
                 "run the nodes in dependency order (children first)"
             )
     entries = [ModelEntry(name=c.name, path=child_path(c, store)) for c in node.children]
+    return_large_blocks_promptly()
     started = time.perf_counter()
     with PeakMeter(node.device) as meter:
         val = load_validation(node)

@@ -24,11 +24,12 @@ from merge_core.data import TaskData
 from merge_core.devices import resolve_device
 from merge_core.errors import ConfigError, DataError
 from merge_core.job import load_split, load_tokenizer
-from merge_core.methods.learned import LearnedMergeConfig, weight_groups
+from merge_core.methods.learned import STORAGE_DTYPES, LearnedMergeConfig, weight_groups
 from merge_core.methods.registry import MethodSpec, get_method
 from merge_core.task_vectors import load_stored_heads, match_names
 from orchestrator.errors import MemoryBudgetError, TreeError
 from orchestrator.memory import (
+    FP32,
     Budget,
     MemoryInventory,
     ModelShape,
@@ -36,6 +37,7 @@ from orchestrator.memory import (
     Placement,
     describe,
     format_bytes,
+    load_model_code,
     loaded_values,
     make_budget,
     model_shape,
@@ -161,6 +163,7 @@ class _Inputs:
     val: dict[str, TaskData]
     learned: LearnedMergeConfig | None
     candidates: int
+    scaled_search: bool
     n_groups: int
     loaded: dict[str, int]
     keys: dict[str, str]
@@ -185,6 +188,9 @@ def _workload(inputs: _Inputs, tree: MergeTree, node: str) -> NodeWorkload:
     return NodeWorkload(
         k=len(children), loaded_values=loaded, n_groups=inputs.n_groups, batches=tuple(batches),
         learned=inputs.learned is not None, candidates=inputs.candidates,
+        scaled_search=inputs.scaled_search,
+        stack_bytes_per_value=(STORAGE_DTYPES[inputs.learned.storage_dtype].itemsize if inputs.learned
+                               else FP32),
     )
 
 
@@ -264,8 +270,9 @@ def _read_inputs(config: MergeConfig, spec: MethodSpec, progress: bool) -> _Inpu
     n_groups = len(weight_groups(list(shape.tensor_names), learned.granularity)[0]) if learned else 0
     keys = {m.name: model_key(m.path) for m in config.models}
     loaded = {m.name: loaded_values(m.path, shape.n_params) for m in config.models}
-    return _Inputs(config, shape, val, learned, _candidate_count(spec, config.parameters), n_groups, loaded,
-                   keys, model_key(config.base))
+    candidates = _candidate_count(spec, config.parameters)
+    return _Inputs(config, shape, val, learned, candidates, candidates > 1 and spec.scale is not None, n_groups,
+                   loaded, keys, model_key(config.base))
 
 
 def plan(
@@ -286,6 +293,8 @@ def plan(
     spec = get_method(config.method)
     requested = resolve_device(config.device)
     inputs = _read_inputs(config, spec, progress)
+    if spec.kind == "learned" or inputs.val or inputs.candidates > 1:
+        load_model_code(config.base, config.kind)
     inventory = inventory if inventory is not None else read_inventory()
     budget = make_budget(config.tree.memory_budget, inventory)
     cached: list[Similarity] = [similarity] if similarity is not None else []
@@ -328,8 +337,10 @@ def plan(
             used = similarity if similarity is not None else (cached[0] if cached else None)
             return MergePlan(config, tree, tree.fan_in, reason, nodes, budget, inventory, used)
         node, p = max(misfits, key=lambda m: m[1].predicted.total)
+        given = tree_config.flat or tree_config.groups is not None
         failure = (
-            f"at fan-in {tree.fan_in} ({reason}), {len(misfits)} of {len(placements)} merge node(s) do not fit; "
+            f"at fan-in {tree.fan_in}{f' ({reason})' if given else ''}, {len(misfits)} of {len(placements)} "
+            "merge node(s) do not fit; "
             f"{node} ({len(tree.children(node))} inputs, {len(tree.tasks(node))} tasks) {p.reason}; "
             f"its largest terms: {describe(p.predicted)}"
         )

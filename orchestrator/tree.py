@@ -6,9 +6,10 @@ through the same nested-list form (a list is a merge of its items; a string is a
 - ``cluster_tree``: agglomerative clustering (average linkage on ``1 - cosine``) of the task vectors,
   then the binary dendrogram is opened top-down: a node's children start as its two dendrogram
   branches, and the branch that joined at the largest distance (the least coherent one) is replaced by
-  its own two branches until the node has ``max_fan_in`` children. Tight clusters therefore stay
-  together at the bottom (similar models merge first) and every node gets as many children as it may,
-  so the tree is as shallow as the fan-in allows.
+  its own two branches until the node has ``max_fan_in`` children or every branch left joined at
+  less than ``OPEN_RATIO`` of the node's own distance. Tight clusters therefore stay together as their
+  own merge (similar models merge first: the point of the tree), and where the models have no such
+  structure every node gets as many children as it may, so the tree is as shallow as the fan-in allows.
 - ``tree_from_groups``: the user's nested lists (YAML), checked all at once.
 - ``flat_tree``: one merge of everything.
 
@@ -27,6 +28,11 @@ import numpy as np
 from orchestrator.errors import TreeError
 
 MERGE_PREFIX = "merge-"
+
+OPEN_RATIO = 0.5
+"""A dendrogram branch is folded into the node above it only if it joined at no less than this share
+of that node's distance; a much tighter branch (a cluster of similar models) stays a merge of its own,
+even when that leaves the node fewer than ``max_fan_in`` children."""
 
 Nested = list[Any]
 """A tree as nested lists: ``[["a", "b"], ["c", "d", "e"], "f"]``; each list is one merge."""
@@ -255,7 +261,7 @@ def cluster_tree(names: Sequence[str], similarity: np.ndarray, max_fan_in: int) 
     def open_node(node: int) -> list[int]:
         frontier = list(branches[node])
         while len(frontier) < max_fan_in:
-            inner = [n for n in frontier if n in branches]
+            inner = [n for n in frontier if n in branches and height[n] >= OPEN_RATIO * height[node]]
             if not inner:
                 break
             widest = max(inner, key=lambda n: (height[n], -n))

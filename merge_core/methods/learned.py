@@ -5,6 +5,12 @@ group (one per tensor by default) and ``f`` is tanh (SuperMerge), the identity (
 tanh), or the identity with W projected onto [0, 1] after each step (AdaMerging). The loss is each
 task's own supervised loss (SuperMerge) or the entropy of its predictions (AdaMerging), averaged over
 tasks; every step builds the merged tensors once and runs each task's batch through them.
+
+The k task vectors of a tensor are held as one ``TaskVectorStack``: dense (k, *shape), fp32 or, with
+``storage_dtype``, bf16/fp16 read back in fp32 chunk by chunk; or, for LoRA adapters, factored
+(``FactoredStack``: the B_i and A_i side by side), which is cheaper wherever ``R * (out + in) <
+k * out * in`` (R the summed ranks). Either way a step builds each merged tensor once, without a
+k-fold (k, *shape) temporary, and autograd keeps only references to the stack for the backward pass.
 """
 
 from __future__ import annotations
@@ -21,13 +27,20 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from merge_core.data import TaskData, require_labelled
+from merge_core.deltas import LowRankDelta
 from merge_core.errors import ConfigError
 from merge_core.model import FunctionalModel, prediction_entropy, task_loss
+from merge_core.task_vectors import TaskVector, stack_deltas
 
 log = logging.getLogger(__name__)
 
 Transform = Literal["tanh", "identity", "clamp01"]
 Objective = Literal["supervised", "entropy"]
+StorageDtype = Literal["float32", "bfloat16", "float16"]
+
+STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+}
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,9 @@ class LearnedMergeConfig:
     """'tensor' (one weight per tensor), 'model' (one per model), or a regex whose first group (or
     whole match) names a block, e.g. r'encoder\\.layer\\.(\\d+)\\.'; unmatched tensors keep their own."""
     seed: int = 0
+    storage_dtype: StorageDtype = "float32"
+    """How the stacked task vectors are held: bfloat16/float16 halve their memory (the largest term,
+    k times the model) at the cost of rounding each delta; the merge is still accumulated in fp32."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -60,6 +76,8 @@ class LearnedMergeConfig:
             problems.append(f"init {self.init} must lie in (-1, 1) under tanh")
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             problems.append("steps >= 0, batch_size >= 1 and lr > 0 are required")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            problems.append(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, not {self.storage_dtype!r}")
         if self.granularity not in ("tensor", "model"):
             try:
                 re.compile(self.granularity)
@@ -106,17 +124,122 @@ def initial_weights(k: int, n_groups: int, config: LearnedMergeConfig) -> Tensor
     return torch.full((k, n_groups), value, dtype=torch.float32)
 
 
+@dataclass(frozen=True)
+class FactoredStack:
+    """The k task vectors of one (out, in) weight as LoRA factors: ``tau_i = scale_i * B_i @ A_i``.
+
+    ``B`` (out, R) and ``A`` (R, in) hold every model's factors side by side (R = sum of the ranks),
+    ``owner`` (R,) says which model each rank belongs to and ``scale`` (R,) its scale. A model
+    without a delta for the tensor owns no rank.
+    """
+
+    B: Tensor
+    A: Tensor
+    owner: Tensor
+    scale: Tensor
+    k: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.k, self.B.shape[0], self.A.shape[1])
+
+    def to(self, device: torch.device | str) -> FactoredStack:
+        return FactoredStack(self.B.to(device), self.A.to(device), self.owner.to(device),
+                             self.scale.to(device), self.k)
+
+    def weighted_sum(self, coeffs: Tensor) -> Tensor:
+        """``sum_i coeffs[i] * tau_i`` (out, in) in fp32, as one (out, R) @ (R, in) product."""
+        row = coeffs.to(torch.float32)[self.owner] * self.scale
+        return (self.B.to(torch.float32) * row) @ self.A.to(torch.float32)
+
+
+TaskVectorStack = Tensor | FactoredStack
+"""One tensor's k task vectors: dense (k, *shape), or factored for LoRA adapters."""
+
+_CHUNK = 1 << 20
+"""Values per chunk when a low-precision stack is read back in fp32 (4 MiB per model)."""
+
+
+class _LowPrecisionSum(torch.autograd.Function):
+    """``sum_i c_i * d_i`` over a bf16/fp16 stack, accumulated in fp32 one chunk at a time, so no
+    fp32 copy of the stack exists; the backward pass (``dL/dc_i = <g, d_i>``) reads it the same way."""
+
+    @staticmethod
+    def forward(ctx, coeffs: Tensor, stack: Tensor) -> Tensor:  # type: ignore[override]
+        flat = stack.reshape(stack.shape[0], -1)
+        out = torch.empty(flat.shape[1], dtype=torch.float32, device=stack.device)
+        for start in range(0, flat.shape[1], _CHUNK):
+            out[start:start + _CHUNK] = coeffs @ flat[:, start:start + _CHUNK].to(torch.float32)
+        ctx.save_for_backward(stack)
+        return out.reshape(stack.shape[1:])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (stack,) = ctx.saved_tensors
+        flat = stack.reshape(stack.shape[0], -1)
+        g = grad.reshape(-1).to(torch.float32)
+        total = torch.zeros(flat.shape[0], dtype=torch.float32, device=stack.device)
+        for start in range(0, flat.shape[1], _CHUNK):
+            total += flat[:, start:start + _CHUNK].to(torch.float32) @ g[start:start + _CHUNK]
+        return total, None
+
+
+def weighted_sum(stack: TaskVectorStack, coeffs: Tensor) -> Tensor:
+    """``sum_i coeffs[i] * tau_i`` for one tensor; ``coeffs`` (k,). Dense stacks of fp32 or wider are
+    contracted in their own dtype (one tensordot), narrower ones in fp32."""
+    if isinstance(stack, FactoredStack):
+        return stack.weighted_sum(coeffs)
+    if stack.dtype in (torch.bfloat16, torch.float16):
+        return _LowPrecisionSum.apply(coeffs.to(torch.float32), stack)
+    return torch.tensordot(coeffs.to(stack.dtype), stack, dims=1)
+
+
 def combine(
     base: Mapping[str, Tensor],
-    stacked: Mapping[str, Tensor],
+    stacked: Mapping[str, TaskVectorStack],
     coeffs: Tensor,
     group_of: Mapping[str, int],
 ) -> dict[str, Tensor]:
     """``base + sum_i coeffs[i, g(j)] * tau(i, j)`` for every tensor j in ``stacked`` ((k, *shape))."""
-    return {
-        n: base[n] + torch.tensordot(coeffs[:, group_of[n]].to(d.dtype), d, dims=1)
-        for n, d in stacked.items()
-    }
+    return {n: base[n] + weighted_sum(d, coeffs[:, group_of[n]]) for n, d in stacked.items()}
+
+
+def _factored(name: str, vectors: Sequence[TaskVector], shape: tuple[int, ...],
+              dtype: torch.dtype) -> FactoredStack | None:
+    """The LoRA factors of ``name`` side by side, when every model that changes it is LoRA and
+    that is smaller than the dense stack; else None."""
+    found = [(i, v.deltas[name]) for i, v in enumerate(vectors) if name in v.deltas]
+    lora = [(i, d) for i, d in found if isinstance(d, LowRankDelta)]
+    if len(shape) != 2 or len(lora) != len(found):
+        return None
+    out, inner = shape
+    ranks = [d.A.shape[0] for _, d in lora]
+    if sum(ranks) * (out + inner) >= len(vectors) * out * inner:
+        return None
+    B = torch.cat([torch.zeros(out, 0)] + [d.B.to(torch.float32) for _, d in lora], dim=1)
+    A = torch.cat([torch.zeros(0, inner)] + [d.A.to(torch.float32) for _, d in lora], dim=0)
+    owner = torch.tensor([i for (i, _), r in zip(lora, ranks) for _ in range(r)], dtype=torch.long)
+    scale = torch.tensor([d.scale for (_, d), r in zip(lora, ranks) for _ in range(r)], dtype=torch.float32)
+    return FactoredStack(B.to(dtype), A.to(dtype), owner, scale, len(vectors))
+
+
+def stack_task_vectors(
+    base: Mapping[str, Tensor],
+    vectors: Sequence[TaskVector],
+    storage_dtype: StorageDtype = "float32",
+    device: torch.device | str = "cpu",
+) -> dict[str, TaskVectorStack]:
+    """Every tensor's k task vectors as the learned merge holds them: LoRA factors side by side where
+    that is smaller (``FactoredStack``), else the dense (k, *shape) stack, in ``storage_dtype``."""
+    dtype = STORAGE_DTYPES[storage_dtype]
+    out: dict[str, TaskVectorStack] = {}
+    for n, b in base.items():
+        factored = _factored(n, vectors, tuple(b.shape), dtype)
+        if factored is not None:
+            out[n] = factored.to(device)
+        else:
+            out[n] = stack_deltas(b, vectors, n).to(dtype).to(device)
+    return out
 
 
 def _objective_loss(
@@ -140,7 +263,7 @@ def learned_loss(
     weights: Tensor,
     model: FunctionalModel,
     base: Mapping[str, Tensor],
-    stacked: Mapping[str, Tensor],
+    stacked: Mapping[str, TaskVectorStack],
     group_of: Mapping[str, int],
     heads: Mapping[str, Mapping[str, Tensor]],
     batches: Mapping[str, TaskData],
@@ -154,7 +277,7 @@ def learned_loss(
 def train_merge_weights(
     model: FunctionalModel,
     base: Mapping[str, Tensor],
-    stacked: Mapping[str, Tensor],
+    stacked: Mapping[str, TaskVectorStack],
     heads: Mapping[str, Mapping[str, Tensor]],
     data: Mapping[str, TaskData],
     config: LearnedMergeConfig,
@@ -163,7 +286,7 @@ def train_merge_weights(
 ) -> LearnedMerge:
     """Train W with AdamW; base and task vectors stay frozen (only W requires grad).
 
-    ``stacked``: base name -> (k, *shape) fp32 deltas on the model's device. ``heads``/``data``: per
+    ``stacked``: base name -> its k task vectors on the model's device (``stack_task_vectors``). ``heads``/``data``: per
     task. Each step draws ``batch_size`` examples per task with a generator seeded by ``config.seed``.
     """
     if config.objective == "supervised":

@@ -6,15 +6,32 @@ import json
 import shutil
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
 from flows.cli import main
 from merge_core.data import save_task_data
-from tests.tiny import TINY_VOCAB, make_task_data
+from tests.orchestrator.families import FAMILIES, NAMES, config_dict, one_thread
+from tests.tiny import TINY_VOCAB, make_finetuned, make_task_data
 
 TASKS = ("alpha", "beta")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_finetuned(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The two fine-tunes these tests merge, made as tests/conftest.py makes them but on one thread
+    (see one_thread: 4x faster on the shared test machine)."""
+    root = tmp_path_factory.mktemp("cli-ft")
+    with one_thread():
+        return {t: make_finetuned(tiny_base_dir, t, root / t, seed=i) for i, t in enumerate(TASKS)}
 
 
 def _jsonl(data, path: Path) -> Path:
@@ -181,3 +198,89 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(workspace, tiny_fine
     assert expected in captured.err
     assert "Traceback" not in captured.err
     assert not (workspace / "out").exists()
+
+
+# --- planning and hierarchical merges (family_models: tests/flows/conftest.py, built by
+# tests/orchestrator/families.py) ---------------------------------------------------------------------
+
+
+def _family_config(tmp_path: Path, tiny_base_dir: Path, family_models, names=None, **extra) -> Path:
+    raw = config_dict(tiny_base_dir, family_models, Path("out/merged"), names, **extra)
+    raw["output"] = "out/merged"  # relative to the config file, as a user writes it
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    return tmp_path / "config.yaml"
+
+
+def test_plan_prints_the_tree_each_nodes_memory_and_device_and_the_fan_in(tmp_path, tiny_base_dir, family_models,
+                                                                          capsys):
+    config = _family_config(tmp_path, tiny_base_dir, family_models)
+    assert main(["plan", str(config), "--max-fan-in", "2", "--memory-budget", "64GB"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("8 models -> 7 merge(s), fan-in 2")
+    assert "budget per node:" in out and "memory budget 64GB" in out
+    lines = out.splitlines()
+    for family in FAMILIES:  # each family's two models hang under the same merge node
+        rows = [i for i, line in enumerate(lines) if line.rstrip().endswith(tuple(f"── {m}" for m in family))]
+        assert len(rows) == 2 and rows[1] == rows[0] + 1 and "[2 tasks] cpu, predicted" in lines[rows[0] - 1]
+    assert len([line for line in lines if line.startswith("| merge-")]) == 7
+    assert not (tmp_path / "out").exists()
+
+    assert main(["plan", str(config), "--flat"]) == 0
+    flat = capsys.readouterr().out
+    assert flat.startswith("8 models -> 1 merge(s), fan-in 8 (flat merge: tree.flat)")
+    assert all(f"── {n}" in flat for n in NAMES)
+
+
+def test_hierarchical_merge_end_to_end(tmp_path, tiny_base_dir, family_models, capsys):
+    config = _family_config(tmp_path, tiny_base_dir, family_models, ["pa", "pb", "qa", "qb"])
+    assert main(["merge", str(config), "--max-fan-in", "2", "--memory-budget", "64GB"]) == 0
+    out = capsys.readouterr().out
+    merged = tmp_path / "out" / "merged"
+    assert f"-> {merged}" in out and "tree: 3 merge(s), fan-in 2, depth 2" in out
+    assert "validation accuracy: pa " in out
+    report = json.loads((merged / "merge_report.json").read_text())
+    assert [len(n["tasks"]) for n in report["plan"]["nodes"]] == [2, 2, 4]
+    assert all(n["measured_peak_bytes"] > 0 and n["predicted_peak_bytes"] > 0 for n in report["nodes"])
+    record = json.loads((merged / "supermerge.json").read_text())
+    assert record["config"]["tree"] == {"flat": False, "groups": None, "max_fan_in": 2, "memory_budget": "64GB"}
+    assert sorted(record["tasks"]) == ["pa", "pb", "qa", "qb"]
+
+    # run again into another output: every node comes from the store, nothing is merged again
+    assert main(["merge", str(config), "--max-fan-in", "2", "--output", str(tmp_path / "out" / "again")]) == 0
+    assert "3 reused from the store" in capsys.readouterr().out
+    again = tmp_path / "out" / "again" / "model.safetensors"
+    assert again.read_bytes() == (merged / "model.safetensors").read_bytes()
+
+
+def test_a_budget_too_small_for_fan_in_two_is_one_clear_error_and_writes_nothing(
+    tmp_path, tiny_base_dir, family_models, capsys
+):
+    config = _family_config(tmp_path, tiny_base_dir, family_models, ["pa", "pb", "qa", "qb"])
+    # 16 MiB above what this process holds: less than any node of the tiny models needs (~35 MB); if
+    # planning itself grows the process past it, that is refused as clearly
+    budget = str(psutil.Process().memory_info().rss + 16 * 2**20)
+    assert main(["merge", str(config), "--memory-budget", budget]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "supermerge: error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "even fan-in 2 does not fit" in lines[0] or "this process already uses" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [(["--max-fan-in", "1"], "tree.max_fan_in: Input should be greater than or equal to 2"),
+     (["--memory-budget", "lots"], "memory budget 'lots' is not a size")],
+)
+def test_bad_tree_options_are_one_clear_error(tmp_path, tiny_base_dir, family_models, capsys, args, expected):
+    config = _family_config(tmp_path, tiny_base_dir, family_models, ["pa", "pb"])
+    assert main(["plan", str(config), *args]) == 2
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if "supermerge: error:" in line]) == 1 and expected in err
+
+
+def test_flat_and_max_fan_in_exclude_each_other(tmp_path, tiny_base_dir, family_models, capsys):
+    config = _family_config(tmp_path, tiny_base_dir, family_models, ["pa", "pb"])
+    with pytest.raises(SystemExit) as e:
+        main(["merge", str(config), "--flat", "--max-fan-in", "2"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from merge_core.checkpoint import open_checkpoint
+from merge_core.deltas import LowRankDelta
 from merge_core.methods.learned import (
+    FactoredStack,
     LearnedMergeConfig,
     combine,
     learned_loss,
+    stack_task_vectors,
     weight_groups,
 )
 from merge_core.errors import ConfigError
 from merge_core.merge import merge
 from merge_core.model import FunctionalModel
-from merge_core.task_vectors import load_task_vector, mergeable_names, stack_deltas
+from merge_core.task_vectors import TaskVector, load_task_vector, mergeable_names, stack_deltas
 from tests.tiny import make_task_data
 
 TASKS = ("alpha", "beta")
@@ -145,3 +149,107 @@ def test_bad_learned_config_is_one_clear_error():
         LearnedMergeConfig(transform="sigmoid")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="regex"):
         LearnedMergeConfig(granularity="(")
+
+
+# --- how the task vectors are held: LoRA factored, bf16 storage ----------------------------------
+
+LORA_TARGETS = ("encoder.layer.0.attention.self.query.weight", "encoder.layer.1.attention.self.value.weight")
+
+
+def _lora_vectors(base: dict[str, torch.Tensor], k: int, rank: int) -> list[TaskVector]:
+    """k LoRA task vectors on LORA_TARGETS (model i leaves the second target alone when i is odd)."""
+    g = torch.Generator().manual_seed(5)
+    vectors = []
+    for i in range(k):
+        deltas = {}
+        for j, n in enumerate(LORA_TARGETS):
+            if j == 1 and i % 2:
+                continue
+            out, inner = base[n].shape
+            deltas[n] = LowRankDelta(B=torch.randn(out, rank, generator=g), A=torch.randn(rank, inner, generator=g),
+                                     scale=0.05 * (i + 1))
+        vectors.append(TaskVector(name=f"m{i}", source=Path("."), deltas=deltas))
+    return vectors
+
+
+def _grad_of_sum_sq(base, stacked, coeffs, group_of):
+    c = coeffs.clone().requires_grad_(True)
+    merged = combine(base, stacked, c, group_of)
+    loss = sum((t * t).sum() for t in merged.values())
+    (grad,) = torch.autograd.grad(loss, c)
+    return {n: t.detach() for n, t in merged.items()}, grad
+
+
+def test_lora_task_vectors_stay_factored_and_equal_the_dense_merge(tiny_base_dir):
+    model = FunctionalModel(tiny_base_dir)
+    with open_checkpoint(tiny_base_dir) as ck:
+        names = mergeable_names(ck)
+    base = model.base_params(names)
+    vectors = _lora_vectors(base, k=3, rank=2)
+    factored = stack_task_vectors(base, vectors)
+    dense = {n: stack_deltas(base[n], vectors, n) for n in names}
+    for n in LORA_TARGETS:
+        assert isinstance(factored[n], FactoredStack) and factored[n].B.shape[1] == (6 if n == LORA_TARGETS[0] else 4)
+    assert isinstance(factored["encoder.layer.0.output.dense.weight"], FactoredStack)  # no model: rank 0
+    assert isinstance(factored["embeddings.LayerNorm.weight"], torch.Tensor)  # 1-D: dense zeros
+    _, group_of = weight_groups(names, "tensor")
+    coeffs = torch.rand(3, len(names), generator=torch.Generator().manual_seed(0)) - 0.3
+    got, got_grad = _grad_of_sum_sq(base, factored, coeffs, group_of)
+    want, want_grad = _grad_of_sum_sq(base, dense, coeffs, group_of)
+    for n in names:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-4)
+    targeted = got_grad[:, [names.index(n) for n in LORA_TARGETS]]
+    assert targeted[1, 1] == 0 and targeted.abs().sum() - targeted[1, 1].abs() > 0  # model 1 skips target 2
+    assert (targeted.abs() > 0).sum() == 5
+
+
+def test_lora_is_kept_dense_where_dense_is_cheaper():
+    base = {"w": torch.zeros(4, 4)}
+    def lora(rank: int) -> list[TaskVector]:
+        delta = LowRankDelta(torch.ones(4, rank), torch.ones(rank, 4), 1.0)
+        return [TaskVector(f"m{i}", Path("."), {"w": delta}) for i in range(2)]
+
+    low, high = lora(1), lora(2)
+    assert isinstance(stack_task_vectors(base, low)["w"], FactoredStack)  # 2 * 8 < 2 * 16
+    dense = stack_task_vectors(base, high)["w"]  # 4 * 8 >= 2 * 16
+    assert isinstance(dense, torch.Tensor) and torch.equal(dense, torch.full((2, 4, 4), 2.0))
+
+
+def test_bf16_storage_accumulates_in_fp32_and_stays_close(setup):
+    vectors, names, _ = setup
+    g = torch.Generator().manual_seed(1)
+    big = {"big": torch.randn(1 << 20 | 12345, generator=g)}  # more than one chunk
+    base = {**{n: torch.zeros(vectors[0].deltas[n].shape) for n in names}, **big}
+    big_vectors = [TaskVector(v.name, v.source, {**v.deltas, "big": torch.randn(big["big"].shape, generator=g)})
+                   for v in vectors]
+    fp32 = stack_task_vectors(base, big_vectors)
+    bf16 = stack_task_vectors(base, big_vectors, "bfloat16")
+    assert all(s.dtype == torch.bfloat16 for s in bf16.values())
+    _, group_of = weight_groups(list(base), "tensor")
+    coeffs = torch.rand(2, len(base), generator=g)
+    got, got_grad = _grad_of_sum_sq(base, bf16, coeffs, group_of)
+    want, want_grad = _grad_of_sum_sq(base, fp32, coeffs, group_of)
+    exact, exact_grad = _grad_of_sum_sq(base, {n: s.float() for n, s in bf16.items()}, coeffs, group_of)
+    for n in base:
+        assert got[n].dtype == torch.float32
+        torch.testing.assert_close(got[n], exact[n], rtol=1e-5, atol=1e-6, msg=n)  # fp32 math on bf16 values
+        scale = want[n].abs().max()
+        assert (got[n] - want[n]).abs().max() <= 1e-2 * scale, n  # bf16 keeps ~3 significant digits
+    torch.testing.assert_close(got_grad, exact_grad, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(got_grad, want_grad, rtol=2e-2, atol=1e-3)
+
+
+def test_supermerge_with_bf16_storage_is_close_to_fp32(tiny_base_dir, setup):
+    vectors, _, val = setup
+    params = {"steps": 5, "lr": 0.05}
+    fp32 = merge(tiny_base_dir, vectors, "supermerge", params=params, val=val)
+    bf16 = merge(tiny_base_dir, vectors, "supermerge", params={**params, "storage_dtype": "bfloat16"}, val=val)
+    assert bf16.params["storage_dtype"] == "bfloat16"
+    # a fifth of one Adam step (lr 0.05): the rounded deltas barely move W
+    torch.testing.assert_close(bf16.learned.weights, fp32.learned.weights, rtol=0, atol=1e-2)
+    for n, t in fp32.tensors.items():
+        if t.is_floating_point():
+            torch.testing.assert_close(bf16.tensors[n], t, rtol=0, atol=1e-3, msg=n)
+    with pytest.raises(ConfigError, match="storage_dtype"):
+        LearnedMergeConfig(storage_dtype="int8")  # type: ignore[arg-type]

@@ -1,0 +1,106 @@
+"""What running a plan's nodes side by side needs beyond the plain executor (no Prefect here).
+
+The Prefect flow runs independent subtrees at once; this module decides how many nodes may run at
+once on each device, the order to hand them out in, and, once every node is done, publishes the root
+exactly as ``executor.execute`` does (same ``merge_report.json``), so either way of running gives the
+same output and the next run can reuse its tree (orchestrator.incremental).
+
+Slots: one node at a time per GPU (two merges on one GPU would share the memory the planner gave to
+each); on the CPU as many nodes as the host budget holds at the largest CPU node's predicted peak
+(after the GPU nodes' host share), at most one per core, at least one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import StoreError
+from orchestrator.executor import REPORT_FILE, ExecutionReport, publish
+from orchestrator.memory import format_bytes
+from orchestrator.node import NodeRecord, NodeTask
+from orchestrator.plan import MergePlan
+from orchestrator.store import CheckpointStore
+
+
+def device_slots(plan: MergePlan, *, cpu_count: int | None = None, max_parallel: int | None = None) -> dict[str, int]:
+    """Nodes that may run at once per device the plan uses: {'cuda:0': 1, 'cpu': n, ...}.
+
+    ``max_parallel`` caps the CPU's slots (e.g. 1 to measure one node at a time, or to leave a
+    shared machine's cores to others)."""
+    devices = sorted({n.device for n in plan.nodes})
+    slots = {d: 1 for d in devices if d != "cpu"}
+    if "cpu" in devices:
+        gpu_host = sum(
+            max(int(n.predicted.get("host", 0)) for n in plan.nodes if n.device == d) for d in slots
+        )
+        largest = max(int(n.predicted.get("total", n.predicted_peak_bytes)) for n in plan.nodes if n.device == "cpu")
+        fit = (plan.budget.host - gpu_host) // max(largest, 1)
+        cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+        slots["cpu"] = max(1, min(int(fit), cores, max_parallel or cores))
+    return slots
+
+
+def submission_order(plan: MergePlan) -> list[NodeTask]:
+    """The nodes by height (every node whose children are all models first, the root last), in plan
+    order within a height. A pool worker taking a node whose children still run waits for them; with
+    this order every node below a waiting one was handed out before it, so the pool never deadlocks,
+    and nodes that can start now are handed out before those that cannot."""
+    height: dict[str, int] = {}
+    for n in plan.nodes:
+        height[n.id] = 1 + max((height[c.name] for c in n.children if c.path is None), default=0)
+    return sorted(plan.nodes, key=lambda n: height[n.id])
+
+
+def run_summary(
+    plan: MergePlan, records: Mapping[str, NodeRecord | None], states: Mapping[str, str]
+) -> str:
+    """Markdown: the tree, then per node its state, device, predicted vs measured peak memory and
+    the measured seconds (the planner predicts memory, not time)."""
+    lines = [
+        f"## {plan.config.output.name}: {len(plan.nodes)} merge node(s), fan-in {plan.fan_in}, "
+        f"depth {plan.tree.depth}, method {plan.config.method}",
+        "",
+        "```",
+        plan.tree.render(lambda n: f"[{len(plan.node(n).tasks)} tasks] {states.get(n, 'not run')}"),
+        "```",
+        "",
+        "| node | tasks | state | device | predicted peak | measured peak | measured / predicted | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n in plan.nodes:
+        r = records.get(n.id)
+        measured = format_bytes(r.measured_peak_bytes) if r is not None else "-"
+        ratio = (f"{r.measured_peak_bytes / n.predicted_peak_bytes:.2f}"
+                 if r is not None and n.predicted_peak_bytes and r.measured_peak_bytes else "-")
+        seconds = f"{r.seconds:.2f}" + (" (earlier run)" if r.cached else "") if r is not None else "-"
+        lines.append(f"| {n.id} | {len(n.tasks)} | {states.get(n.id, 'not run')} | {n.device} "
+                     f"| {format_bytes(n.predicted_peak_bytes)} | {measured} | {ratio} | {seconds} |")
+    return "\n".join(lines)
+
+
+def finish(
+    plan: MergePlan,
+    store: CheckpointStore,
+    records: Sequence[NodeRecord],
+    seconds: float,
+    *,
+    overwrite: bool,
+    test_accuracy: Mapping[str, float] | None = None,
+) -> ExecutionReport:
+    """Publish the finished root to the config's output with ``merge_report.json``, as
+    ``executor.execute`` does (``test_accuracy``: the root's, when it was scored)."""
+    config = plan.config
+    stored = store.record(plan.root.key)
+    if stored is None:
+        raise StoreError(f"the root {plan.root.id} is not finished in {store.root}; run every node first")
+    test = dict(test_accuracy or {})
+    report = ExecutionReport(config.output, store.root, list(records), seconds, plan.to_dict(),
+                             dict(stored.get("params", {})), dict(stored.get("val_accuracy", {})), test)
+    record: dict[str, Any] = {**stored, "config": config.resolved(), "test_accuracy": test,
+                              "tree": plan.tree.nested(), "report": REPORT_FILE}
+    publish(Path(store.path(plan.root.key)), config.output, {**report.to_dict(), "config": config.resolved()},
+            record=record, overwrite=overwrite)
+    return report

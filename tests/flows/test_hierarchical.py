@@ -1,0 +1,231 @@
+"""The ``hierarchical-merge`` flow on the tiny family task models, checked through Prefect's own client.
+
+One workspace (config, registry, output, store) is merged once for the module; a re-run and a
+registration work on copies of it, so each test stands alone. The config names pa, pb, qa, qb and a
+registry that holds ra; rb arrives later. Fan-in 2.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+import yaml
+
+from flows.hierarchical import PROGRESS_KEY, REPORT_KEY, hierarchical_merge, node_label
+from flows.registry import register
+from orchestrator.executor import REPORT_FILE
+from orchestrator.incremental import path_to_root
+from orchestrator.tree import MergeTree
+from tests.orchestrator.families import one_thread
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
+
+
+IN_CONFIG = ["pa", "pb", "qa", "qb"]
+REGISTERED = "ra"
+ARRIVING = "rb"
+
+
+def _write_config(root: Path, base: Path, models: dict[str, dict[str, Path]], names: list[str] = IN_CONFIG,
+                  registry: str | None = "registry") -> Path:
+    """A config with paths relative to its folder (so a copied workspace is self-contained)."""
+    config = {
+        "base": str(base),
+        "output": "out/merged",
+        "method": "supermerge",
+        "parameters": {"steps": 3, "lr": 0.05},
+        "device": "cpu",
+        "models": [{"name": n, "path": str(models[n]["path"]), "validation": str(models[n]["validation"]),
+                    "test": str(models[n]["validation"])} for n in names],
+        "tree": {"max_fan_in": 2},
+        "retry": {"retries": 1, "retry_delay_seconds": 0},
+        **({"registry": registry} if registry else {}),
+    }
+    f = root / "config.yaml"
+    f.write_text(yaml.safe_dump(config))
+    return f
+
+
+def _run(config: Path, **params: Any) -> tuple[dict[str, Any], UUID, float]:
+    started = time.perf_counter()
+    state = hierarchical_merge(config=str(config), return_state=True, **params)
+    wall = time.perf_counter() - started
+    assert state.is_completed(), state.message
+    return state.result(), state.state_details.flow_run_id, wall
+
+
+def _report(result: dict[str, Any]) -> dict[str, Any]:
+    return json.loads((Path(result["output"]) / REPORT_FILE).read_text())
+
+
+def _merge_task_runs(flow_run_id: UUID) -> list[Any]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
+    return [r for r in runs if r.name.startswith("merge[")]
+
+
+def _artifacts(flow_run_id: UUID) -> list[Any]:
+    """The flow run's artifacts (by a plain filter request: the sync client's read_artifacts sends
+    null filters this server refuses, and an empty task-run filter would drop the flow's own)."""
+    from prefect import get_client
+    from prefect.client.schemas.objects import Artifact
+
+    with get_client(sync_client=True) as client:
+        response = client.request("POST", "/artifacts/filter",
+                                  json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "limit": 50})
+    return [Artifact.model_validate(a) for a in response.json()]
+
+
+def _overhead(result: dict[str, Any], wall: float) -> str:
+    """Prefect's overhead per node: (flow wall time - planning - publishing - the nodes' own run_node
+    seconds) / nodes, which spreads the flow run's fixed cost over the nodes; and the same over the
+    node phase only (submitting, running and collecting the task runs)."""
+    merged = sum(n["seconds"] for n in result["nodes"] if not n["cached"])
+    n = len(result["nodes"])
+    whole = (wall - result["plan_seconds"] - result["finish_seconds"] - merged) / n
+    return f"{whole:.2f} s per node over the flow run, {(result['nodes_seconds'] - merged) / n:.2f} s in the node phase"
+
+
+@pytest.fixture(scope="module")
+def workspace(tiny_base_dir: Path, family_models: dict[str, dict[str, Path]],
+              tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("hierarchical")
+    m = family_models[REGISTERED]
+    register(m["path"], REGISTERED, m["validation"], root / "registry", base=tiny_base_dir)
+    _write_config(root, tiny_base_dir, family_models)
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_run(workspace: Path) -> tuple[dict[str, Any], UUID, float]:
+    """One node at a time (max_parallel=1), so the overhead below is not hidden by overlap."""
+    with one_thread():
+        return _run(workspace / "config.yaml", evaluate=True, max_parallel=1)
+
+
+def _copy(workspace: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "ws"
+    shutil.copytree(workspace, target, symlinks=True)
+    return target / "config.yaml"
+
+
+def test_one_completed_task_run_per_node_with_the_tree_as_edges(first_run: tuple[dict[str, Any], UUID, float]) -> None:
+    result, flow_run_id, wall = first_run
+    report = _report(result)
+    nodes = report["plan"]["nodes"]
+    tree = MergeTree.from_nested(report["plan"]["groups"])
+    assert sorted(tree.models()) == sorted([*IN_CONFIG, REGISTERED])
+    assert len(nodes) == len(tree.merges()) == 4 and result["merged"] == 4 and result["from_store"] == 0
+    assert ["pa", "pb"] in _groups(tree) and ["qa", "qb"] in _groups(tree)  # families merge first
+
+    runs = _merge_task_runs(flow_run_id)
+    assert sorted(r.name for r in runs) == sorted(node_label(n) for n in nodes)
+    root = tree.root
+    assert f"merge[{root}: pa+pb+qa+qb+1 more]" in {r.name for r in runs}
+    assert {f"merge[{tree.parent('pa')}: pa+pb]", f"merge[{tree.parent('qa')}: qa+qb]"} <= {r.name for r in runs}
+    assert all(r.state is not None and r.state.is_completed() for r in runs)
+    assert all(r.empirical_policy.retries == 1 for r in runs)  # the config's retry policy
+    node_of_run = {r.id: r.name.split("[")[1].split(":")[0] for r in runs}
+    for n in nodes:
+        run = next(r for r in runs if r.name.startswith(f"merge[{n['id']}:"))
+        upstream = {node_of_run[i.id] for i in run.task_inputs["children"]}
+        assert upstream == {c["name"] for c in n["children"] if c["path"] is None}, n["id"]
+
+    artifacts = _artifacts(flow_run_id)
+    by_key = {a.key: a for a in artifacts}
+    assert by_key[PROGRESS_KEY].type == "progress" and float(by_key[PROGRESS_KEY].data) == 100.0
+    markdown = by_key[REPORT_KEY].data
+    assert all(f"| {n['id']} |" in markdown for n in nodes) and "merged" in markdown
+    assert "Test accuracy" in markdown and "individual" in markdown
+    assert set(result["test_accuracy"]) == set(IN_CONFIG)  # ra was registered without test data
+    print("\n" + markdown)
+    phases = f"plan {result['plan_seconds']:.1f} s, publish+evaluate {result['finish_seconds']:.1f} s"
+    print(f"\nfresh run, one node at a time: {len(nodes)} nodes, wall {wall:.1f} s ({phases}); Prefect overhead "
+          f"{_overhead(result, wall)} (the session's first flow run also pays Prefect's one-off warm-up)")
+
+
+def _groups(tree: MergeTree) -> list[list[str]]:
+    return [tree.children(n) for n in tree.merges()]
+
+
+def test_rerun_merges_nothing(first_run: tuple[dict[str, Any], UUID, float], workspace: Path, tmp_path: Path) -> None:
+    config = _copy(workspace, tmp_path)
+    result, flow_run_id, wall = _run(config, overwrite=True)
+    assert result["merged"] == 0 and result["from_store"] == 4
+    runs = _merge_task_runs(flow_run_id)
+    assert len(runs) == 4 and all(r.state.is_completed() for r in runs)
+    assert _report(result)["plan"]["groups"] == _report(first_run[0])["plan"]["groups"]
+    print(f"\nre-run, every node from the store: wall {wall:.1f} s; Prefect overhead {_overhead(result, wall)}")
+
+
+def test_registered_model_merges_only_its_path_to_the_root(
+    first_run: tuple[dict[str, Any], UUID, float], workspace: Path, tmp_path: Path, tiny_base_dir: Path,
+    family_models: dict[str, dict[str, Path]],
+) -> None:
+    config = _copy(workspace, tmp_path)
+    before = _report(first_run[0])
+    m = family_models[ARRIVING]
+    done = register(m["path"], ARRIVING, m["validation"], config.parent / "registry")
+    assert done.event_id is not None  # a Prefect API is configured: the trigger's event went out
+
+    result, _, wall = _run(config, overwrite=True)
+    after = _report(result)
+    old_tree, new_tree = MergeTree.from_nested(before["plan"]["groups"]), MergeTree.from_nested(after["plan"]["groups"])
+    path = path_to_root(new_tree, ARRIVING)
+    # rb joins ra (its family): ra's place becomes merge(ra, rb), then every node above it is new
+    assert new_tree.children(path[0]) == [REGISTERED, ARRIVING]
+    assert len(path) == len(path_to_root(old_tree, REGISTERED)) + 1
+    merged = {n["id"] for n in result["nodes"] if not n["cached"]}
+    assert merged == set(path) and len(merged) == len(path)
+    assert result["from_store"] == len(new_tree.merges()) - len(path) == len(old_tree.merges()) - len(path) + 1
+    old_keys = {n["key"] for n in before["plan"]["nodes"]}
+    assert {n["key"] for n in after["plan"]["nodes"] if n["id"] not in path} <= old_keys
+    print(f"\nregistered {ARRIVING}: Prefect overhead {_overhead(result, wall)}")
+    print(f"registered {ARRIVING}: {len(merged)} of {len(new_tree.merges())} nodes merged ({sorted(merged)}), "
+          f"{result['from_store']} from the store")
+
+
+def test_a_failing_node_is_retried_then_fails_the_flow_and_its_parent_never_runs(
+    tiny_base_dir: Path, family_models: dict[str, dict[str, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import flows.hierarchical
+
+    config = _write_config(tmp_path, tiny_base_dir, family_models, ["pa", "pb", "qa"], registry=None)
+    calls: list[tuple[str, ...]] = []
+    real = flows.hierarchical.run_node
+
+    def disk_gone_for_pa_pb(node: Any, store: Any, **kwargs: Any) -> Any:
+        calls.append(node.tasks)
+        if node.tasks == ("pa", "pb"):
+            raise OSError("No space left on device")
+        return real(node, store, **kwargs)
+
+    monkeypatch.setattr(flows.hierarchical, "run_node", disk_gone_for_pa_pb)
+    state = hierarchical_merge(config=str(config), return_state=True)
+    assert state.is_failed() and "No space left" in (state.message or "")
+    assert calls == [("pa", "pb"), ("pa", "pb")]  # tried twice (retries: 1); the root never ran
+    runs = {r.name: r for r in _merge_task_runs(state.state_details.flow_run_id)}
+    failed = next(r for name, r in runs.items() if name.endswith(": pa+pb]"))
+    assert failed.state.is_failed() and failed.run_count == 2
+    assert not any(name.endswith(": pa+pb+qa]") and r.state.is_completed() for name, r in runs.items())
+    markdown = {a.key: a for a in _artifacts(state.state_details.flow_run_id)}[REPORT_KEY].data
+    assert "failed: " in markdown and "not run (an input failed)" in markdown
+    assert not (tmp_path / "out" / "merged").exists()

@@ -1,0 +1,145 @@
+"""The executor: a fan-in-2 tree on the family models, its report, and kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from merge_core.errors import CheckpointError
+from orchestrator.executor import REPORT_FILE, ExecutionReport, execute
+from orchestrator.memory import MemoryInventory
+from orchestrator.node import NodeRecord, NodeTask, load_validation, run_node
+from orchestrator.plan import MergePlan, plan
+from orchestrator.store import KEY_FIELD, CheckpointStore
+from tests.orchestrator.families import NAMES, make_config, one_thread
+
+PLENTY = MemoryInventory(ram_available_bytes=10**12, ram_total_bytes=10**12, process_bytes=0)
+
+
+def _plan(tiny_base_dir, family_models, output: Path) -> MergePlan:
+    return plan(make_config(tiny_base_dir, family_models, output, tree={"max_fan_in": 2}), inventory=PLENTY)
+
+
+class Run:
+    """One uninterrupted run (the reference), with what each node was given."""
+
+    def __init__(self, merge_plan: MergePlan, report: ExecutionReport, data: dict[str, list[str]]) -> None:
+        self.plan, self.report, self.data = merge_plan, report, data
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_base_dir, family_models, tmp_path_factory) -> Run:
+    output = tmp_path_factory.mktemp("reference") / "merged"
+    merge_plan = _plan(tiny_base_dir, family_models, output)
+    data: dict[str, list[str]] = {}
+
+    def spy(node: NodeTask, store: CheckpointStore) -> NodeRecord:
+        data[node.id] = sorted(load_validation(node))  # what run_node loads for this node
+        return run_node(node, store)
+
+    with one_thread():  # as the function-scoped tests run: GEMM results depend on the thread count
+        return Run(merge_plan, execute(merge_plan, runner=spy), data)
+
+
+def test_fan_in_two_tree_runs_bottom_up_and_publishes_the_root(reference):
+    p, report = reference.plan, reference.report
+    assert [r.id for r in report.nodes] == [n.id for n in p.nodes] and len(report.nodes) == 7
+    assert not any(r.cached for r in report.nodes)
+    output = p.config.output
+    assert (output / "model.safetensors").is_file() and (output / "config.json").is_file()
+    assert sorted(f.stem for f in (output / "heads").glob("*.safetensors")) == sorted(NAMES)
+    record = json.loads((output / "supermerge.json").read_text())
+    assert record[KEY_FIELD] == p.root.key and record["config"]["tree"]["max_fan_in"] == 2
+    assert record["tree"] == p.tree.nested() and sorted(record["tasks"]) == sorted(NAMES)
+    store = CheckpointStore(report.store)
+    assert report.store == output.parent / ".supermerge-store"
+    assert all(store.is_finished(n.key) for n in p.nodes)
+    assert sorted(report.val_accuracy) == sorted(NAMES)
+
+
+def test_report_has_predicted_and_measured_memory_and_time_per_node(reference):
+    report = json.loads((reference.plan.config.output / REPORT_FILE).read_text())
+    assert [n["id"] for n in report["nodes"]] == [n.id for n in reference.plan.nodes]
+    for node in report["nodes"]:
+        assert node["predicted_peak_bytes"] > 0 and node["measured_peak_bytes"] > 0
+        assert node["measured_over_predicted"] == round(node["measured_peak_bytes"] / node["predicted_peak_bytes"], 3)
+        assert node["peak_method"] in ("vmhwm", "sampled") and node["device"] == "cpu"
+        assert node["seconds"] > 0 and not node["cached"]
+    planned = {n["id"]: n for n in report["plan"]["nodes"]}
+    assert all(planned[n["id"]]["predicted"]["peak"] == n["predicted_peak_bytes"] for n in report["nodes"])
+    assert report["plan"]["fan_in"] == 2 and report["config"]["method"] == "supermerge"
+
+
+def test_each_node_trains_on_only_its_subtrees_validation_data(reference):
+    p = reference.plan
+    second_level = [n for n in p.nodes if len(n.tasks) == 4]
+    assert len(second_level) == 2
+    for node in p.nodes:
+        subtree = sorted(p.tree.tasks(node.id))
+        assert reference.data[node.id] == subtree
+        stored = CheckpointStore(reference.report.store).record(node.key)
+        assert sorted(stored["val_accuracy"]) == subtree and sorted(stored["tasks"]) == subtree
+    for node in second_level:  # its inputs are the two family merges, read back as fine-tuned models
+        assert all(c.path is None for c in node.children)
+
+
+class Killed(BaseException):
+    """What a kill looks like to the executor: the run stops between two nodes."""
+
+
+def test_a_killed_run_resumes_without_redoing_finished_nodes_and_gives_the_same_bytes(
+    reference, tiny_base_dir, family_models, tmp_path
+):
+    output = tmp_path / "merged"
+    p = _plan(tiny_base_dir, family_models, output)
+    assert [n.key for n in p.nodes] == [n.key for n in reference.plan.nodes]  # same inputs, same keys
+    first = p.nodes[0]
+
+    def killed_after_first(node: NodeTask, store: CheckpointStore) -> NodeRecord:
+        if node.id != first.id:
+            raise Killed
+        return run_node(node, store)
+
+    with pytest.raises(Killed):
+        execute(p, runner=killed_after_first)
+    store = CheckpointStore(output.parent / ".supermerge-store")
+    assert store.is_finished(first.key) and not output.exists()
+    assert [n.id for n in p.nodes if store.is_finished(n.key)] == [first.id]
+    # a node killed while its files were half there: its dir exists but is not finished
+    second = p.nodes[1]
+    store.path(second.key).mkdir(parents=True)
+    (store.path(second.key) / "model.safetensors").write_bytes(b"\x08\x00")
+
+    called: list[str] = []
+
+    def recording(node: NodeTask, s: CheckpointStore) -> NodeRecord:
+        called.append(node.id)
+        return run_node(node, s)
+
+    report = execute(p, runner=recording)
+    assert first.id not in called
+    assert called == [n.id for n in p.nodes[1:]]
+    assert [r.cached for r in report.nodes] == [True] + [False] * (len(p.nodes) - 1)
+    reference_dir = reference.plan.config.output
+    for name in ("model.safetensors", "merge_weights.safetensors", *(f"heads/{t}.safetensors" for t in NAMES)):
+        assert (output / name).read_bytes() == (reference_dir / name).read_bytes(), name
+
+    # a third run recomputes nothing at all
+    again: list[str] = []
+    execute(p, runner=lambda node, s: again.append(node.id) or run_node(node, s), overwrite=True)
+    assert again == []
+
+
+def test_an_existing_output_is_refused_before_any_node_runs(tiny_base_dir, family_models, tmp_path):
+    output = tmp_path / "merged"
+    output.mkdir()
+    p = _plan(tiny_base_dir, family_models, output)
+
+    def never(node: NodeTask, store: CheckpointStore) -> NodeRecord:
+        raise AssertionError("no node may run")
+
+    with pytest.raises(CheckpointError, match="already exists"):
+        execute(p, runner=never)
+    assert not (tmp_path / ".supermerge-store").exists()

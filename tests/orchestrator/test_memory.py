@@ -1,0 +1,203 @@
+"""The memory planner's arithmetic, budgets, placement, inventory, and the peak meter."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from merge_core.checkpoint import open_checkpoint
+from merge_core.errors import ConfigError
+from merge_core.model import FunctionalModel
+from merge_core.task_vectors import mergeable_names
+from orchestrator import measure
+from orchestrator.errors import MemoryBudgetError
+from orchestrator.measure import PeakMeter
+from orchestrator.memory import (
+    RUNTIME_BYTES,
+    SAFE_GPU_FRACTION,
+    SAFE_RAM_FRACTION,
+    Budget,
+    GpuMemory,
+    MemoryInventory,
+    ModelShape,
+    NodeWorkload,
+    _visible_nvml_indices,
+    activation_bytes,
+    make_budget,
+    model_shape,
+    parse_bytes,
+    place_node,
+    predict_node_peak_bytes,
+    read_inventory,
+)
+
+SHAPE = ModelShape(n_params=1000, largest_tensor=400, tensor_names=("a", "b"), layers=2, hidden=8, heads=2,
+                   intermediate=32, vocab=50)
+"""A made-up model: 1000 values, biggest tensor 400, 2 layers of hidden 8 / intermediate 32."""
+
+
+def test_eq6_terms_for_a_known_shape():
+    # k = 3 full fine-tunes (3 x 1000 values loaded), G = 5 weight groups: N_trainable = 15
+    work = NodeWorkload(k=3, loaded_values=3000, n_groups=5, batches=((4, 10), (2, 6)))
+    p = predict_node_peak_bytes(SHAPE, work)
+    assert p.model_weights == 4 * 1000
+    assert p.merge_weight_grads == 4 * 15
+    assert p.optimizer_state == 8 * 15
+    assert p.task_vectors == 4 * 3 * 1000
+    assert p.eq6 == 4 * 1000 + 4 * 15 + 8 * 15 + 4 * 3 * 1000 == 16180
+    # what eq. 6 leaves out
+    assert p.merge_weights == 4 * 15
+    assert p.stacked_task_vectors == 4 * 3 * 1000
+    assert p.merged_params == 4 * 1000
+    assert p.merged_param_grads == 4 * 400
+    per_token = 2 * (8 * 8 + 2 * 32) + 2 * 8  # layers * (8 hidden + 2 intermediate) + 2 hidden
+    assert p.activations == 4 * (4 * 10 + 2 * 6) * per_token == 56576
+    assert p.runtime == RUNTIME_BYTES
+    assert p.total == 16180 + 60 + 12000 + 4000 + 1600 + 56576 + RUNTIME_BYTES
+    assert p.peak == p.total and p.device_bytes == 0 and p.host_bytes == p.total
+    assert p.to_dict()["eq6"] == 16180
+
+
+def test_adapters_and_grid_searches_change_only_their_terms():
+    adapters = predict_node_peak_bytes(SHAPE, NodeWorkload(k=3, loaded_values=250, n_groups=5, batches=((4, 10),)))
+    assert adapters.task_vectors == 4 * 250 and adapters.stacked_task_vectors == 4 * 3 * 1000
+    bf16 = predict_node_peak_bytes(SHAPE, NodeWorkload(3, 3000, 5, ((4, 10),), stack_bytes_per_value=2))
+    assert bf16.stacked_task_vectors == 2 * 3 * 1000 and bf16.task_vectors == 4 * 3000
+    one = NodeWorkload(k=3, loaded_values=3000, n_groups=0, batches=(), learned=False)
+    plain = predict_node_peak_bytes(SHAPE, one)
+    assert (plain.model_weights, plain.merged_params, plain.activations, plain.runtime) == (0, 4000, 0, 0)
+    assert plain.stacked_task_vectors == 4 * 3 * 400  # one tensor stacked at a time
+    assert plain.eq6 == plain.task_vectors == 12000
+    searched = predict_node_peak_bytes(SHAPE, NodeWorkload(3, 3000, 0, ((32, 10),), learned=False, candidates=4))
+    scaled = predict_node_peak_bytes(
+        SHAPE, NodeWorkload(3, 3000, 0, ((32, 10),), learned=False, candidates=4, scaled_search=True)
+    )
+    assert searched.merged_params == 2 * 4000 and scaled.merged_params == 3 * 4000
+    assert searched.model_weights == 4000 and searched.activations > 0 and searched.runtime == RUNTIME_BYTES
+
+
+def test_on_a_gpu_the_loaded_task_vectors_and_runtime_stay_on_the_host():
+    work = NodeWorkload(k=3, loaded_values=3000, n_groups=5, batches=((4, 10),))
+    cpu = predict_node_peak_bytes(SHAPE, work, "cpu")
+    gpu = predict_node_peak_bytes(SHAPE, work, "cuda")
+    assert gpu.total == cpu.total
+    assert gpu.host_bytes == gpu.task_vectors + gpu.runtime
+    assert gpu.peak == gpu.device_bytes == gpu.total - gpu.host_bytes
+
+
+def test_activation_term_matches_what_autograd_saves(tiny_base_dir):
+    """The reference: every tensor autograd keeps for backward, counted through its hooks."""
+    model = FunctionalModel(tiny_base_dir)
+    shape = model_shape(tiny_base_dir, "classification")
+    params = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+    w = torch.ones((), requires_grad=True)
+    for batch, seq in ((16, 12), (4, 48)):
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        merged = {n: p * w for n, p in params.items()}
+        weights = {t.untyped_storage().data_ptr() for t in [*merged.values(), *params.values()]}
+        ids = torch.randint(5, 60, (batch, seq))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            functional_call(model.module, merged, args=(),
+                            kwargs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        counted = sum(n for ptr, n in saved.items() if ptr not in weights)
+        assert counted == pytest.approx(activation_bytes(shape, batch, seq), rel=0.05)
+
+
+def test_model_shape_comes_from_the_header_and_config(tiny_base_dir):
+    shape = model_shape(tiny_base_dir, "classification")
+    with open_checkpoint(tiny_base_dir) as base:
+        sizes = [math.prod(base.shape(n)) for n in mergeable_names(base)]
+    assert shape.n_params == sum(sizes) and shape.largest_tensor == max(sizes)
+    assert (shape.layers, shape.hidden, shape.heads, shape.intermediate, shape.vocab) == (2, 32, 2, 64, 64)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("8GB", 8 * 10**9), ("512MiB", 512 * 2**20), ("1.5 GB", 1_500_000_000), ("1000000", 10**6), ("2gib", 2 * 2**30)],
+)
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["eight", "8XB", "-1GB", "0", "", "1e9"])
+def test_parse_bytes_refuses_what_is_not_a_size(text):
+    with pytest.raises(ConfigError, match="memory budget"):
+        parse_bytes(text)
+
+
+INVENTORY = MemoryInventory(ram_available_bytes=10 * 10**9, ram_total_bytes=16 * 10**9, process_bytes=10**9,
+                            gpus=(GpuMemory(0, "gpu", 8 * 10**9, 10 * 10**9),))
+
+
+def test_budget_defaults_to_a_safe_share_and_caps_the_whole_process():
+    default = make_budget(None, INVENTORY)
+    assert default.host == int(SAFE_RAM_FRACTION * 10 * 10**9)
+    assert default.gpus == {0: int(SAFE_GPU_FRACTION * 8 * 10**9)}
+    given = make_budget("4GB", INVENTORY)
+    assert given.host == 3 * 10**9  # what the process already holds counts against it
+    assert given.gpus == {0: 4 * 10**9}
+    with pytest.raises(MemoryBudgetError, match="below the .* this process already uses"):
+        make_budget("500MB", INVENTORY)
+
+
+def test_place_node_picks_the_gpu_with_room_or_says_why_none():
+    work = NodeWorkload(k=3, loaded_values=3000, n_groups=5, batches=((4, 10),))
+    gpu = predict_node_peak_bytes(SHAPE, work, "cuda")
+    cpu = predict_node_peak_bytes(SHAPE, work, "cpu")
+    roomy = Budget(host=cpu.total, gpus={0: gpu.device_bytes, 1: gpu.device_bytes + 1})
+    assert place_node(SHAPE, work, roomy, "cuda").device == "cuda:1"
+    assert place_node(SHAPE, work, roomy, "cuda:0").device == "cuda:0"
+    small_gpus = Budget(host=cpu.total, gpus={0: gpu.device_bytes - 1})
+    spill = place_node(SHAPE, work, small_gpus, "cuda")
+    assert spill.device == "cpu" and "too big for every GPU" in spill.reason
+    refused = place_node(SHAPE, work, small_gpus, "cuda:0")
+    assert refused.device is None and "on cuda:0" in refused.reason
+    assert place_node(SHAPE, work, Budget(host=cpu.total), "cpu").device == "cpu"
+    tight = place_node(SHAPE, work, Budget(host=cpu.total - 1), "cpu")
+    assert tight.device is None and "RAM" in tight.reason
+
+
+def test_cuda_visible_devices_maps_torch_order_to_nvml(monkeypatch):
+    uuids = ["GPU-aaaa", "GPU-bbbb", "GPU-cccc"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert _visible_nvml_indices(3, uuids) == [0, 1, 2]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
+    assert _visible_nvml_indices(3, uuids) == [2, 0]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bbbb")
+    assert _visible_nvml_indices(3, uuids) == [1]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,-1,0")
+    assert _visible_nvml_indices(3, uuids) == [1]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-xyz")
+    assert "cannot match" in _visible_nvml_indices(3, uuids)
+
+
+def test_inventory_reads_ram_and_lists_gpus_or_says_why_not():
+    inv = read_inventory()
+    assert 0 < inv.ram_available_bytes <= inv.ram_total_bytes and inv.process_bytes > 0
+    if inv.gpus:
+        assert inv.gpu_note == "" and all(0 < g.free_bytes <= g.total_bytes for g in inv.gpus)
+    else:
+        assert inv.gpu_note  # no GPU is fine, and the plan says why
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_peak_meter_sees_a_block_freed_before_the_end(monkeypatch, sampled):
+    if sampled:
+        monkeypatch.setattr(measure, "_reset_high_water_mark", lambda: False)
+    with PeakMeter() as meter:
+        block = torch.ones(25 * 2**20 // 4 * 4)  # 100 MiB, touched
+        time.sleep(0.05)
+        del block
+    reading = meter.reading
+    assert reading is not None and reading.device_bytes is None
+    assert reading.method == ("sampled" if sampled else "vmhwm")
+    assert 95 * 2**20 <= reading.host_bytes <= 130 * 2**20

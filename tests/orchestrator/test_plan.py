@@ -1,0 +1,144 @@
+"""Planning: the fan-in the budget allows, per-node predictions and inputs, refusal before any work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from merge_core.config import parse_config
+from merge_core.errors import DataError
+from orchestrator.errors import MemoryBudgetError, TreeError
+from orchestrator.memory import MemoryInventory
+from orchestrator.node import NodeTask
+from orchestrator.plan import plan
+from tests.orchestrator.families import FAMILIES, NAMES, config_dict, make_config
+
+PLENTY = MemoryInventory(ram_available_bytes=10**12, ram_total_bytes=10**12, process_bytes=0)
+"""A machine with a terabyte free and an empty process, so a budget of B bytes gives nodes B bytes."""
+
+
+def _config(tiny_base_dir, family_models, tmp_path, names=None, **tree):
+    return make_config(tiny_base_dir, family_models, tmp_path / "out" / "merged", names, tree=tree)
+
+
+def _largest_node(p) -> int:
+    return max(n.predicted_peak_bytes for n in p.nodes)
+
+
+def test_plenty_of_memory_gives_one_flat_merge(tiny_base_dir, family_models, tmp_path):
+    p = plan(_config(tiny_base_dir, family_models, tmp_path), inventory=PLENTY)
+    assert p.fan_in == len(NAMES) and len(p.nodes) == 1 and p.tree.depth == 1
+    assert p.fan_in_reason == "the largest that fits the budget"
+    assert p.similarity is None  # a flat merge needs no similarity pass
+    root = p.root
+    assert [c.name for c in root.children] == NAMES and sorted(root.tasks) == sorted(NAMES)
+    assert root.device == "cpu" and root.predicted["peak"] == root.predicted["total"] > 0
+
+
+def test_max_fan_in_two_gives_a_tree_with_each_family_under_its_own_node(tiny_base_dir, family_models, tmp_path):
+    p = plan(_config(tiny_base_dir, family_models, tmp_path, max_fan_in=2), inventory=PLENTY)
+    assert p.fan_in == 2 and len(p.nodes) == len(NAMES) - 1 and p.tree.depth == 3
+    family_nodes = [n for n in p.nodes if len(n.tasks) == 2]
+    assert sorted(sorted(n.tasks) for n in family_nodes) == FAMILIES
+    by_id = {n.id: n for n in p.nodes}
+    for node in p.nodes:
+        assert node.id == p.nodes[-1].id or any(node.key == c.key for m in p.nodes for c in m.children)
+        # each node trains on exactly its subtree's tasks' validation data
+        assert sorted(node.validation) == sorted(node.tasks) == sorted(p.tree.tasks(node.id))
+        for child in node.children:
+            if child.path is None:  # an intermediate model: read from the store under its node's key
+                assert child.key == by_id[child.name].key
+            else:
+                assert child.path == str(family_models[child.name]["path"])
+    assert len({n.key for n in p.nodes}) == len(p.nodes)
+    assert len({n.data_digest for n in p.nodes}) == len(p.nodes)
+
+
+def test_plan_is_deterministic_and_its_nodes_travel_as_json(tiny_base_dir, family_models, tmp_path):
+    first = plan(_config(tiny_base_dir, family_models, tmp_path, max_fan_in=3), inventory=PLENTY)
+    again = plan(_config(tiny_base_dir, family_models, tmp_path, max_fan_in=3), inventory=PLENTY)
+    assert [n.to_dict() for n in first.nodes] == [n.to_dict() for n in again.nodes]
+    assert first.render() == again.render()
+    for node in first.nodes:
+        assert NodeTask.from_dict(json.loads(json.dumps(node.to_dict()))) == node
+    json.dumps(first.to_dict())
+
+
+def test_a_tight_budget_gets_the_largest_fan_in_that_fits(tiny_base_dir, family_models, tmp_path):
+    predicted = {
+        f: _largest_node(plan(_config(tiny_base_dir, family_models, tmp_path, max_fan_in=f), inventory=PLENTY))
+        for f in (2, 3, 4, 8)
+    }
+    assert predicted[2] < predicted[3] < predicted[8], predicted  # the root holds fan-in task vectors
+    budget = predicted[3]  # fan-in 3 fits exactly, 4 and up do not
+    assert predicted[4] > budget
+    p = plan(_config(tiny_base_dir, family_models, tmp_path, memory_budget=str(budget)), inventory=PLENTY)
+    assert p.fan_in == 3 and p.fan_in_reason == "the largest that fits the budget"
+    assert all(n.predicted_peak_bytes <= budget for n in p.nodes)
+    assert p.budget.host == budget
+    # a cap below what fits is a cap
+    capped = plan(_config(tiny_base_dir, family_models, tmp_path, memory_budget=str(budget), max_fan_in=2),
+                  inventory=PLENTY)
+    assert capped.fan_in == 2
+
+
+def test_too_small_a_budget_is_refused_before_anything_is_written(tiny_base_dir, family_models, tmp_path):
+    smallest = _largest_node(plan(_config(tiny_base_dir, family_models, tmp_path, max_fan_in=2), inventory=PLENTY))
+    config = _config(tiny_base_dir, family_models, tmp_path, memory_budget=str(smallest - 1))
+    with pytest.raises(MemoryBudgetError) as e:
+        plan(config, inventory=PLENTY)
+    message = str(e.value)
+    assert "at fan-in 2" in message and "even fan-in 2 does not fit" in message
+    assert "Nothing was run" in message and "--memory-budget" in message
+    assert not (tmp_path / "out").exists()  # neither the output nor the store beside it
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hand_groups_and_flat_are_taken_as_given_and_refused_if_too_big(tiny_base_dir, family_models, tmp_path):
+    groups = [["pa", "pb", "qa"], ["qb", "ra"], ["rb", "sa", "sb"]]
+    p = plan(_config(tiny_base_dir, family_models, tmp_path, groups=groups), inventory=PLENTY)
+    assert p.tree.nested() == groups and p.fan_in == 3 and p.fan_in_reason == "groups given by hand"
+    flat = plan(_config(tiny_base_dir, family_models, tmp_path, flat=True), inventory=PLENTY)
+    assert len(flat.nodes) == 1 and flat.fan_in_reason == "flat merge: tree.flat"
+    too_small = str(_largest_node(p) - 1)
+    with pytest.raises(MemoryBudgetError, match="drop tree.flat / tree.groups"):
+        plan(_config(tiny_base_dir, family_models, tmp_path, groups=groups, memory_budget=too_small),
+             inventory=PLENTY)
+
+
+def test_contradicting_tree_options_are_refused(tiny_base_dir, family_models, tmp_path):
+    with pytest.raises(TreeError, match="choose one"):
+        plan(_config(tiny_base_dir, family_models, tmp_path, flat=True, groups=[NAMES]), inventory=PLENTY)
+    with pytest.raises(TreeError, match="tree.max_fan_in is 2"):
+        plan(_config(tiny_base_dir, family_models, tmp_path, flat=True, max_fan_in=2), inventory=PLENTY)
+    with pytest.raises(TreeError, match=r"unknown model\(s\) \['zz'\]"):
+        plan(_config(tiny_base_dir, family_models, tmp_path, groups=[["pa", "zz"]]), inventory=PLENTY)
+
+
+def test_supermerge_without_validation_data_is_refused_up_front(tiny_base_dir, family_models, tmp_path):
+    raw = config_dict(tiny_base_dir, family_models, tmp_path / "out", ["pa", "pb", "qa"])
+    del raw["models"][1]["validation"]
+    with pytest.raises(DataError, match=r"model\(s\) \['pb'\] have no 'validation:' file"):
+        plan(parse_config(raw), inventory=PLENTY)
+
+
+def test_render_shows_the_tree_the_fan_in_and_each_nodes_memory_and_device(tiny_base_dir, family_models, tmp_path):
+    p = plan(_config(tiny_base_dir, family_models, tmp_path, max_fan_in=2), inventory=PLENTY)
+    text = p.render()
+    assert text.startswith("8 models -> 7 merge(s), fan-in 2 (the largest up to tree.max_fan_in 2 that fits")
+    assert "depth 3, method supermerge" in text
+    assert "├── merge-0  [2 tasks] cpu, predicted" in text
+    for name in NAMES:
+        assert f"── {name}" in text
+    rows = [line for line in text.splitlines() if line.startswith("| merge-")]
+    assert len(rows) == 7 and all("| cpu |" in r for r in rows)
+
+
+def test_a_bf16_stack_halves_the_stacked_task_vectors(tiny_base_dir, family_models, tmp_path):
+    raw = config_dict(tiny_base_dir, family_models, tmp_path / "out", ["pa", "pb"])
+    fp32 = plan(parse_config(raw), inventory=PLENTY).root.predicted
+    raw["parameters"] = {**raw["parameters"], "storage_dtype": "bfloat16"}
+    bf16 = plan(parse_config(raw), inventory=PLENTY).root.predicted
+    assert bf16["stacked_task_vectors"] * 2 == fp32["stacked_task_vectors"]
+    assert bf16["task_vectors"] == fp32["task_vectors"]

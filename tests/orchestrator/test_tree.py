@@ -1,0 +1,166 @@
+"""The merge tree: clustered on task-vector similarity, given by hand, or flat."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from orchestrator.errors import TreeError
+from orchestrator.similarity import task_vector_similarity
+from orchestrator.tree import MergeTree, cluster_tree, flat_tree, tree_from_groups
+from tests.orchestrator.families import FAMILIES, NAMES
+
+
+@pytest.fixture(scope="module")
+def family_cosine(tiny_base_dir, family_models) -> np.ndarray:
+    sim = task_vector_similarity(tiny_base_dir, {n: family_models[n]["path"] for n in NAMES})
+    assert sim.names == NAMES
+    return sim.cosine
+
+
+def _check_shape(tree: MergeTree, names: list[str], max_fan_in: int) -> None:
+    """What every tree must be: each model once as a leaf, 2..max_fan_in children per merge, merges
+    listed children first, the root last, ids merge-0.. in that order."""
+    assert sorted(tree.models()) == sorted(names)
+    merges = tree.merges()
+    assert merges == [f"merge-{i}" for i in range(len(merges))]
+    assert merges[-1] == tree.root and tree.parent(tree.root) is None
+    position = {n: i for i, n in enumerate(merges)}
+    for node in merges:
+        kids = tree.children(node)
+        assert 2 <= len(kids) <= max_fan_in, (node, kids)
+        assert all(tree.is_model(c) or position[c] < position[node] for c in kids)
+        assert all(tree.parent(c) == node for c in kids)
+    assert tree.fan_in <= max_fan_in
+    assert sorted(tree.tasks(tree.root)) == sorted(names)
+
+
+@pytest.mark.parametrize("max_fan_in", [2, 3, 4, 5, 7])
+def test_clustered_tree_puts_each_family_under_its_own_node(family_cosine, max_fan_in):
+    tree = cluster_tree(NAMES, family_cosine, max_fan_in)
+    _check_shape(tree, NAMES, max_fan_in)
+    for family in FAMILIES:
+        parents = {tree.parent(m) for m in family}
+        assert len(parents) == 1, f"{family} split across {parents}: {tree.nested()}"
+        assert sorted(tree.tasks(parents.pop())) == family, tree.nested()
+
+
+def test_binary_tree_has_k_minus_one_merges_and_depth_three(family_cosine):
+    tree = cluster_tree(NAMES, family_cosine, 2)
+    assert tree.depth == 3 and len(tree.merges()) == len(NAMES) - 1
+    assert tree.fan_in == 2
+
+
+def test_clustered_tree_is_deterministic(family_cosine):
+    first = cluster_tree(NAMES, family_cosine, 3)
+    again = cluster_tree(NAMES, family_cosine.copy(), 3)
+    assert first.nested() == again.nested()
+    assert first.render() == again.render()
+    assert [first.children(n) for n in first.merges()] == [again.children(n) for n in again.merges()]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    k=st.integers(2, 12),
+    max_fan_in=st.integers(2, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_fan_in_is_never_exceeded_on_random_similarities(k, max_fan_in, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(k, 5))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    names = [f"m{i}" for i in range(k)]
+    tree = cluster_tree(names, x @ x.T, max_fan_in)
+    _check_shape(tree, names, max_fan_in)
+    assert cluster_tree(names, x @ x.T, max_fan_in).nested() == tree.nested()
+    assert MergeTree.from_nested(tree.nested(), names).nested() == tree.nested()
+
+
+@pytest.mark.parametrize("max_fan_in", [2, 3, 4])
+def test_models_without_structure_fill_every_node(max_fan_in):
+    """Equally unrelated models: no cluster is worth keeping apart, so every node takes as many
+    children as it may (the shallowest tree the dendrogram allows)."""
+    names = [f"m{i}" for i in range(9)]
+    tree = cluster_tree(names, np.eye(9), max_fan_in)
+    _check_shape(tree, names, max_fan_in)
+    for node in tree.merges():
+        assert len(tree.children(node)) == min(max_fan_in, len(tree.tasks(node)))
+
+
+def test_hand_given_groups_are_used_as_given():
+    groups = [["pa", "pb"], ["qa", ["qb", "ra"]], "rb"]
+    names = ["pa", "pb", "qa", "qb", "ra", "rb"]
+    tree = tree_from_groups(groups, names)
+    assert tree.nested() == groups
+    assert tree.merges() == ["merge-0", "merge-1", "merge-2", "merge-3"]
+    assert tree.children("merge-0") == ["pa", "pb"]
+    assert tree.children("merge-1") == ["qb", "ra"]
+    assert tree.children("merge-2") == ["qa", "merge-1"]
+    assert tree.children("merge-3") == ["merge-0", "merge-2", "rb"]
+    assert tree.tasks("merge-2") == ["qa", "qb", "ra"]
+    assert tree.depth == 3 and tree.fan_in == 3
+    # one-item lists collapse: [["a", "b"]] is the merge of a and b
+    assert tree_from_groups([["pa", ["pb"]]], ["pa", "pb"]).nested() == ["pa", "pb"]
+
+
+def test_flat_tree_is_one_merge_of_every_model():
+    tree = flat_tree(NAMES)
+    assert tree.merges() == ["merge-0"] and tree.children("merge-0") == NAMES
+    assert tree.depth == 1 and tree.fan_in == len(NAMES)
+    with pytest.raises(TreeError, match="at least 2 models"):
+        flat_tree(["pa"])
+
+
+def test_bad_groups_are_refused_with_every_problem_named():
+    names = ["pa", "pb", "qa", "qb"]
+    with pytest.raises(TreeError) as e:
+        tree_from_groups([["pa", "zz"], ["pa", "qa"], []], names)
+    message = str(e.value)
+    assert "has 4 problem(s)" in message
+    assert "unknown model(s) ['zz']" in message
+    assert "model(s) ['pa'] appear more than once" in message
+    assert "model(s) ['pb', 'qb'] are in no group" in message
+    assert "groups[2] is an empty group" in message
+
+
+@pytest.mark.parametrize(
+    ("groups", "max_fan_in", "expected"),
+    [
+        ([["pa", "pb"], 3], None, r"groups\[1\] is 3; use model names"),
+        ({"a": ["pa"]}, None, "must be a list"),
+        ([["pa", "pb", "qa"], "qb"], 2, r"group \['pa', 'pb', 'qa'\] has 3 items, more than max_fan_in=2"),
+        ([["pa", "pb", "qa", "qb"]], 1, "max_fan_in must be at least 2"),
+    ],
+)
+def test_malformed_groups_are_refused(groups, max_fan_in, expected):
+    with pytest.raises(TreeError, match=expected):
+        tree_from_groups(groups, ["pa", "pb", "qa", "qb"], max_fan_in)
+
+
+def test_single_model_groups_and_clashing_names_are_refused():
+    with pytest.raises(TreeError, match="single model"):
+        tree_from_groups([["pa"]], ["pa"])
+    with pytest.raises(TreeError, match="look like merge node ids"):
+        flat_tree(["merge-0", "pa"])
+    with pytest.raises(TreeError, match="repeated"):
+        cluster_tree(["pa", "pa"], np.eye(2), 2)
+    with pytest.raises(TreeError, match="expected \\(3, 3\\)"):
+        cluster_tree(["pa", "pb", "qa"], np.eye(2), 2)
+    with pytest.raises(TreeError, match="at least 2"):
+        cluster_tree(["pa", "pb"], np.eye(2), 1)
+
+
+def test_render_draws_every_node_with_its_annotation():
+    tree = tree_from_groups([["pa", "pb"], ["qa", "qb"]], ["pa", "pb", "qa", "qb"])
+    picture = tree.render(lambda n: f"<{len(tree.tasks(n))} tasks>")
+    assert picture.splitlines() == [
+        "merge-2  <4 tasks>",
+        "├── merge-0  <2 tasks>",
+        "│   ├── pa",
+        "│   └── pb",
+        "└── merge-1  <2 tasks>",
+        "    ├── qa",
+        "    └── qb",
+    ]
