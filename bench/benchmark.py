@@ -72,7 +72,7 @@ class BenchConfig:
     """Training steps of the learned merges (SuperMerge, its ablation, AdaMerging): the same budget."""
     batch_size: int = 8
     """Validation examples per task per step of the learned merges."""
-    learned_lr: float = 1e-2
+    learned_lr: float = 5e-2
     methods: tuple[str, ...] = ALL_METHODS
     lora_rank: int | None = 8
     """Also fine-tune LoRA adapters of this rank and merge them with ``lora_methods`` (None: skip)."""

@@ -1,43 +1,57 @@
-"""The README's end-to-end demo: real pretrained model, real tasks, real merges, the paper's table.
+"""The README's end-to-end demo: real pretrained model, real tasks, a merge tree run by Prefect.
 
-The packaged all-MiniLM-L6-v2 is fine-tuned briefly on two real tasks (language of a quotation and
-movie-review sentiment), then merged with several methods through the same ``run_merge`` the CLI uses,
-and every merged model is scored on held-out test data next to the pretrained model and the
-individual fine-tunes. Fine-tunes are cached in the workdir, so a second run only merges.
+The packaged all-MiniLM-L6-v2 is fine-tuned briefly on four real tasks (language of a quotation,
+movie-review sentiment, plot-or-review subjectivity, topic of a quotation). Hierarchical SuperMerge then
+runs as the Prefect flow ``hierarchical-merge`` on Prefect's embedded default (an ephemeral server, local
+files): the task vectors are clustered into a tree of fan-in 2, one Prefect task per merge node.
+Task Arithmetic and TIES merge the same models flat, through the plain executor, for comparison, and
+every merged model is scored on held-out test data next to the pretrained model and the individual
+fine-tunes. Fine-tunes and finished merge nodes are cached in the workdir, so a second run only scores.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from bench.workload import WorkloadConfig, prepare_workload, write_merge_config
 from merge_core.config import load_config
 from merge_core.evaluate import results_table
-from merge_core.job import run_merge, score_models
+from merge_core.job import score_models
 
-DEMO = WorkloadConfig(tasks=("language", "sentiment"), n_train=640, n_test=300, max_length=48, epochs=2.0)
-METHODS = ("average", "task_arithmetic", "ties", "supermerge")
+DEMO = WorkloadConfig(tasks=("language", "sentiment", "subjectivity", "quote_topic"), n_train=480, n_test=300,
+                      max_length=48, epochs=2.0)
+BASELINES = ("task_arithmetic", "ties")
 
 
-def run_demo(workdir: Path, *, steps: int = 60, progress: bool = True) -> str:
-    """Prepare the tasks, merge with each method, return the results table (markdown)."""
+def run_demo(workdir: Path, *, steps: int = 40, progress: bool = True) -> str:
+    """Prepare the tasks, run the flow and the baselines, return the results (markdown)."""
+    from flows.local import run_flow
+    from orchestrator.executor import execute
+    from orchestrator.plan import plan
+
     workdir.mkdir(parents=True, exist_ok=True)
     tasks = prepare_workload(workdir, DEMO, progress=progress)
-    merged: dict[str, Path] = {}
-    for method in METHODS:
-        params = {"steps": steps} if method == "supermerge" else {}
+    config = write_merge_config(workdir / "supermerge.yaml", tasks, method="supermerge", output="merged/supermerge",
+                                parameters={"steps": steps, "batch_size": 8}, max_length=DEMO.max_length,
+                                seed=DEMO.seed, tree={"max_fan_in": 2})
+    flow = run_flow(config, overwrite=True)
+    merged: dict[str, Path] = {"supermerge": Path(flow["output"])}
+    for method in BASELINES:
         path = write_merge_config(workdir / f"{method}.yaml", tasks, method=method, output=f"merged/{method}",
-                                  parameters=params, max_length=DEMO.max_length, seed=DEMO.seed)
-        report = run_merge(load_config(path), overwrite=True, progress=progress)
-        merged[method] = report.output
-    config = load_config(workdir / "supermerge.yaml")
+                                  max_length=DEMO.max_length, seed=DEMO.seed, tree={"flat": True})
+        merged[method] = execute(plan(load_config(path)), overwrite=True, progress=progress).output
     refs = {"pretrained": None, "individual": None}
-    scores = score_models(config, {**refs, **merged}, progress=progress)
+    scores = score_models(load_config(config), {**refs, **merged}, progress=progress)
     table = results_table(
         {m: scores[m] for m in merged}, references={r: scores[r] for r in refs}, individual=scores["individual"]
     )
+    report = json.loads((merged["supermerge"] / "merge_report.json").read_text())
     return (
+        f"Hierarchical SuperMerge ran as the Prefect flow hierarchical-merge: tree {report['plan']['groups']}, "
+        f"{flow['merged']} node(s) merged and {flow['from_store']} taken from the store in {flow['seconds']:.0f} s. "
+        f"Task Arithmetic and TIES: one flat merge each, hyperparameters chosen on the validation data.\n\n"
         f"Test accuracy (%) of the merged MiniLM, {DEMO.n_test} held-out examples a task; rank among the "
         f"merges in brackets.\n\n{table}\n\nModels, data and configs: {workdir.resolve()} "
-        f"(re-run one merge: supermerge merge {workdir / 'supermerge.yaml'} --overwrite)"
+        f"(run the flow again: supermerge merge {workdir / 'supermerge.yaml'} --prefect --overwrite)"
     )

@@ -1,8 +1,9 @@
 """Memory benchmark of the orchestrator: predicted vs measured peak per merge node, flat vs fan-in 2.
 
-For each k (default 4, 8, 16) the packaged MiniLM is merged with SuperMerge twice, each run in a fresh
-Python process so nothing one run freed hides the next one's growth: once flat (one node of k inputs)
-and once as a tree of fan-in 2. Every node runs through the executor's ``run_node``, which measures
+For each k (default 4, 8, 16) the packaged MiniLM is merged three times, each run in a fresh Python
+process so nothing one run freed hides the next one's growth: with SuperMerge flat (one node of k
+inputs) and as a tree of fan-in 2, and with TIES (fixed density and lam) flat, which streams tensor by
+tensor (merge_core.stream). Every node runs through the executor's ``run_node``, which measures
 its peak as RSS growth over the node (the kernel's high-water mark, reset at the node's start; see
 orchestrator/measure.py). The run's whole-process peak (``ru_maxrss``) is reported too.
 
@@ -12,10 +13,10 @@ random labelled validation examples of 32 tokens. They cost exactly what real fi
 model cost in memory, and take seconds instead of minutes to make; their accuracy means nothing, so
 it is not reported here.
 
-    python -m bench.memory_bench --workdir /tmp/memory-bench --json memory.json --markdown memory.md
+    python -m bench.memory_bench --workdir /tmp/memory-bench --json memory.json --markdown docs/perf/memory.md
 
 prints one table per node (predicted, measured, measured / predicted) and one per k (flat peak,
-fan-in 2 peak, their ratio). SuperMerge runs one step by default: the peak comes in the first step's
+fan-in 2 peak, their ratio, the streamed TIES peak). SuperMerge runs one step by default: the peak comes in the first step's
 backward pass; later steps add a few percent (848 -> 880 MiB over 6 steps for a 2-input node), which
 ``--steps`` shows. Torch runs on one thread (``--threads``): on a small shared machine more threads
 only spin, and the memory is the same.
@@ -36,6 +37,11 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+MODES = ("flat", "fanin2", "stream")
+"""SuperMerge flat and as a fan-in-2 tree; TIES with fixed parameters, streamed tensor by tensor."""
+
+STREAMED_TIES = {"density": 0.2, "lam": 1.0}
 
 NOISE = 1e-3
 """Standard deviation of each synthetic fine-tune's weight noise (a pair shares half of it)."""
@@ -96,10 +102,11 @@ def run_case(workdir: Path, k: int, mode: str, steps: int, threads: int) -> dict
     models = make_synthetic_models(workdir, k)
     case = workdir / "runs" / f"k{k}-{mode}"
     shutil.rmtree(case, ignore_errors=True)
-    tree = {"flat": True} if mode == "flat" else {"max_fan_in": 2}
+    tree = {"max_fan_in": 2} if mode == "fanin2" else {"flat": True}
+    method, params = ("ties", STREAMED_TIES) if mode == "stream" else ("supermerge", {"steps": steps})
     config = parse_config({
-        "base": str(minilm_dir()), "output": str(case / "merged"), "method": "supermerge",
-        "parameters": {"steps": steps}, "models": models, "device": "cpu", "tree": tree,
+        "base": str(minilm_dir()), "output": str(case / "merged"), "method": method,
+        "parameters": params, "models": models, "device": "cpu", "tree": tree,
     })
     started = time.perf_counter()
     merge_plan = plan(config)
@@ -138,27 +145,34 @@ def _mb(n: float) -> str:
 
 def tables(cases: list[dict[str, Any]]) -> str:
     """Markdown: per-node measured vs predicted, then flat vs fan-in 2 per k."""
-    lines = ["| k | tree | node | inputs | tasks | predicted MiB | measured MiB | measured / predicted |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| k | tree | node | inputs | tasks | paper's eq. 6 MiB | predicted MiB | measured MiB "
+             "| measured / predicted | measured / eq. 6 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         for n in c["nodes"]:
-            lines.append(f"| {c['k']} | {c['mode']} | {n['node']} | {n['inputs']} | {n['tasks']} | "
-                         f"{_mb(n['predicted_bytes'])} | {_mb(n['measured_bytes'])} | {n['ratio']:.2f} |")
+            eq6 = n["predicted_terms"]["eq6"]
+            lines.append(f"| {c['k']} | {c['mode']} | {n['node']} | {n['inputs']} | {n['tasks']} | {_mb(eq6)} | "
+                         f"{_mb(n['predicted_bytes'])} | {_mb(n['measured_bytes'])} | {n['ratio']:.2f} | "
+                         f"{n['measured_bytes'] / eq6:.2f} |" if eq6 else
+                         f"{_mb(n['predicted_bytes'])} | {_mb(n['measured_bytes'])} | {n['ratio']:.2f} | - |")
     ratios = [n["ratio"] for c in cases for n in c["nodes"]]
     lines += ["", f"measured / predicted over {len(ratios)} nodes: min {min(ratios):.2f}, max {max(ratios):.2f}", ""]
     lines += ["| k | flat: peak node MiB | fan-in 2: peak node MiB | node peak ratio (fan-in 2 / flat) "
-              "| flat: process peak RSS MiB | fan-in 2: process peak RSS MiB | process ratio | seconds flat / fan-in 2 |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| flat: process peak RSS MiB | fan-in 2: process peak RSS MiB | process ratio | seconds flat / fan-in 2 "
+              "| streamed TIES: node peak MiB | streamed TIES seconds |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     by = {(c["k"], c["mode"]): c for c in cases}
     for k in sorted({c["k"] for c in cases}):
-        flat, tree = by.get((k, "flat")), by.get((k, "fanin2"))
+        flat, tree, stream = by.get((k, "flat")), by.get((k, "fanin2")), by.get((k, "stream"))
         if flat is None or tree is None:
             continue
         fp = max(n["measured_bytes"] for n in flat["nodes"])
         tp = max(n["measured_bytes"] for n in tree["nodes"])
         fr, tr = flat["process_peak_rss_bytes"], tree["process_peak_rss_bytes"]
+        streamed = (f"{_mb(max(n['measured_bytes'] for n in stream['nodes']))} | {stream['seconds']:.0f}"
+                    if stream is not None else "- | -")
         lines.append(f"| {k} | {_mb(fp)} | {_mb(tp)} | {tp / fp:.2f} | {_mb(fr)} | {_mb(tr)} | {tr / fr:.2f} "
-                     f"| {flat['seconds']:.0f} / {tree['seconds']:.0f} |")
+                     f"| {flat['seconds']:.0f} / {tree['seconds']:.0f} | {streamed} |")
     return "\n".join(lines)
 
 
@@ -181,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     make_synthetic_models(args.workdir, max(args.ks))
     cases = [_in_subprocess(args.workdir, k, mode, args.steps, args.threads)
-             for k in args.ks for mode in ("flat", "fanin2")]
+             for k in args.ks for mode in MODES]
     text = tables(cases)
     command = "python -m bench.memory_bench " + " ".join(sys.argv[1:] if argv is None else argv)
     print(text)

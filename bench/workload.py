@@ -111,9 +111,10 @@ def prepare_workload(workdir: Path, config: WorkloadConfig, *, progress: bool = 
 
 def write_merge_config(
     path: Path, tasks: list[TaskModel], *, method: str, output: str, parameters: dict[str, Any] | None = None,
-    max_length: int = 64, seed: int = 0,
+    max_length: int = 64, seed: int = 0, tree: dict[str, Any] | None = None,
 ) -> Path:
-    """A ``supermerge merge`` config for these tasks, paths relative to the config's folder."""
+    """A ``supermerge merge`` config for these tasks, paths relative to the config's folder; ``tree``:
+    its ``tree:`` section (default: the planner's choice)."""
     root = path.parent
 
     def rel(p: Path) -> str:
@@ -130,6 +131,7 @@ def write_merge_config(
             {"name": t.name, "path": rel(t.path), "validation": rel(t.validation), "test": rel(t.test)}
             for t in tasks
         ],
+        **({"tree": tree} if tree else {}),
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -93,17 +93,16 @@ print(f"[e2e] run 1: {type(model).__name__} loads from {out}; {len(nodes)} nodes
 EOF
 
 say "registering rb: its event should trigger run 2"
-"$PY" - "$WORK/ws" <<'EOF'
+read -r RB_NAME RB_PATH RB_VAL BASE < <("$PY" - "$WORK/ws" <<'EOF'
 import sys
 from pathlib import Path
 import yaml
-from flows.registry import register_command
 ws = Path(sys.argv[1])
 m = yaml.safe_load((ws / "arriving.yaml").read_text())
-base = yaml.safe_load((ws / "config.yaml").read_text())["base"]
-sys.exit(register_command([m["path"], "--task", m["name"], "--val", m["validation"], "--registry", str(ws / "registry"),
-                           "--base", base]))
+print(m["name"], m["path"], m["validation"], yaml.safe_load((ws / "config.yaml").read_text())["base"])
 EOF
+)
+supermerge register "$RB_PATH" --task "$RB_NAME" --val "$RB_VAL" --registry "$WORK/ws/registry" --base "$BASE"
 
 "$PY" - "$WORK/ws/out/merged" <<'EOF'
 import asyncio, json, sys, time

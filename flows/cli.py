@@ -23,7 +23,7 @@ example config (paths relative to the config file):
   base: models/base                 # HF model dir or .safetensors of the pretrained model
   output: merged/supermerge         # written atomically; refused if it exists (use --overwrite)
   method: supermerge                # see `supermerge methods`
-  parameters: {steps: 100, lr: 0.01}  # a list value is searched on the validation data
+  parameters: {steps: 100, lr: 0.05}  # a list value is searched on the validation data
   models:
     - name: sentiment
       path: models/sentiment        # full fine-tune dir, .safetensors, or a PEFT LoRA/IA3 adapter dir
@@ -80,10 +80,14 @@ def cmd_plan(config_path: Path, *, device: str | None, memory_budget: str | None
 
 def cmd_merge(
     config_path: Path, *, output: Path | None, method: str | None, device: str | None, overwrite: bool,
-    memory_budget: str | None = None, max_fan_in: int | None = None, flat: bool = False,
+    memory_budget: str | None = None, max_fan_in: int | None = None, flat: bool = False, prefect: bool = False,
 ) -> int:
     """Plan the merge tree (refusing before any work if it cannot fit), run it bottom-up through the
-    checkpoint store, and print where the result is and how well it scores."""
+    checkpoint store, and print where the result is and how well it scores. ``prefect``: run it as the
+    ``hierarchical-merge`` flow (Prefect's embedded default, or the server at PREFECT_API_URL)."""
+    if prefect:
+        return _merge_with_prefect(config_path, output=output, method=method, device=device, overwrite=overwrite,
+                                   memory_budget=memory_budget, max_fan_in=max_fan_in, flat=flat)
     from orchestrator.executor import REPORT_FILE, execute
     from orchestrator.memory import format_bytes
     from orchestrator.plan import plan
@@ -108,6 +112,18 @@ def cmd_merge(
         print("validation accuracy: " + _fmt(report.val_accuracy))
     if report.test_accuracy:
         print("test accuracy:       " + _fmt(report.test_accuracy))
+    return 0
+
+
+def _merge_with_prefect(config_path: Path, *, output: Path | None, **options) -> int:
+    from flows.local import run_flow
+
+    result = run_flow(config_path, output=str(output.resolve()) if output else None, evaluate=True, **options)
+    print(f"merged with the hierarchical-merge flow in {result['seconds']:.1f} s -> {result['output']}")
+    print(f"tree: {len(result['nodes'])} merge(s): {result['merged']} merged, {result['from_store']} from the store; "
+          f"slots {result['slots']}; per node: {Path(result['output']) / 'merge_report.json'}")
+    if result["test_accuracy"]:
+        print("test accuracy:       " + _fmt(result["test_accuracy"]))
     return 0
 
 
@@ -142,7 +158,8 @@ def cmd_methods() -> int:
 
 
 def cmd_demo(workdir: Path, *, steps: int) -> int:
-    """Real end-to-end run: the packaged MiniLM, fine-tuned briefly on two real tasks, merged."""
+    """Real end-to-end run: the packaged MiniLM fine-tuned briefly on four real tasks, merged as a tree by
+    the Prefect flow hierarchical-merge (embedded server), with flat baselines beside it."""
     from bench.demo import run_demo
 
     print(run_demo(workdir, steps=steps, progress=True))
@@ -184,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="override the config's method (see `supermerge methods`)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    p.add_argument("--prefect", action="store_true",
+                   help="run as the Prefect flow hierarchical-merge (embedded server unless PREFECT_API_URL is set)")
     _tree_options(p)
 
     p = sub.add_parser("plan", help="show the merge tree, each node's predicted memory and device, the fan-in")
@@ -202,11 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="the multi-task benchmark (docs/benchmarks.md); `supermerge bench --help`",
                    add_help=False)
+    sub.add_parser("register", help="check a new task model and add it to a registry; emits the Prefect event "
+                   "that re-merges (`supermerge register --help`)", add_help=False)
 
-    p = sub.add_parser("demo", help="fine-tune the packaged MiniLM on two real tasks and merge them")
+    p = sub.add_parser("demo", help="fine-tune the packaged MiniLM on four real tasks, merge them as a Prefect flow")
     p.add_argument("--workdir", type=Path, default=Path("supermerge-demo"),
                    help="where data, fine-tuned models and merges are cached (default ./supermerge-demo)")
-    p.add_argument("--steps", type=int, default=60, help="SuperMerge training steps")
+    p.add_argument("--steps", type=int, default=40, help="SuperMerge training steps")
     return parser
 
 
@@ -216,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.benchmark import main as bench_main  # its own flags, passed through untouched
 
         return bench_main(argv[1:])
+    if argv[:1] == ["register"]:
+        from flows.registry import register_command  # its own flags (flows/registry.py)
+
+        return register_command(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -223,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "merge":
             return cmd_merge(args.config, output=args.output, method=args.method, device=args.device,
                              overwrite=args.overwrite, memory_budget=args.memory_budget,
-                             max_fan_in=args.max_fan_in, flat=args.flat)
+                             max_fan_in=args.max_fan_in, flat=args.flat, prefect=args.prefect)
         if args.command == "plan":
             return cmd_plan(args.config, device=args.device, memory_budget=args.memory_budget,
                             max_fan_in=args.max_fan_in, flat=args.flat)

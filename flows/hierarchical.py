@@ -133,6 +133,7 @@ def outcomes(futures: dict[str, PrefectFuture[Any]]) -> tuple[dict[str, NodeReco
 @flow(name=FLOW_NAME)
 def hierarchical_merge(
     config: str,
+    output: str | None = None,
     method: str | None = None,
     max_fan_in: int | None = None,
     memory_budget: str | None = None,
@@ -145,14 +146,14 @@ def hierarchical_merge(
 ) -> dict[str, Any]:
     """Merge the models a YAML config names as a tree of merges; publish the root to its output.
 
-    ``method``, ``max_fan_in``, ``memory_budget``, ``flat``, ``device`` override the config as the
-    ``supermerge merge`` options do. ``replan``: cluster from scratch instead of growing the tree
+    ``output``, ``method``, ``max_fan_in``, ``memory_budget``, ``flat``, ``device`` override the config as
+    the ``supermerge merge`` options do. ``replan``: cluster from scratch instead of growing the tree
     published at the output; ``max_parallel``: at most this many CPU nodes at once.
     """
     logger = get_run_logger()
     started = time.perf_counter()
-    merge_config = _load_merge_config(Path(config), method=method, device=device, memory_budget=memory_budget,
-                                      max_fan_in=max_fan_in, flat=flat)
+    merge_config = _load_merge_config(Path(config), output=Path(output) if output else None, method=method,
+                                      device=device, memory_budget=memory_budget, max_fan_in=max_fan_in, flat=flat)
     if merge_config.output.exists() and not overwrite:
         raise CheckpointError(f"{merge_config.output} already exists; choose another output or pass overwrite=True")
     plan = plan_with_previous(merge_config, replan=replan)

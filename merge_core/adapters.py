@@ -126,6 +126,20 @@ def load_adapter_task_vector(path: str | os.PathLike[str], base: Checkpoint) -> 
     return AdapterTaskVector(deltas=deltas, head=head, kind=kind, config=config)
 
 
+def check_adapter(path: str | os.PathLike[str], base: Checkpoint) -> None:
+    """Refuse, before any merge runs, what ``load_adapter_task_vector`` would refuse later: an
+    unsupported adapter type or option, targets that do not fit ``base`` (an adapter made for another
+    model), or a tensor holding NaN or Inf. Reads the adapter's tensors (small), not the base's."""
+    path = Path(path)
+    config = read_adapter_config(path)
+    kind = adapter_kind(config, path)
+    weights = adapter_weights_file(path)
+    with open_checkpoint(weights) as adapter:
+        _plan(adapter, base, config, kind, weights)
+        for key in adapter.keys():
+            _read(adapter, key, weights)
+
+
 def read_adapter_config(path: Path) -> dict[str, Any]:
     """The parsed ``adapter_config.json`` of an adapter dir."""
     config_file = path / ADAPTER_CONFIG

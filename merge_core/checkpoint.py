@@ -4,18 +4,24 @@ Reading never unpickles: safetensors files are memory-mapped headers plus tensor
 the legacy ``pytorch_model.bin`` is loaded with ``torch.load(weights_only=True, mmap=True)``, which
 refuses arbitrary Python objects. Writing produces a directory ``transformers`` loads directly
 (``config.json`` and tokenizer files from the base, sharded safetensors + index) and appears only when
-complete: it is written to a temporary sibling and renamed into place.
+complete: it is written to a temporary sibling and renamed into place. Its ``supermerge.json`` records
+the sha256 of every other file in the dir (``checksums``), so a reader can tell a whole model from one
+cut or changed after it was written (``verify_checksums``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +42,9 @@ SAFETENSORS_SINGLE = "model.safetensors"
 BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 RECORD_FILE = "supermerge.json"
+CHECKSUMS_FIELD = "checksums"
+"""The field of ``supermerge.json`` mapping each other file of the model dir (its path relative to the
+dir, with ``/``) to the sha256 of its bytes, written once the files are complete."""
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 """Shard size of written models (bytes); transformers' own default is 5 GB, smaller shards make a
 partial rewrite cheaper and keep peak I/O buffers small."""
@@ -98,7 +107,7 @@ class Checkpoint:
                 self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
             except (SafetensorError, OSError, ValueError) as e:
                 raise CheckpointError(
-                    f"{f} is not a readable safetensors file ({e}); it may be truncated: copy it again"
+                    f"{f} is not a readable safetensors file ({e}); it may be truncated or corrupted: copy it again"
                 ) from e
         return self._handles[f]
 
@@ -177,7 +186,7 @@ def _single_file(f: Path) -> dict[str, Path]:
             return {name: f for name in handle.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(
-            f"{f} is not a readable safetensors file ({e}); it may be truncated: copy it again"
+            f"{f} is not a readable safetensors file ({e}); it may be truncated or corrupted: copy it again"
         ) from e
 
 
@@ -187,13 +196,22 @@ def _load_bin(f: Path) -> dict[str, Tensor]:
         state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError or others for bad files
         raise CheckpointError(
-            f"{f} cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"{f} cannot be loaded safely ({type(e).__name__}: {_load_failure(e)}); "
             "supermerge never unpickles arbitrary objects: convert the model to safetensors "
             "(model.save_pretrained(dir, safe_serialization=True)) and point to that"
         ) from e
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{f} does not hold a flat dict of tensors (a state_dict)")
     return state
+
+
+def _load_failure(e: Exception) -> str:
+    """The line of torch.load's error that says what was refused: for a pickle holding other objects
+    than tensors, the global it would have imported ('Unsupported global: ...'), else the first line."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+    refused = [line.split("WeightsUnpickler error: ", 1)[-1].split(". Please use")[0]
+               for line in lines if "Unsupported global" in line]
+    return refused[0] if refused else next((line for line in lines if line), "no message")
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -346,6 +364,18 @@ def atomic_model_dir(out_dir: str | os.PathLike[str], *, overwrite: bool = False
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         yield tmp
+        move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s", out)
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the complete dir ``tmp`` to ``out`` (its sibling), replacing an ``out`` that was there
+    when the write began. An ``out`` that another process put in place meanwhile is not clobbered by
+    accident: the rename fails, and that is said plainly."""
+    try:
         if out.exists():
             trash = out.parent / f".{out.name}.replaced"
             if trash.exists():
@@ -355,10 +385,13 @@ def atomic_model_dir(out_dir: str | os.PathLike[str], *, overwrite: bool = False
             shutil.rmtree(trash)
         else:
             tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("wrote %s", out)
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        raise CheckpointError(
+            f"{out} was created by another process while this one was writing it; nothing of this run "
+            "was put there: choose another output, or pass --overwrite to replace it"
+        ) from None
 
 
 def finish_model_dir(
@@ -376,11 +409,74 @@ def finish_model_dir(
             if src.is_file():
                 shutil.copy2(src, folder / name)
     for rel, data in (extra_files or {}).items():
-        target = folder / rel
+        target = _inside(folder, rel)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
-    (folder / RECORD_FILE).write_text(json.dumps(dict(record), indent=2, sort_keys=True, default=str))
     (folder / "README.md").write_text(_model_card(record))
+    record = {**record, CHECKSUMS_FIELD: model_dir_checksums(folder)}
+    (folder / RECORD_FILE).write_text(json.dumps(dict(record), indent=2, sort_keys=True, default=str))
+
+
+def _inside(folder: Path, rel: str) -> Path:
+    """``folder / rel``, refused when ``rel`` would leave ``folder`` (an absolute path, ``..``): file
+    names come from task names and stored heads, and a model dir writes nowhere but inside itself."""
+    target = (folder / rel).resolve()
+    if Path(rel).is_absolute() or not target.is_relative_to(folder.resolve()):
+        raise CheckpointError(
+            f"refusing to write {rel!r}: it is outside the model dir {folder}; a file name in a model dir "
+            "must be a relative path without '..'"
+        )
+    return folder / rel
+
+
+# --- checksums -------------------------------------------------------------------------------------
+
+_DIGESTS: dict[tuple[int, int, int, int, int], str] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
+def file_sha256(f: Path) -> str:
+    """sha256 of a file's bytes (hex). Remembered per (device, inode, size, mtime, ctime), so a file
+    checked once in this process is not read again while it is unchanged: a resumed run checks each
+    stored node before reusing it and again before reading it back as an input (about 1 GB/s each)."""
+    st = f.stat()
+    signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _DIGESTS_LOCK:
+        known = _DIGESTS.get(signature)
+    if known is not None:
+        return known
+    with f.open("rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    with _DIGESTS_LOCK:
+        _DIGESTS[signature] = digest
+    return digest
+
+
+def model_dir_checksums(folder: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under ``folder`` but ``supermerge.json`` (which holds them)."""
+    return {
+        f.relative_to(folder).as_posix(): file_sha256(f)
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.relative_to(folder).as_posix() != RECORD_FILE
+    }
+
+
+def verify_checksums(folder: Path, record: Mapping[str, Any]) -> str | None:
+    """Why ``folder``'s files are not the ones its record's checksums describe, or None when every
+    recorded file is there with the bytes it was written with. Files the record does not list (a
+    published model's ``merge_report.json``) are not checked."""
+    sums = record.get(CHECKSUMS_FIELD)
+    if not isinstance(sums, dict) or not sums:
+        return f"{folder / RECORD_FILE} records no checksums, so its files cannot be verified"
+    for rel, expected in sorted(sums.items()):
+        f = folder / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            return f"{folder / RECORD_FILE} lists {rel!r}, which is not a file inside the model dir"
+        if not f.is_file():
+            return f"{f} is missing"
+        if file_sha256(f) != expected:
+            return f"{f} does not have the sha256 recorded when it was written (it was changed or cut since)"
+    return None
 
 
 # --- streaming writer: shard layout planned from shapes, each tensor written as it arrives ---------

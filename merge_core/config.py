@@ -84,6 +84,30 @@ class MergeConfig(_Strict):
             raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         return self
 
+    @model_validator(mode="after")
+    def _output_apart_from_inputs(self) -> MergeConfig:
+        """The output (and, with --overwrite, what it replaces) never holds an input: an output inside
+        an input's folder would write into it, an input inside the output would be deleted with it."""
+        output = self.output.resolve()
+        inputs = {"base": self.base, "registry": self.registry}
+        for m in self.models:
+            inputs.update({f"models[{m.name}].{what}": getattr(m, what) for what in ("path", "validation", "test")})
+        clashes = []
+        for what, p in inputs.items():
+            if p is None:
+                continue
+            folder = p.resolve()
+            if folder.is_file() and (folder.parent / "config.json").is_file():
+                folder = folder.parent  # a model's weights file: its model dir is the input
+            if output.is_relative_to(folder) or folder.is_relative_to(output):
+                clashes.append(f"{what} {p}")
+        if clashes:
+            raise ValueError(
+                f"output {self.output} overlaps the input(s) {', '.join(clashes)}; writing it would change or "
+                "delete them: choose an output outside every input folder"
+            )
+        return self
+
     def missing_files(self) -> list[str]:
         problems = []
         if not self.base.exists():

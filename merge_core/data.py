@@ -111,17 +111,30 @@ def load_task_data(path: str | os.PathLike[str], tokenizer=None, max_length: int
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        tensors = load_file(path)
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DataError(
+                f"data file {path} is not a readable safetensors file ({e}); write it again with "
+                "merge_core.data.save_task_data, or give the examples as .jsonl"
+            ) from None
         if "labels" not in tensors:
             raise DataError(f"{path}: no 'labels' tensor; supervised merges need labels")
         labels = tensors.pop("labels")
         return TaskData(tensors, labels)
     if path.suffix not in (".jsonl", ".json"):
         raise DataError(f"{path}: expected .jsonl (text, label per line) or .safetensors")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(
+            f"data file {path} cannot be read as UTF-8 text ({e}); check the file and its permissions"
+        ) from None
     texts, labels = [], []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

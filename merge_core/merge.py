@@ -108,11 +108,14 @@ def merge(
     device: str = "cpu",
     progress: bool = False,
     model: FunctionalModel | None = None,
+    task_vector_device: str | None = None,
 ) -> MergeResult:
     """Merge ``vectors`` (task vectors against ``base_path``) with ``method``.
 
     ``params``: method hyperparameters; a list means "search these on the validation data". ``val``:
     task name -> validation data (labelled for SuperMerge and grid searches, inputs for AdaMerging).
+    ``task_vector_device``: where a learned merge keeps its stacked task vectors (default: the model's
+    device; 'cpu' on a GPU run offloads them to pinned host memory, see ``stack_task_vectors``).
     """
     started = time.perf_counter()
     spec = get_method(method)
@@ -122,7 +125,7 @@ def merge(
         _check_inputs(spec, vectors, val, needs_val=True)
         if model is None:
             model = FunctionalModel(base_path, kind, device)
-        result = _merge_learned(spec, base_path, vectors, config, val or {}, model, progress)
+        result = _merge_learned(spec, base_path, vectors, config, val or {}, model, progress, task_vector_device)
     else:
         candidates = _candidates(spec, params)
         _check_inputs(spec, vectors, val, needs_val=len(candidates) > 1)
@@ -242,6 +245,7 @@ def _merge_learned(
     val: Mapping[str, TaskData],
     model: FunctionalModel,
     progress: bool,
+    task_vector_device: str | None = None,
 ) -> MergeResult:
     from merge_core.methods.learned import stack_task_vectors
 
@@ -250,9 +254,10 @@ def _merge_learned(
     with open_checkpoint(base_path) as base:
         names = mergeable_names(base)
         base_params = model.base_params(names)
-        stacked = stack_task_vectors(base_params, vectors, config.storage_dtype, model.device)
+        stacked = stack_task_vectors(base_params, vectors, config.storage_dtype, model.device, task_vector_device)
         data = {t: val[t] for v in vectors for t in v.tasks}
-        learned = train_merge_weights(model, base_params, stacked, heads_dev, data, config, progress=progress)
+        learned = train_merge_weights(model, base_params, stacked, heads_dev, data, config, progress=progress,
+                                      tasks_per_input=[len(v.tasks) for v in vectors])
         with torch.no_grad():
             merged = combine(base_params, stacked, learned.coefficients.to(model.device), learned.group_of)
         del stacked

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,7 +191,7 @@ def stream_merge(
     head_prefixes: Sequence[str] = DEFAULT_HEAD_PREFIXES,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
-    extra_record: Mapping[str, Any] | None = None,
+    extra_record: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
     progress: bool = False,
 ) -> Path:
     """Merge ``models`` ((name, path) of full fine-tunes or adapters of ``base_path``) with a per-tensor
@@ -199,6 +199,8 @@ def stream_merge(
 
     Writes what ``merge(...)`` then ``save_result(...)`` would (the same tensors bit for bit, heads,
     ``supermerge.json`` plus ``extra_record``), atomically: on any error nothing appears at ``output``.
+    ``extra_record`` may be a function, called once every tensor is written: what it returns (say,
+    the merge's measured cost) goes into the record.
     ``shard_bytes``: the largest output shard (bytes). Validation data is never read: to score the
     result, load it afterwards. Returns ``output``.
     """
@@ -218,8 +220,9 @@ def stream_merge(
                 max_shard_bytes=shard_bytes, progress=False,
             )
             result = MergeResult(spec.name, {}, heads, dict(chosen), seconds=time.perf_counter() - started)
+            extra = extra_record() if callable(extra_record) else extra_record
             record = {**result_record(result, base_path=base_path, models={n: str(p) for n, p in paths}),
-                      **(extra_record or {})}
+                      **(extra or {})}
             finish_model_dir(tmp, config_from=config_dir(base_path), record=record, extra_files=_head_files(heads))
     log.info("%s: streamed %d models into %s in %.1f s", spec.name, len(paths), output,
              time.perf_counter() - started)

@@ -123,6 +123,14 @@ def _finite(t: Tensor, what: str, path: Path) -> Tensor:
     return t
 
 
+def check_finite(checkpoint: Checkpoint) -> None:
+    """Every floating-point tensor of ``checkpoint`` holds only finite values; the first that does not
+    is named in a TaskVectorError. Reads one tensor at a time (the whole file once)."""
+    for name in checkpoint.keys():
+        if checkpoint.dtype(name).is_floating_point:
+            _finite(checkpoint.get(name), name, checkpoint.path)
+
+
 def read_delta(base: Checkpoint, finetuned: Checkpoint, names: NameMap, name: str) -> Tensor:
     """``theta_f - theta_p`` for one base tensor, fp32, with a finiteness check on both sides."""
     ft = _finite(finetuned.get(names.prefix + name), names.prefix + name, finetuned.path)

@@ -22,3 +22,8 @@ class MemoryBudgetError(OrchestratorError):
 
 class StoreError(OrchestratorError):
     """The checkpoint store holds something inconsistent, or a node's inputs changed since planning."""
+
+
+class NodeOutOfMemoryError(OrchestratorError):
+    """A merge node ran out of memory while it ran (more than predicted was needed, or other work took
+    the memory): that node fails; nodes finished before it stay in the store for the next run."""

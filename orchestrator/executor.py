@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from merge_core.checkpoint import RECORD_FILE, open_checkpoint
+from merge_core.checkpoint import RECORD_FILE, move_into_place, open_checkpoint
 from merge_core.config import MergeConfig
 from merge_core.errors import CheckpointError, DataError
 from merge_core.evaluate import evaluate
@@ -173,15 +173,7 @@ def publish(
                 _link_or_copy(src, dst)
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
-        if output.exists():
-            trash = output.parent / f".{output.name}.replaced"
-            if trash.exists():
-                shutil.rmtree(trash)
-            output.rename(trash)
-            tmp.rename(output)
-            shutil.rmtree(trash)
-        else:
-            tmp.rename(output)
+        move_into_place(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

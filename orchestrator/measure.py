@@ -135,6 +135,21 @@ class PeakMeter:
             self._sampler.start()
         return self
 
+    def current(self) -> PeakReading:
+        """The peak so far, inside the block (the block's writer records it before the block ends)."""
+        if self._sampler is not None:
+            peak, method = max(self._sampler.peak, psutil.Process().memory_info().rss), "sampled"
+        else:
+            peak, method = _high_water_mark(), "vmhwm"
+        return self._reading(peak, method)
+
+    def _reading(self, peak: int, method: str) -> PeakReading:
+        device_bytes = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            device_bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._device_start)
+        return PeakReading(max(0, peak - self._start), device_bytes, method)
+
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
@@ -142,8 +157,4 @@ class PeakMeter:
             peak, method = self._sampler.stop(), "sampled"
         else:
             peak, method = _high_water_mark(), "vmhwm"
-        device_bytes = None
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            device_bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._device_start)
-        self.reading = PeakReading(max(0, peak - self._start), device_bytes, method)
+        self.reading = self._reading(peak, method)

@@ -7,10 +7,13 @@ vectors. Running it (merge_core.merge) holds more, and ``predict_node_peak_bytes
 - the stacked copy of the task vectors, ``(k, *shape)`` per tensor, which merge_core builds while the
   loaded ones are still held (so the task vectors are paid twice);
 - the merged parameters ``theta_p + sum_i f(W_i) tau_i``, built once per training step;
-- the gradients w.r.t. them during backward (they pass through one tensor at a time; the largest, the
-  embedding matrix, is held whole);
-- the activations autograd keeps for one step: every task of the node's subtree runs its batch through
-  the model before the single backward, so they grow with the tasks, not with the fan-in;
+- the gradients w.r.t. them: by default (``backward: per_task``) each task's batch runs forward and
+  backward alone and its gradient w.r.t. the merged tensors is accumulated, so a whole model's worth
+  is held; with ``backward: joint`` they pass through one tensor at a time (the largest, the
+  embedding matrix, held whole);
+- the activations autograd keeps for one step: one task's batch at a time by default, so they follow
+  the largest batch, not the number of tasks beneath the node; with ``backward: joint`` every task's
+  batch runs before the single backward and they grow with the tasks;
 - a small constant for what is in flight besides (activation gradients during backward, temporaries).
 
 The model's code, which a process imports once (75-130 MB for BERT), is imported while planning
@@ -79,6 +82,10 @@ measured peaks of all 28 nodes of ``bench/memory_bench.py`` (k = 4, 8, 16; flat 
 the counted tensors alone already cover them; ``merged_param_grads`` is the likely excess (the
 embedding's gradient arrives at the end of backward, when most activations are freed). Kept as a
 margin, not fitted."""
+
+
+STREAM_RUNTIME_BYTES = 8 * 2**20
+"""A streamed merge's small change: heads, the shard writer's header, the safetensors handles."""
 
 
 # --- what the planner knows about the model and one node ------------------------------------------
@@ -177,6 +184,8 @@ class NodeWorkload:
     n_groups: int
     batches: tuple[tuple[int, int], ...]
     learned: bool = True
+    per_task_backward: bool = True
+    """A learned merge's ``backward`` setting: per_task (the default) or joint."""
     candidates: int = 1
     """Grid-search candidates of a per-tensor method (the best one is kept beside the current one)."""
     stack_bytes_per_value: int = FP32
@@ -185,6 +194,16 @@ class NodeWorkload:
     scaled_search: bool = False
     """The method is affine in a scale parameter, so its grid search also holds the unscaled merge
     direction (merge_core.merge's ``_grid_params``): a third model-sized copy."""
+    streamed: bool = False
+    """A per-tensor method with fixed parameters, merged disk to disk one tensor at a time
+    (merge_core.stream): ``loaded_values`` then counts only adapters' compact deltas (full models are
+    read tensor by tensor), and nothing runs the model."""
+    temporaries: tuple[float, float] = (0.0, 0.0)
+    """A per-tensor method's op temporaries (``MethodSpec.temporaries``)."""
+    mapped_bytes: int = 0
+    """File pages a streamed merge holds mapped at most: it unmaps its inputs after every
+    ``merge_core.stream.UNMAP_BYTES`` read, so that plus one tensor of each input, or all the input
+    files where they are smaller (``streamed_mapped_bytes``)."""
 
 
 @dataclass(frozen=True)
@@ -207,11 +226,19 @@ class PeakBytes:
     merged_params: int
     """The merged model built each step (two of them during a grid search: current and best)."""
     merged_param_grads: int
-    """Gradients w.r.t. the merged tensors during backward (the largest tensor's, held whole)."""
+    """Gradients w.r.t. the merged tensors: all of them, accumulated over the tasks (per-task
+    backward), or the largest tensor's, held whole while it passes (joint backward)."""
     activations: int
-    """What autograd keeps for one step: every task's batch (or one scoring batch without grad)."""
+    """What autograd keeps for one step: the largest task batch (per-task backward), every task's
+    batch (joint backward), or one scoring batch without grad."""
     runtime: int
     """Running a model's working memory beyond tensors (see RUNTIME_BYTES)."""
+    op_temporaries: int = 0
+    """A per-tensor method's working copies while it merges the largest tensor (``MethodSpec.temporaries``:
+    TIES' trimmed copy, masks and sign election; DARE's masks), its result included."""
+    transfer_buffers: int = 0
+    """On a GPU whose task vectors stay in host memory: the fp32 chunk of every model's task vector
+    that each step copies to the GPU (merge_core.methods.learned._ChunkedSum), with its source copy."""
     device_terms: tuple[str, ...] = ()
     """Terms that live on the node's accelerator; the rest are host RAM. Empty on CPU."""
 
@@ -244,6 +271,14 @@ class PeakBytes:
                 "host": self.host_bytes, "peak": self.peak}
 
 
+def streamed_mapped_bytes(largest_tensor_bytes: int, k: int, input_bytes: int) -> int:
+    """File pages a streamed merge of ``k`` inputs maps at most (see ``NodeWorkload.mapped_bytes``):
+    ``largest_tensor_bytes`` as stored, ``input_bytes`` the base's and the inputs' weight files."""
+    from merge_core.stream import UNMAP_BYTES
+
+    return min(input_bytes, UNMAP_BYTES + (k + 1) * largest_tensor_bytes)
+
+
 def activation_bytes(shape: ModelShape, examples: int, seq_len: int) -> int:
     """Bytes autograd keeps for one batch of ``examples`` x ``seq_len`` tokens through the model."""
     per_token = (shape.layers * (ACTIVATION_VALUES_PER_HIDDEN * shape.hidden
@@ -267,13 +302,28 @@ def _eval_activation_bytes(shape: ModelShape, batches: Sequence[tuple[int, int]]
 
 
 def predict_node_peak_bytes(
-    shape: ModelShape, work: NodeWorkload, device: Literal["cpu", "cuda"] = "cpu"
+    shape: ModelShape, work: NodeWorkload, device: Literal["cpu", "cuda"] = "cpu", *, offload: bool = False
 ) -> PeakBytes:
-    """Predict a node's peak memory, per term (see the module docstring)."""
+    """Predict a node's peak memory, per term (see the module docstring). ``offload``: on a GPU, the
+    stacked task vectors stay in host memory and are copied over chunk by chunk each step."""
     n = shape.n_params
     trainable = work.k * work.n_groups if work.learned else 0
+    if work.streamed:
+        per_model, constant = work.temporaries
+        tensor = FP32 * shape.largest_tensor
+        return PeakBytes(
+            model_weights=0, merge_weight_grads=0, optimizer_state=0,
+            task_vectors=FP32 * work.loaded_values,
+            merge_weights=0,
+            stacked_task_vectors=work.k * tensor,
+            merged_params=0,
+            merged_param_grads=0, activations=0,
+            op_temporaries=int((per_model * work.k + constant) * tensor),
+            runtime=work.mapped_bytes + STREAM_RUNTIME_BYTES,
+        )
     if work.learned:
-        acts = sum(activation_bytes(shape, b, s) for b, s in work.batches)
+        per_batch = [activation_bytes(shape, b, s) for b, s in work.batches]
+        acts = max(per_batch, default=0) if work.per_task_backward else sum(per_batch)
         terms = PeakBytes(
             model_weights=FP32 * n,
             merge_weight_grads=FP32 * trainable,
@@ -282,7 +332,7 @@ def predict_node_peak_bytes(
             merge_weights=FP32 * trainable,
             stacked_task_vectors=work.stack_bytes_per_value * work.k * n,
             merged_params=FP32 * n,
-            merged_param_grads=FP32 * shape.largest_tensor,
+            merged_param_grads=FP32 * (n if work.per_task_backward else shape.largest_tensor),
             activations=acts,
             runtime=RUNTIME_BYTES,
         )
@@ -299,10 +349,19 @@ def predict_node_peak_bytes(
             merged_param_grads=0,
             activations=_eval_activation_bytes(shape, work.batches) if runs_model else 0,
             runtime=RUNTIME_BYTES if runs_model else 0,
+            op_temporaries=int((work.temporaries[0] * work.k + work.temporaries[1]) * FP32 * shape.largest_tensor),
         )
     if device == "cuda":
-        on_device = ("model_weights", "merge_weight_grads", "optimizer_state", "merge_weights",
-                     "stacked_task_vectors", "merged_params", "merged_param_grads", "activations")
+        # a per-tensor method merges on the host and only scores its candidates on the GPU
+        on_device = (("model_weights", "merge_weight_grads", "optimizer_state", "merge_weights",
+                      "stacked_task_vectors", "merged_params", "merged_param_grads", "activations")
+                     if work.learned else ("model_weights", "merged_params", "activations"))
+        if offload:
+            from merge_core.methods.learned import TRANSFER_CHUNK
+
+            on_device = tuple(t for t in on_device if t != "stacked_task_vectors") + ("transfer_buffers",)
+            chunk = work.k * min(TRANSFER_CHUNK, shape.largest_tensor)
+            terms = dataclasses.replace(terms, transfer_buffers=FP32 * chunk + work.stack_bytes_per_value * chunk)
         terms = dataclasses.replace(terms, device_terms=on_device)
     return terms
 
@@ -460,6 +519,27 @@ def make_budget(memory_budget: str | None, inventory: MemoryInventory) -> Budget
     )
 
 
+# --- checking a prediction against what a node measured ------------------------------------------
+
+OVER_PREDICTION_SLACK_BYTES = 16 * 2**20
+"""Readings within this of the prediction are never flagged: a process's RSS also moves by a few MB
+of allocator slack and lazily imported code, which matters only next to a tiny node's prediction."""
+
+
+def prediction_margin(device: str) -> float:
+    """How far (a fraction) a node's measured peak may exceed its prediction before it eats the
+    headroom the default budget leaves: ``1 / SAFE_RAM_FRACTION - 1`` (25 %) in RAM,
+    ``1 / SAFE_GPU_FRACTION - 1`` (11 %) on a GPU."""
+    fraction = SAFE_GPU_FRACTION if device.startswith("cuda") else SAFE_RAM_FRACTION
+    return 1 / fraction - 1
+
+
+def exceeds_prediction(measured_bytes: int, predicted_bytes: int, device: str) -> bool:
+    """The measured peak is above the prediction by more than the planner's margin (and the slack)."""
+    allowed = max(prediction_margin(device) * predicted_bytes, OVER_PREDICTION_SLACK_BYTES)
+    return measured_bytes > predicted_bytes + allowed
+
+
 # --- placing a node --------------------------------------------------------------------------------
 
 
@@ -470,6 +550,8 @@ class Placement:
     device: str | None
     predicted: PeakBytes
     reason: str
+    task_vector_device: str | None = None
+    """'cpu' when the node runs on a GPU with its stacked task vectors in host memory."""
 
 
 def place_node(
@@ -483,6 +565,7 @@ def place_node(
     """
     cpu = predict_node_peak_bytes(shape, work, "cpu")
     gpu = predict_node_peak_bytes(shape, work, "cuda")
+    offloaded = predict_node_peak_bytes(shape, work, "cuda", offload=True) if work.learned else None
     if requested.startswith("cuda"):
         indices = sorted(budget.gpus, key=lambda i: -budget.gpus[i])
         if ":" in requested:
@@ -490,6 +573,10 @@ def place_node(
         for i in indices:
             if gpu.device_bytes <= budget.gpus.get(i, 0) and gpu.host_bytes <= budget.host:
                 return Placement(f"cuda:{i}", gpu, "fits the GPU")
+        for i in indices:
+            if (offloaded is not None and offloaded.device_bytes <= budget.gpus.get(i, 0)
+                    and offloaded.host_bytes <= budget.host):
+                return Placement(f"cuda:{i}", offloaded, "fits the GPU with its task vectors in host memory", "cpu")
         if ":" in requested:
             return Placement(None, gpu, f"needs {format_bytes(gpu.device_bytes)} on {requested}, budget "
                                         f"{format_bytes(budget.gpus.get(indices[0], 0))}")
@@ -512,6 +599,22 @@ def loaded_values(path: str | os.PathLike[str], n_params: int) -> int:
         return n_params
     with open_checkpoint(adapter_weights_file(Path(path))) as adapter:
         return adapter.numel()
+
+
+def weight_file_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes of a model's weight files (an adapter's adapter file), from the file system."""
+    from merge_core.adapters import adapter_weights_file, is_adapter_dir
+
+    if is_adapter_dir(path):
+        return adapter_weights_file(Path(path)).stat().st_size
+    with open_checkpoint(path) as ckpt:
+        return sum(f.stat().st_size for f in {ckpt.file_of(n) for n in ckpt.keys()})
+
+
+def largest_tensor_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes of a checkpoint's largest tensor as stored (its dtype, not fp32)."""
+    with open_checkpoint(path) as ckpt:
+        return max(math.prod(ckpt.shape(n)) * ckpt.dtype(n).itemsize for n in ckpt.keys())
 
 
 def describe(predicted: PeakBytes, top: int = 3) -> str:

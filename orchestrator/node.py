@@ -5,17 +5,26 @@ and the store), with no global state, so the plain executor and a Prefect task c
 loads only its children's task vectors (a merged child is read back from the store as a fine-tuned
 model serving every task of its subtree), trains on only its subtree's validation data, writes the
 result atomically under the node's key, and returns a small record of what it cost.
+
+Faults: the node is computed under the store's exclusive lock on its key (a second run of the same
+node waits, then reuses it) and reads its merged inputs under shared locks. A damaged store entry is
+reported and merged again. A measured peak above the prediction by more than the planner's margin
+is logged and flagged in the record (``over_prediction``); running out of memory fails the node with
+a ``NodeOutOfMemoryError`` that names it, its prediction and what to change.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from merge_core.checkpoint import open_checkpoint
@@ -23,8 +32,10 @@ from merge_core.config import ModelEntry
 from merge_core.data import TaskData, load_task_data
 from merge_core.job import load_task_vectors, load_tokenizer
 from merge_core.merge import merge, save_result
-from orchestrator.errors import StoreError
-from orchestrator.measure import PeakMeter, return_large_blocks_promptly
+from merge_core.stream import stream_merge, streamable
+from orchestrator.errors import NodeOutOfMemoryError, StoreError
+from orchestrator.measure import PeakMeter, PeakReading, return_large_blocks_promptly
+from orchestrator.memory import exceeds_prediction, format_bytes, prediction_margin
 from orchestrator.store import KEY_FIELD, CheckpointStore, data_digest
 
 log = logging.getLogger(__name__)
@@ -64,6 +75,9 @@ class NodeTask:
     data_digest: str
     device: str
     predicted: dict[str, int] = field(default_factory=dict)
+    task_vector_device: str | None = None
+    """Where a learned merge keeps its stacked task vectors: None for ``device``, 'cpu' when the
+    planner put the model on a GPU that cannot also hold k task vectors (pinned host memory)."""
 
     @property
     def predicted_peak_bytes(self) -> int:
@@ -100,6 +114,9 @@ class NodeRecord:
     peak_method: str
     val_accuracy: dict[str, float]
     cached: bool = False
+    over_prediction: bool = False
+    """The measured peak exceeded the prediction by more than the planner's margin
+    (``orchestrator.memory.exceeds_prediction``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -148,55 +165,160 @@ def cached_record(node: NodeTask, store: CheckpointStore) -> NodeRecord | None:
         peak_method=str(ran.get("peak_method", "")),
         val_accuracy=dict(record.get("val_accuracy", {})),
         cached=True,
+        over_prediction=bool(ran.get("over_prediction", False)),
     )
 
 
+OUT_OF_MEMORY_MESSAGES = (
+    "DefaultCPUAllocator: can't allocate memory",
+    "CUDA out of memory",
+    "CUDA error: out of memory",
+)
+"""How torch words an allocation that failed, when it raises a plain RuntimeError."""
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """``e`` is an allocation that failed: Python's MemoryError, torch's OutOfMemoryError, or a
+    RuntimeError in one of OUT_OF_MEMORY_MESSAGES' words."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in OUT_OF_MEMORY_MESSAGES)
+
+
 def run_node(node: NodeTask, store: CheckpointStore, *, progress: bool = False) -> NodeRecord:
-    """Merge ``node``'s children into ``store`` (a finished node is returned from the store as is)."""
+    """Merge ``node``'s children into ``store`` (a finished node is returned from the store as is).
+
+    Raises NodeOutOfMemoryError when the node runs out of memory, StoreError when an input is not
+    finished in the store."""
     finished = cached_record(node, store)
     if finished is not None:
         log.info("%s: finished in the store (%s); not recomputed", node.id, finished.path)
         return finished
-    for c in node.children:
-        if c.path is None and not store.is_finished(c.key):
-            raise StoreError(
-                f"node {node.id}: its input {c.name} is not finished in the store {store.root}; "
-                "run the nodes in dependency order (children first)"
+    with store.lock(node.key):
+        finished = cached_record(node, store)
+        if finished is not None:
+            log.info("%s: finished in the store by another run while this one waited; not recomputed", node.id)
+            return finished
+        problem = store.problem(node.key)
+        if problem is not None:
+            log.warning("%s: the store entry %s is not usable (%s); merging the node again",
+                        node.id, store.path(node.key), problem)
+        failure = None
+        try:
+            return _merge_node(node, store, progress)
+        except (MemoryError, RuntimeError) as e:
+            if not out_of_memory(e):
+                raise
+            failure = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        # raised here, outside the handler, so the new error holds no reference to the failed frames
+        # and the tensors they held are freed before the next node runs
+        gc.collect()
+        if node.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        raise NodeOutOfMemoryError(_out_of_memory_message(node, failure))
+
+
+def _out_of_memory_message(node: NodeTask, failure: str) -> str:
+    k = len(node.children)
+    advice = (f"run again with a smaller fan-in (--max-fan-in {k - 1}, or tree.max_fan_in), or a smaller "
+              "--memory-budget so the planner chooses one" if k > 2 else
+              "fan-in 2 is the smallest tree: free memory, use fewer or shorter validation examples per step "
+              "(parameters.batch_size, max_length), or run on a machine with more memory")
+    return (
+        f"node {node.id} ({k} inputs, {len(node.tasks)} tasks) ran out of memory on {node.device} ({failure}); "
+        f"the planner predicted a peak of {format_bytes(node.predicted_peak_bytes)}: the node needed more, or "
+        f"other work took the memory. Nodes finished before it are kept in the store and reused; {advice}"
+    )
+
+
+def _merge_node(node: NodeTask, store: CheckpointStore, progress: bool) -> NodeRecord:
+    """Load the children (each merged one under a shared lock, checked before it is read), merge,
+    and write the result under the node's key (the caller holds its exclusive lock)."""
+    with ExitStack() as held:
+        for c in node.children:
+            if c.path is None:
+                held.enter_context(store.lock(c.key, shared=True))
+                if not store.is_finished(c.key):
+                    why = store.problem(c.key) or "nothing is there"
+                    raise StoreError(
+                        f"node {node.id}: its input {c.name} is not finished in the store {store.root} ({why}); "
+                        "run the nodes in dependency order (children first): a damaged input is merged again "
+                        "by the next run"
+                    )
+        entries = [ModelEntry(name=c.name, path=child_path(c, store)) for c in node.children]
+        return_large_blocks_promptly()
+        if streamable(node.method, node.parameters):
+            return _stream_node(node, store, entries, progress)
+        started = time.perf_counter()
+        with PeakMeter(node.device) as meter:
+            val = load_validation(node)
+            with open_checkpoint(node.base) as base:
+                vectors = load_task_vectors(base, entries, head_prefixes=node.head_prefixes, progress=progress)
+            for v in vectors:
+                v.heads = _unpinned(v.heads)
+            result = merge(
+                node.base, vectors, node.method, params=node.parameters, val=val, kind=node.kind,  # type: ignore[arg-type]
+                seed=node.seed, device=node.device, progress=progress, task_vector_device=node.task_vector_device,
             )
-    entries = [ModelEntry(name=c.name, path=child_path(c, store)) for c in node.children]
-    return_large_blocks_promptly()
-    started = time.perf_counter()
-    with PeakMeter(node.device) as meter:
-        val = load_validation(node)
-        with open_checkpoint(node.base) as base:
-            vectors = load_task_vectors(base, entries, head_prefixes=node.head_prefixes, progress=progress)
-        for v in vectors:
-            v.heads = _unpinned(v.heads)
-        result = merge(
-            node.base, vectors, node.method, params=node.parameters, val=val, kind=node.kind,  # type: ignore[arg-type]
-            seed=node.seed, device=node.device, progress=progress,
-        )
-        del vectors
-    seconds = time.perf_counter() - started
+            del vectors
     reading = meter.reading
     assert reading is not None
-    record = NodeRecord(
-        id=node.id,
-        key=node.key,
-        path=str(store.path(node.key)),
-        device=node.device,
-        seconds=round(seconds, 3),
-        predicted_peak_bytes=node.predicted_peak_bytes,
-        measured_peak_bytes=reading.device_bytes if reading.device_bytes is not None else reading.host_bytes,
-        measured_host_peak_bytes=reading.host_bytes,
-        peak_method="cuda_max_allocated" if reading.device_bytes is not None else reading.method,
-        val_accuracy=dict(result.val_accuracy),
-    )
+    record = _node_record(node, store, time.perf_counter() - started, reading, dict(result.val_accuracy))
     save_result(
         result, store.path(node.key), base_path=node.base,
         models={e.name: str(e.path) for e in entries}, overwrite=store.occupied(node.key),
         extra_record={KEY_FIELD: node.key, "node": record.to_dict(), "predicted": node.predicted},
     )
     log.info("%s: merged %d inputs in %.1f s, peak %.0f MB (predicted %.0f MB)", node.id, len(entries),
-             seconds, record.measured_peak_bytes / 2**20, node.predicted_peak_bytes / 2**20)
+             record.seconds, record.measured_peak_bytes / 2**20, node.predicted_peak_bytes / 2**20)
     return record
+
+
+def _stream_node(node: NodeTask, store: CheckpointStore, entries: list[ModelEntry], progress: bool) -> NodeRecord:
+    """A per-tensor method with fixed parameters, merged disk to disk (merge_core.stream): writing is
+    the merge, so the peak is read once every tensor is written, just before the record is."""
+    started = time.perf_counter()
+    records: list[NodeRecord] = []
+    with PeakMeter(node.device) as meter:
+
+        def measured() -> dict[str, Any]:
+            records.append(_node_record(node, store, time.perf_counter() - started, meter.current(), {}))
+            return {KEY_FIELD: node.key, "node": records[-1].to_dict(), "predicted": node.predicted, "streamed": True}
+
+        stream_merge(
+            node.base, [(e.name, e.path) for e in entries], node.method, node.parameters, store.path(node.key),
+            seed=node.seed, head_prefixes=node.head_prefixes, overwrite=store.occupied(node.key),
+            extra_record=measured, progress=progress,
+        )
+    record = records[-1]
+    log.info("%s: streamed %d inputs in %.1f s, peak %.0f MB (predicted %.0f MB)", node.id, len(entries),
+             record.seconds, record.measured_peak_bytes / 2**20, node.predicted_peak_bytes / 2**20)
+    return record
+
+
+def _node_record(
+    node: NodeTask, store: CheckpointStore, seconds: float, reading: PeakReading, val_accuracy: dict[str, float]
+) -> NodeRecord:
+    """The node's record, its measured peak checked against the prediction (a warning when it is over
+    by more than the planner's margin)."""
+    measured = reading.device_bytes if reading.device_bytes is not None else reading.host_bytes
+    over = exceeds_prediction(measured, node.predicted_peak_bytes, node.device)
+    if over:
+        log.warning("%s: measured peak %s exceeds the predicted %s by more than the planner's margin (%.0f %%) "
+                    "on %s; the memory planner underestimates this node: leave more room (a smaller "
+                    "--memory-budget or --max-fan-in) if other work shares the machine", node.id,
+                    format_bytes(measured), format_bytes(node.predicted_peak_bytes),
+                    100 * prediction_margin(node.device), node.device)
+    return NodeRecord(
+        id=node.id,
+        key=node.key,
+        path=str(store.path(node.key)),
+        device=node.device,
+        seconds=round(seconds, 3),
+        predicted_peak_bytes=node.predicted_peak_bytes,
+        measured_peak_bytes=measured,
+        measured_host_peak_bytes=reading.host_bytes,
+        peak_method="cuda_max_allocated" if reading.device_bytes is not None else reading.method,
+        val_accuracy=val_accuracy,
+        over_prediction=over,
+    )

@@ -75,6 +75,8 @@ def run_summary(
         measured = format_bytes(r.measured_peak_bytes) if r is not None else "-"
         ratio = (f"{r.measured_peak_bytes / n.predicted_peak_bytes:.2f}"
                  if r is not None and n.predicted_peak_bytes and r.measured_peak_bytes else "-")
+        if r is not None and r.over_prediction:
+            ratio += " (over the planner's margin)"
         seconds = f"{r.seconds:.2f}" + (" (earlier run)" if r.cached else "") if r is not None else "-"
         lines.append(f"| {n.id} | {len(n.tasks)} | {states.get(n.id, 'not run')} | {n.device} "
                      f"| {format_bytes(n.predicted_peak_bytes)} | {measured} | {ratio} | {seconds} |")

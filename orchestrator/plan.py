@@ -1,10 +1,11 @@
 """From a merge config to a plan: the merge tree, each node's predicted peak and device, the fan-in.
 
 ``plan`` does everything that can be decided before a weight is merged, and refuses there: it reads
-headers, validation data and (when clustering) the task vectors' similarity, and writes nothing. The
-fan-in is the largest whose every node fits the memory budget, up to ``tree.max_fan_in`` when given,
-trying a flat merge first (it needs no similarity); a flat merge (``tree.flat``) or hand-given groups
-are taken as they are, and refused if a node does not fit.
+headers, every model's values once (NaN/Inf), validation and test data and (when clustering) the
+task vectors' similarity, and writes nothing. The fan-in is the largest whose every node fits the
+memory budget, up to ``tree.max_fan_in`` when given, trying a flat merge first (it needs no
+similarity); a flat merge (``tree.flat``) or hand-given groups are taken as they are, and refused if
+a node does not fit.
 ``supermerge plan`` prints ``MergePlan.render()``; the executor runs ``MergePlan.nodes`` bottom-up.
 """
 
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from merge_core.adapters import is_adapter_dir
+from tqdm.auto import tqdm
+
+from merge_core.adapters import check_adapter, is_adapter_dir
 from merge_core.checkpoint import open_checkpoint
 from merge_core.config import MergeConfig
 from merge_core.data import TaskData
@@ -26,7 +29,8 @@ from merge_core.errors import ConfigError, DataError
 from merge_core.job import load_split, load_tokenizer
 from merge_core.methods.learned import STORAGE_DTYPES, LearnedMergeConfig, weight_groups
 from merge_core.methods.registry import MethodSpec, get_method
-from merge_core.task_vectors import load_stored_heads, match_names
+from merge_core.stream import streamable
+from merge_core.task_vectors import check_finite, load_stored_heads, match_names
 from orchestrator.errors import MemoryBudgetError, TreeError
 from orchestrator.memory import (
     FP32,
@@ -37,12 +41,15 @@ from orchestrator.memory import (
     Placement,
     describe,
     format_bytes,
+    largest_tensor_bytes,
     load_model_code,
     loaded_values,
     make_budget,
     model_shape,
     place_node,
     read_inventory,
+    streamed_mapped_bytes,
+    weight_file_bytes,
 )
 from orchestrator.node import ChildRef, NodeTask
 from orchestrator.similarity import Similarity, task_vector_similarity
@@ -105,7 +112,8 @@ class MergePlan:
 
     def _annotation(self, node_id: str) -> str:
         n = self.node(node_id)
-        return f"[{len(n.tasks)} tasks] {n.device}, predicted {format_bytes(n.predicted['peak'])}"
+        where = f"{n.device} (task vectors in host memory)" if n.task_vector_device else n.device
+        return f"[{len(n.tasks)} tasks] {where}, predicted {format_bytes(n.predicted['peak'])}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -168,6 +176,12 @@ class _Inputs:
     loaded: dict[str, int]
     keys: dict[str, str]
     base_key: str
+    streamed: bool = False
+    """A per-tensor method with fixed parameters: every node merges disk to disk (merge_core.stream)."""
+    temporaries: tuple[float, float] = (0.0, 0.0)
+    file_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Weight-file bytes of each model and of the base (key ``""``): what a streamed node reads."""
+    largest_stored_bytes: int = 0
 
 
 def _seq_len(data: TaskData) -> int:
@@ -177,6 +191,16 @@ def _seq_len(data: TaskData) -> int:
 
 def _workload(inputs: _Inputs, tree: MergeTree, node: str) -> NodeWorkload:
     children = tree.children(node)
+    if inputs.streamed:
+        n = inputs.shape.n_params
+        read = inputs.file_bytes[""] + sum(inputs.file_bytes[c] if tree.is_model(c) else inputs.file_bytes[""]
+                                           for c in children)
+        return NodeWorkload(
+            k=len(children), n_groups=0, batches=(), learned=False, streamed=True,
+            loaded_values=sum(inputs.loaded[c] for c in children if tree.is_model(c) and inputs.loaded[c] != n),
+            temporaries=inputs.temporaries,
+            mapped_bytes=streamed_mapped_bytes(inputs.largest_stored_bytes, len(children), read),
+        )
     loaded = sum(inputs.loaded[c] if tree.is_model(c) else inputs.shape.n_params for c in children)
     batches = []
     for t in tree.tasks(node):
@@ -187,7 +211,8 @@ def _workload(inputs: _Inputs, tree: MergeTree, node: str) -> NodeWorkload:
             batches.append((rows, _seq_len(inputs.val[t])))
     return NodeWorkload(
         k=len(children), loaded_values=loaded, n_groups=inputs.n_groups, batches=tuple(batches),
-        learned=inputs.learned is not None, candidates=inputs.candidates,
+        learned=inputs.learned is not None, candidates=inputs.candidates, temporaries=inputs.temporaries,
+        per_task_backward=inputs.learned is None or inputs.learned.backward == "per_task",
         scaled_search=inputs.scaled_search,
         stack_bytes_per_value=(STORAGE_DTYPES[inputs.learned.storage_dtype].itemsize if inputs.learned
                                else FP32),
@@ -230,20 +255,25 @@ def _node_tasks(inputs: _Inputs, tree: MergeTree, placements: Mapping[str, Place
             data_digest=digest,
             device=placement.device,
             predicted=placement.predicted.to_dict(),
+            task_vector_device=placement.task_vector_device,
         ))
     return nodes
 
 
-def _check_models(config: MergeConfig, *, needs_heads: bool) -> None:
-    """Every full fine-tune's header against the base (one error per model listing its problems), and,
-    where data is scored, that it carries a task head: seen now, not after hours of merging."""
+def _check_models(config: MergeConfig, *, needs_heads: bool, progress: bool) -> None:
+    """Every model against the base, and, where data is scored, that it carries a task head: seen now,
+    not after hours of merging. A full fine-tune's header must fit the base (one error per model listing
+    its problems) and its values be finite (every tensor is read once, one at a time: about the time to
+    read the models from disk); an adapter must be of a supported kind, fit the base, and be finite."""
     headless = []
     with open_checkpoint(config.base) as base:
-        for m in config.models:
+        for m in tqdm(config.models, desc="checking models", disable=not progress, leave=False, unit="model"):
             if is_adapter_dir(m.path):
-                continue  # checked tensor by tensor when loaded; an adapter's head is its modules_to_save
+                check_adapter(m.path, base)  # an adapter's head is its modules_to_save
+                continue
             with open_checkpoint(m.path) as tuned:
                 names = match_names(base, tuned, config.head_prefixes)
+                check_finite(tuned)
             if not names.head and not load_stored_heads(Path(m.path)):
                 headless.append(m.name)
     if headless and needs_heads:
@@ -265,14 +295,20 @@ def _read_inputs(config: MergeConfig, spec: MethodSpec, progress: bool) -> _Inpu
                 f"method {spec.name!r} trains or searches on validation data, but model(s) {missing} have no "
                 "'validation:' file; add one per model (the paper uses 32 examples a task)"
             )
-    _check_models(config, needs_heads=bool(val) or any(m.test is not None for m in config.models))
+    load_split(config.models, "test", tokenizer, config.max_length)  # read now: scored only at the end
+    _check_models(config, needs_heads=bool(val) or any(m.test is not None for m in config.models), progress=progress)
     shape = model_shape(config.base, config.kind)
     n_groups = len(weight_groups(list(shape.tensor_names), learned.granularity)[0]) if learned else 0
     keys = {m.name: model_key(m.path) for m in config.models}
     loaded = {m.name: loaded_values(m.path, shape.n_params) for m in config.models}
     candidates = _candidate_count(spec, config.parameters)
+    streamed = streamable(config.method, config.parameters)
+    files = {m.name: weight_file_bytes(m.path) for m in config.models} if streamed else {}
+    if streamed:
+        files[""] = weight_file_bytes(config.base)
     return _Inputs(config, shape, val, learned, candidates, candidates > 1 and spec.scale is not None, n_groups,
-                   loaded, keys, model_key(config.base))
+                   loaded, keys, model_key(config.base), streamed, spec.temporaries, files,
+                   largest_tensor_bytes(config.base) if streamed else 0)
 
 
 def plan(
@@ -293,7 +329,7 @@ def plan(
     spec = get_method(config.method)
     requested = resolve_device(config.device)
     inputs = _read_inputs(config, spec, progress)
-    if spec.kind == "learned" or inputs.val or inputs.candidates > 1:
+    if not inputs.streamed and (spec.kind == "learned" or inputs.val or inputs.candidates > 1):
         load_model_code(config.base, config.kind)
     inventory = inventory if inventory is not None else read_inventory()
     budget = make_budget(config.tree.memory_budget, inventory)
@@ -329,7 +365,8 @@ def plan(
     for reason, build in choices:
         tree = build()
         placements = {
-            n: place_node(inputs.shape, _workload(inputs, tree, n), budget, requested) for n in tree.merges()
+            n: place_node(inputs.shape, _workload(inputs, tree, n), budget, "cpu" if inputs.streamed else requested)
+            for n in tree.merges()
         }
         misfits = [(n, p) for n, p in placements.items() if p.device is None]
         if not misfits:

@@ -7,31 +7,47 @@ mtime, and the safetensors header, which lists every tensor's dtype, shape and o
 input and the key changes, so a stale model is never reused.
 
 Each node is written with merge_core's atomic ``write_model_dir`` (a temporary sibling renamed into
-place) to ``<root>/<key>/``, with its key in ``supermerge.json``. A node is finished only when that
-directory exists with a record naming the same key and the weights it lists; an interrupted write
-leaves only a ``.<key>.*.partial`` sibling, which never counts.
+place) to ``<root>/<key>/``, with its key and the sha256 of each of its files in ``supermerge.json``.
+A node is finished only when that directory exists with a record naming the same key, whole weight
+files, and every file matching its checksum; an interrupted write leaves only a ``.<key>.*.partial``
+sibling, which never counts, and an entry damaged later (a flipped byte, a cut file) is reported by
+``problem`` and merged again.
+
+Several runs may share a store at once (two merges of overlapping trees, a flow's parallel nodes):
+``lock`` is a per-key ``fcntl.flock`` on ``<root>/.locks/<key>.lock``, held exclusively while a node
+is computed and written and shared while it is read back as an input, so a node is merged once, the
+second run waits for it and then reuses it, and no entry is replaced while another run reads it.
+Lock files are left in place (removing a lock file others may hold is itself a race); they are empty.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from merge_core.checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, read_record
+from merge_core.checkpoint import RECORD_FILE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, read_record, verify_checksums
 from merge_core.data import TaskData
 from orchestrator.errors import StoreError
+
+log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
 """Bumped whenever what a key covers changes, so old entries are not mistaken for new ones."""
 
 KEY_FIELD = "store_key"
 """The field of ``supermerge.json`` holding the node's key."""
+
+LOCKS_DIR = ".locks"
+"""Folder of the store holding one lock file per key that has been computed or read."""
 
 _FINGERPRINTED = (".safetensors", ".bin", ".json", ".pt", ".pth")
 
@@ -126,20 +142,37 @@ class CheckpointStore:
             raise StoreError(f"store key {key!r} is not a hex digest")
         return self.root / key
 
-    def record(self, key: str) -> dict[str, Any] | None:
-        """The finished node's ``supermerge.json``, or None when it is not finished."""
+    def _examine(self, key: str) -> tuple[dict[str, Any] | None, str | None]:
+        """(the finished node's record, None), or (None, why what is at the key is not finished), or
+        (None, None) when nothing is there."""
         folder = self.path(key)
+        if not folder.exists():
+            return None, None
         if not folder.is_dir():
-            return None
+            return None, f"{folder} is not a directory"
         try:
             record = read_record(folder)
-        except (OSError, json.JSONDecodeError):
-            return None
-        if record is None or record.get(KEY_FIELD) != key:
-            return None
-        if not _weights_present(folder):
-            return None
-        return record
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return None, f"{folder / RECORD_FILE} cannot be read ({e})"
+        if not isinstance(record, dict):
+            return None, f"{folder} has no readable {RECORD_FILE}"
+        if record.get(KEY_FIELD) != key:
+            return None, f"{folder / RECORD_FILE} names the key {record.get(KEY_FIELD)!r}, not its folder's"
+        problem = _weights_problem(folder) or verify_checksums(folder, record)
+        if problem is not None:
+            return None, problem
+        return record, None
+
+    def record(self, key: str) -> dict[str, Any] | None:
+        """The finished node's ``supermerge.json``, or None when it is not finished (absent, partial,
+        or damaged: see ``problem``). Its files' checksums are verified, once per process while they
+        are unchanged."""
+        return self._examine(key)[0]
+
+    def problem(self, key: str) -> str | None:
+        """Why the entry at the key is not a finished node (naming the file at fault), or None when
+        it is finished or absent."""
+        return self._examine(key)[1]
 
     def is_finished(self, key: str) -> bool:
         return self.record(key) is not None
@@ -148,19 +181,45 @@ class CheckpointStore:
         """Something is at the key's path that is not a finished node (to be replaced)."""
         return self.path(key).exists() and not self.is_finished(key)
 
+    @contextlib.contextmanager
+    def lock(self, key: str, *, shared: bool = False) -> Iterator[None]:
+        """Hold the key's lock: exclusive (computing and writing the node) or ``shared`` (reading it
+        as an input). Waits while another process or thread holds it in a conflicting mode."""
+        self.path(key)  # a key that is not a digest names no file
+        folder = self.root / LOCKS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        with open(folder / f"{key}.lock", "a+b") as fh:
+            try:
+                fcntl.flock(fh, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for %s: another run is %s it", self.path(key),
+                         "writing" if shared else "writing or reading")
+                fcntl.flock(fh, mode)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
-def _weights_present(folder: Path) -> bool:
-    """Every weight file the dir names is there and whole (see ``safetensors_complete``)."""
+
+def _weights_problem(folder: Path) -> str | None:
+    """Why the dir's weight files are not all there and whole (see ``safetensors_complete``)."""
     if (folder / SAFETENSORS_SINGLE).is_file():
-        return safetensors_complete(folder / SAFETENSORS_SINGLE)
+        f = folder / SAFETENSORS_SINGLE
+        return None if safetensors_complete(f) else f"{f} is not a whole safetensors file"
     index = folder / SAFETENSORS_INDEX
     if not index.is_file():
-        return False
+        return f"{folder} has no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX}"
     try:
         shards = set(json.loads(index.read_text())["weight_map"].values())
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        return False
-    return bool(shards) and all(safetensors_complete(folder / s) for s in shards)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        return f"{index} is not a readable shard index ({e})"
+    if not shards:
+        return f"{index} lists no shards"
+    for shard in sorted(shards):
+        if not safetensors_complete(folder / shard):
+            return f"{folder / shard} is missing or not a whole safetensors file"
+    return None
 
 
 def safetensors_complete(f: Path) -> bool:

@@ -31,6 +31,10 @@ class MethodSpec:
     """A parameter the result is affine in: ``op(base, d, scale=s) == base + s * op(0, d, scale=1)``
     exactly (same fp32 arithmetic). A grid search then computes the expensive part (trim, sign
     election, DARE masks) once per value of the other parameters, not once per grid point."""
+    temporaries: tuple[float, float] = (0.0, 0.0)
+    """What ``op`` allocates beyond its inputs, as ``(per_model, constant)`` fp32 copies of the tensor:
+    at most ``per_model * k + constant`` tensors. The memory planner predicts a streamed merge with it;
+    measured with torch's profiler at k = 4 and 8 (tests/merge_core/test_methods_per_tensor.py checks it)."""
 
     @property
     def needs_labels(self) -> bool:
@@ -42,26 +46,28 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
-        MethodSpec("average", average.PAPER, "per_tensor", "plain weight averaging", average.merge),
+        MethodSpec("average", average.PAPER, "per_tensor", "plain weight averaging", average.merge,
+                   temporaries=(0.0, 2.0)),
         MethodSpec(
             "task_arithmetic", task_arithmetic.PAPER, "per_tensor",
             "base + lam * sum of task vectors; lam by grid search",
-            task_arithmetic.merge, task_arithmetic.PARAM_GRID, scale="lam",
+            task_arithmetic.merge, task_arithmetic.PARAM_GRID, scale="lam", temporaries=(0.0, 2.0),
         ),
         MethodSpec(
             "ties", ties.PAPER, "per_tensor",
             "trim to top-density magnitudes, elect sign, disjoint mean (per tensor)",
-            ties.merge, ties.PARAM_GRID, scale="lam",
+            ties.merge, ties.PARAM_GRID, scale="lam", temporaries=(2.25, 4.0),
         ),
         MethodSpec(
             "dare_ta", dare.PAPER, "per_tensor",
             "random drop p, rescale 1/(1-p), then task arithmetic",
-            functools.partial(dare.merge, combine="ta"), dare.PARAM_GRID, scale="lam",
+            functools.partial(dare.merge, combine="ta"), dare.PARAM_GRID, scale="lam", temporaries=(1.0, 3.0),
         ),
         MethodSpec(
             "dare_ties", dare.PAPER, "per_tensor",
             "random drop p, rescale 1/(1-p), then TIES sign election and disjoint mean",
             functools.partial(dare.merge, combine="ties"), dare.PARAM_GRID, scale="lam",
+            temporaries=(2.25, 4.0),
         ),
         MethodSpec(
             "adamerging", adamerging.PAPER, "learned",

@@ -9,5 +9,5 @@ from merge_core.methods.learned import LearnedMergeConfig
 
 PAPER = "https://arxiv.org/abs/2412.10416"
 
-SUPERMERGE = LearnedMergeConfig(transform="tanh", objective="supervised", init=0.3, lr=1e-2)
-SUPERMERGE_NO_TANH = LearnedMergeConfig(transform="identity", objective="supervised", init=0.3, lr=1e-2)
+SUPERMERGE = LearnedMergeConfig(transform="tanh", objective="supervised", init=0.3, lr=5e-2)
+SUPERMERGE_NO_TANH = LearnedMergeConfig(transform="identity", objective="supervised", init=0.3, lr=5e-2)

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
 from flows.cli import main
 from merge_core.data import save_task_data
+from tests.errors_doc import check_row, documented_cases, generic
 from tests.orchestrator.families import FAMILIES, NAMES, config_dict, one_thread
 from tests.tiny import TINY_VOCAB, make_finetuned, make_task_data
 
@@ -113,33 +115,17 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(workspace, caps
     assert not (workspace / "out" / "merged" / "keep.txt").exists()
 
 
-def _bad_truncated(ws: Path, ft: dict[str, Path]) -> str:
-    bad = ws / "truncated"
-    shutil.copytree(ft["alpha"], bad)
-    f = bad / "model.safetensors"
-    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
-    _set_model_path(ws, "alpha", bad)
-    return "truncated"
+# --- bad input: one clear error before any work, nothing written (docs/errors.md lists every case) ----
 
 
-def _bad_nan(ws: Path, ft: dict[str, Path]) -> str:
-    bad = ws / "nan"
-    shutil.copytree(ft["alpha"], bad)
-    t = load_file(bad / "model.safetensors")
-    t["bert.encoder.layer.0.attention.self.key.weight"][1, 1] = float("inf")
-    save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
-    _set_model_path(ws, "alpha", bad)
-    return "attention.self.key.weight' holds NaN or Inf"
+class _Pickled:
+    """A pickle that runs code when loaded: it would create ``path``."""
 
+    def __init__(self, path: Path) -> None:
+        self.path = path
 
-def _bad_shape(ws: Path, ft: dict[str, Path]) -> str:
-    from transformers import BertForSequenceClassification
-
-    from tests.tiny import tiny_config
-
-    BertForSequenceClassification(tiny_config(hidden_size=16, intermediate_size=32)).save_pretrained(ws / "small")
-    _set_model_path(ws, "alpha", ws / "small")
-    return "has shape"
+    def __reduce__(self):
+        return (self.path.touch, ())
 
 
 def _set_model_path(ws: Path, name: str, path: Path) -> None:
@@ -150,54 +136,273 @@ def _set_model_path(ws: Path, name: str, path: Path) -> None:
     (ws / "config.yaml").write_text(yaml.safe_dump(cfg))
 
 
-def _bad_k1(ws: Path, ft) -> str:
+def _set_model_field(ws: Path, name: str, field: str, value: object) -> None:
+    cfg = yaml.safe_load((ws / "config.yaml").read_text())
+    for m in cfg["models"]:
+        if m["name"] == name:
+            if value is None:
+                m.pop(field, None)
+            else:
+                m[field] = value
+    (ws / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def _copy_model(ws: Path, ft: dict[str, Path], name: str) -> Path:
+    """A copy of the alpha fine-tune to damage, set as alpha's path in the config."""
+    copy = ws / name
+    shutil.copytree(ft["alpha"], copy)
+    _set_model_path(ws, "alpha", copy)
+    return copy
+
+
+def _edit_tensors(ws: Path, ft: dict[str, Path], name: str, edit) -> None:
+    copy = _copy_model(ws, ft, name)
+    tensors = load_file(copy / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+
+
+def _missing_file(ws, ft, mp):
+    _set_model_path(ws, "beta", ws / "gone")
+    return "models[beta].path", []
+
+
+def _not_a_model(ws, ft, mp):
+    (ws / "empty-model").mkdir()
+    (ws / "empty-model" / "notes.txt").write_text("weights to follow")
+    _set_model_path(ws, "beta", ws / "empty-model")
+    return "holds no model weights", []
+
+
+def _unreadable_data(ws, ft, mp):
+    (ws / "data" / "alpha.val.safetensors").write_bytes(b"\x00\x01 not a safetensors file \xff" * 4)
+    return "is not a readable safetensors file", []
+
+
+def _truncated(ws, ft, mp):
+    f = _copy_model(ws, ft, "truncated") / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    return "truncated", []
+
+
+def _corrupted_header(ws, ft, mp):
+    f = _copy_model(ws, ft, "corrupted") / "model.safetensors"
+    blob = bytearray(f.read_bytes())
+    blob[8:40] = b"#" * 32
+    f.write_bytes(bytes(blob))
+    return "is not a readable safetensors file", []
+
+
+def _pickled_bin(ws, ft, mp):
+    folder = ws / "pickled"
+    folder.mkdir()
+    torch.save({"w": torch.zeros(1), "x": _Pickled(ws / "pwned")}, folder / "pytorch_model.bin")
+    _set_model_path(ws, "alpha", folder)
+    return "never unpickles", []
+
+
+def _tensor_missing(ws, ft, mp):
+    _edit_tensors(ws, ft, "missing-tensor", lambda t: t.pop("bert.encoder.layer.1.output.dense.bias"))
+    return "tensor 'encoder.layer.1.output.dense.bias' of the base is missing", []
+
+
+def _tensor_extra(ws, ft, mp):
+    _edit_tensors(ws, ft, "extra-tensor", lambda t: t.update({"bert.encoder.extra.weight": torch.zeros(2)}))
+    return "tensor 'bert.encoder.extra.weight' is not in the base", []
+
+
+def _other_base(ws, ft, mp):
+    from transformers import BertForSequenceClassification
+
+    from tests.tiny import tiny_config
+
+    BertForSequenceClassification(tiny_config(hidden_size=16, intermediate_size=32)).save_pretrained(ws / "small")
+    _set_model_path(ws, "alpha", ws / "small")
+    return "has shape", []
+
+
+def _adapter_other_base(ws, ft, mp):
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertForSequenceClassification
+
+    from tests.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_config(hidden_size=16, intermediate_size=32))
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"])
+    get_peft_model(model, lora).save_pretrained(ws / "small-lora")
+    _set_model_path(ws, "alpha", ws / "small-lora")
+    return "was the adapter made for another model?", []
+
+
+def _dtype(ws, ft, mp):
+    name = "bert.encoder.layer.0.output.dense.weight"
+    _edit_tensors(ws, ft, "half", lambda t: t.update({name: t[name].half()}))
+    return "save the fine-tuned model in the base's dtype", []
+
+
+def _nan(ws, ft, mp):
+    def poison(t):
+        t["bert.encoder.layer.0.attention.self.key.weight"][1, 1] = float("inf")
+
+    _edit_tensors(ws, ft, "nan", poison)
+    return "attention.self.key.weight' holds NaN or Inf", []
+
+
+def _duplicate_names(ws, ft, mp):
+    _set_model_field(ws, "beta", "name", "alpha")
+    return "model names must be unique; repeated: ['alpha']", []
+
+
+def _k1(ws, ft, mp):
     cfg = yaml.safe_load((ws / "config.yaml").read_text())
     _edit_config(ws, models=cfg["models"][:1])
-    return "at least 2 models"
+    return "at least 2 models", []
 
 
-def _bad_empty_val(ws: Path, ft) -> str:
+def _no_validation(ws, ft, mp):
+    _set_model_field(ws, "beta", "validation", None)
+    return "have no 'validation:' file", []
+
+
+def _empty_validation(ws, ft, mp):
     (ws / "data" / "empty.jsonl").write_text("\n")
-    cfg = yaml.safe_load((ws / "config.yaml").read_text())
-    cfg["models"][1]["validation"] = "data/empty.jsonl"
-    (ws / "config.yaml").write_text(yaml.safe_dump(cfg))
-    return "holds no examples"
+    _set_model_field(ws, "beta", "validation", "data/empty.jsonl")
+    return "holds no examples", []
 
 
-def _bad_method(ws: Path, ft) -> str:
+def _unlabelled_validation(ws, ft, mp):
+    (ws / "data" / "unlabelled.jsonl").write_text('{"text": "w1 w2 w3"}\n{"text": "w4 w5"}\n')
+    _set_model_field(ws, "beta", "validation", "data/unlabelled.jsonl")
+    return "an integer 'label'", []
+
+
+def _method(ws, ft, mp):
     _edit_config(ws, method="frankenmerge")
-    return "unknown method 'frankenmerge'"
+    return "unknown method 'frankenmerge'", []
 
 
-def _bad_yaml(ws: Path, ft) -> str:
-    (ws / "config.yaml").write_text("base: [unclosed\nmodels: {")
-    return "is not valid YAML"
-
-
-def _bad_missing_file(ws: Path, ft) -> str:
-    _set_model_path(ws, "beta", ws / "gone")
-    return "models[beta].path"
-
-
-def _bad_param(ws: Path, ft) -> str:
+def _param(ws, ft, mp):
     _edit_config(ws, parameters={"stepz": 3})
-    return "no parameter(s) ['stepz']"
+    return "no parameter(s) ['stepz']", []
 
 
-@pytest.mark.parametrize(
-    "make_bad",
-    [_bad_truncated, _bad_nan, _bad_shape, _bad_k1, _bad_empty_val, _bad_method, _bad_yaml,
-     _bad_missing_file, _bad_param],
-)
-def test_bad_input_gives_one_clear_error_and_writes_nothing(workspace, tiny_finetuned, capsys, make_bad):
-    expected = make_bad(workspace, tiny_finetuned)
-    assert main(["merge", str(workspace / "config.yaml")]) == 2
+def _yaml(ws, ft, mp):
+    (ws / "config.yaml").write_text("base: [unclosed\nmodels: {")
+    return "is not valid YAML", []
+
+
+def _groups_unknown_model(ws, ft, mp):
+    _edit_config(ws, tree={"groups": [["alpha", "gamma"]]})
+    return "unknown model(s) ['gamma']", []
+
+
+def _budget_below_process(ws, ft, mp):
+    return "this process already uses", ["--memory-budget", "1kB"]
+
+
+def _budget_fits_no_plan(ws, ft, mp):
+    from orchestrator.memory import MemoryInventory
+
+    # the machine as the planner sees it, fixed: a terabyte free and a process holding nothing, so the
+    # node's prediction (tens of MB) meets a 20 MB budget on every machine
+    empty = MemoryInventory(ram_available_bytes=10**12, ram_total_bytes=10**12, process_bytes=0)
+    mp.setattr("orchestrator.plan.read_inventory", lambda: empty)
+    return "no merge plan fits", ["--memory-budget", "20MB"]
+
+
+def _output_exists(ws, ft, mp):
+    (ws / "out" / "merged").mkdir(parents=True)
+    (ws / "out" / "merged" / "keep.txt").write_text("x")
+    return "already exists", []
+
+
+def _output_inside_input(ws, ft, mp):
+    return "overlaps the input(s) base", ["--output", str(Path(_base_of(ws)) / "merged")]
+
+
+def _output_holds_input(ws, ft, mp):
+    return "overlaps the input(s) models[alpha].validation", ["--output", str(ws / "data")]
+
+
+def _base_of(ws: Path) -> str:
+    return yaml.safe_load((ws / "config.yaml").read_text())["base"]
+
+
+BAD_INPUTS = {
+    "missing-file": ("a model path that does not exist", _missing_file),
+    "not-a-model": ("a model folder without weights", _not_a_model),
+    "unreadable-data": ("validation data that is not a readable file", _unreadable_data),
+    "truncated": ("a truncated safetensors file", _truncated),
+    "corrupted-header": ("a safetensors file with a corrupted header", _corrupted_header),
+    "pickled-code": ("a pytorch_model.bin whose pickle runs code", _pickled_bin),
+    "tensor-missing": ("a fine-tuned model lacking a tensor of the base", _tensor_missing),
+    "tensor-extra": ("a fine-tuned model with a tensor the base lacks", _tensor_extra),
+    "other-base": ("a fine-tuned model of another base (shapes differ)", _other_base),
+    "adapter-other-base": ("a LoRA adapter made for another base", _adapter_other_base),
+    "dtype-mismatch": ("a tensor in another dtype than the base's", _dtype),
+    "nan-inf": ("a tensor holding NaN or Inf", _nan),
+    "duplicate-names": ("two models with the same task name", _duplicate_names),
+    "k-1": ("one model (k=1)", _k1),
+    "no-validation": ("a supervised method, a model without validation data", _no_validation),
+    "empty-validation": ("empty validation data", _empty_validation),
+    "unlabelled-validation": ("validation data without labels", _unlabelled_validation),
+    "unknown-method": ("an unknown method", _method),
+    "unknown-parameter": ("an unknown method parameter", _param),
+    "invalid-yaml": ("a config that is not valid YAML", _yaml),
+    "groups-unknown-model": ("hand-given tree groups naming an unknown model", _groups_unknown_model),
+    "budget-below-process": ("a memory budget below what the process holds", _budget_below_process),
+    "budget-fits-no-plan": ("a memory budget no merge plan fits", _budget_fits_no_plan),
+    "output-exists": ("an output that exists, without --overwrite", _output_exists),
+    "output-inside-input": ("an output inside an input model's folder", _output_inside_input),
+    "output-holds-input": ("an output folder that holds an input", _output_holds_input),
+}
+
+
+def _files(*roots: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under ``roots``, with its size and modification time."""
+    out = {}
+    for root in roots:
+        for p in [root, *root.rglob("*")]:
+            st = p.stat()
+            out[str(p)] = (st.st_size if p.is_file() else 0, st.st_mtime_ns)
+    return out
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_one_clear_error_and_writes_nothing(workspace, tiny_base_dir, tiny_finetuned, capsys,
+                                                            monkeypatch, case):
+    from flows.cli import build_parser, cmd_merge
+    from merge_core.errors import SupermergeError
+
+    what, make_bad = BAD_INPUTS[case]
+    expected, options = make_bad(workspace, tiny_finetuned, monkeypatch)
+    argv = ["merge", str(workspace / "config.yaml"), *options]
+    models = tiny_finetuned["alpha"].parent
+    before = _files(workspace, tiny_base_dir, models)
+
+    assert main(argv) == 2
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if "supermerge: error:" in line]
     assert len(errors) == 1, captured.err
-    assert expected in captured.err
-    assert "Traceback" not in captured.err
-    assert not (workspace / "out").exists()
+    assert expected in captured.err and "Traceback" not in captured.err
+
+    args = build_parser().parse_args(argv)  # the same command, to see the error the CLI printed
+    with pytest.raises(SupermergeError) as refused:
+        cmd_merge(args.config, output=args.output, method=args.method, device=args.device, overwrite=args.overwrite,
+                  memory_budget=args.memory_budget, max_fan_in=args.max_fan_in, flat=args.flat)
+    capsys.readouterr()
+    assert generic(f"supermerge: error: {refused.value}".splitlines()[0], {}) == generic(errors[0], {})
+    assert _files(workspace, tiny_base_dir, models) == before, "something was written"
+    check_row(case, what, refused.value, {"<workspace>": workspace, "<base>": tiny_base_dir, "<models>": models})
+
+
+RUNNING = ["data-changed-since-plan", "node-out-of-memory", "damaged-store-entry", "over-prediction"]
+"""The doc's other rows, each checked by the test in tests/orchestrator that provokes it."""
+
+
+def test_the_errors_doc_lists_every_case_in_order_and_nothing_else():
+    assert documented_cases() == [*BAD_INPUTS, *RUNNING]
 
 
 # --- planning and hierarchical merges (family_models: tests/flows/conftest.py, built by

@@ -229,3 +229,63 @@ def test_a_failing_node_is_retried_then_fails_the_flow_and_its_parent_never_runs
     markdown = {a.key: a for a in _artifacts(state.state_details.flow_run_id)}[REPORT_KEY].data
     assert "failed: " in markdown and "not run (an input failed)" in markdown
     assert not (tmp_path / "out" / "merged").exists()
+
+
+def test_cli_prefect_option_runs_the_flow_and_gives_the_plain_executors_bytes(
+    tiny_base_dir: Path, family_models: dict[str, dict[str, Path]], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``supermerge merge --prefect`` runs the same nodes through the flow (a flow run on the server,
+    one task run per node) and publishes the same bytes as the plain executor, each with its own store."""
+    from prefect import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from flows.cli import main
+
+    config = _write_config(tmp_path, tiny_base_dir, family_models, ["pa", "pb", "qa"], registry=None)
+    plain, flowed = tmp_path / "plain" / "merged", tmp_path / "flowed" / "merged"
+    assert main(["merge", str(config), "--output", str(plain)]) == 0
+    assert main(["merge", str(config), "--output", str(flowed), "--prefect"]) == 0
+    out = capsys.readouterr().out
+    assert "merged with the hierarchical-merge flow in" in out and f"-> {flowed}" in out
+    assert "2 merged, 0 from the store" in out and "test accuracy:       pa " in out
+    for name in ("model.safetensors", "merge_weights.safetensors", "heads/pa.safetensors"):
+        assert (flowed / name).read_bytes() == (plain / name).read_bytes(), name
+    report = json.loads((flowed / REPORT_FILE).read_text())
+    with get_client(sync_client=True) as client:
+        [latest] = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
+    assert latest.state is not None and latest.state.is_completed()
+    assert sorted(r.name for r in _merge_task_runs(latest.id)) == sorted(node_label(n) for n in report["plan"]["nodes"])
+
+
+def test_a_node_out_of_memory_fails_alone_and_its_independent_sibling_completes(
+    tiny_base_dir: Path, family_models: dict[str, dict[str, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pa+pb and qa+qb hang under the root; qa+qb's merge cannot allocate. It fails with the node's own
+    clear error (tried twice: retries 1), pa+pb completes and stays in the store for the next run, the
+    root never runs, and nothing is published."""
+    import orchestrator.node
+    from orchestrator.executor import default_store_dir
+    from orchestrator.store import CheckpointStore
+
+    config = _write_config(tmp_path, tiny_base_dir, family_models, ["pa", "pb", "qa", "qb"], registry=None)
+    merge = orchestrator.node.merge
+
+    def qa_qb_runs_out(base: Any, vectors: Any, *args: Any, **kwargs: Any) -> Any:
+        if sorted(v.name for v in vectors) == ["qa", "qb"]:
+            raise MemoryError
+        return merge(base, vectors, *args, **kwargs)
+
+    monkeypatch.setattr(orchestrator.node, "merge", qa_qb_runs_out)
+    state = hierarchical_merge(config=str(config), return_state=True)
+    assert state.is_failed() and "(2 inputs, 2 tasks) ran out of memory on cpu (MemoryError)" in (state.message or "")
+    runs = {r.name.split(": ")[1].rstrip("]"): r for r in _merge_task_runs(state.state_details.flow_run_id)}
+    assert runs["pa+pb"].state.is_completed()
+    assert runs["qa+qb"].state.is_failed() and runs["qa+qb"].run_count == 2
+    assert "pa+pb+qa+qb" not in runs or not runs["pa+pb+qa+qb"].state.is_completed()
+    markdown = {a.key: a for a in _artifacts(state.state_details.flow_run_id)}[REPORT_KEY].data
+    assert "ran out of memory" in markdown and "not run (an input failed)" in markdown
+    output = tmp_path / "out" / "merged"
+    assert not output.exists()
+    store = CheckpointStore(default_store_dir(output))
+    finished = [p.name for p in store.root.iterdir() if not p.name.startswith(".") and store.is_finished(p.name)]
+    assert len(finished) == 1 and store.record(finished[0])["tasks"] == ["pa", "pb"]

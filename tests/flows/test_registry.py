@@ -11,6 +11,7 @@ import pytest
 import yaml
 from transformers import BertForSequenceClassification
 
+from flows.cli import main
 from flows.registry import EVENT, RESOURCE_PREFIX, register, register_command
 from merge_core.config import parse_config
 from merge_core.errors import ConfigError, DataError, TaskVectorError
@@ -106,8 +107,8 @@ def test_the_event_goes_out_only_when_a_prefect_api_is_configured(
         assert _register(family_models, "pb", tmp_path / "registry").event_id is None
 
     m = family_models["qa"]
-    code = register_command([str(m["path"]), "--task", "qa", "--val", str(m["validation"]),
-                             "--registry", str(tmp_path / "registry")])
+    code = main(["register", str(m["path"]), "--task", "qa", "--val", str(m["validation"]),  # the CLI's own way
+                 "--registry", str(tmp_path / "registry")])
     assert code == 0 and f"event {EVENT}" in capsys.readouterr().out
     assert register_command([str(m["path"]), "--task", "qa", "--val", str(m["validation"]),
                              "--registry", str(tmp_path / "registry")]) == 2

@@ -1,9 +1,11 @@
-"""Checkpoint reading (lazy, every layout, never unpickling) and atomic writing."""
+"""Checkpoint reading (lazy, every layout, never unpickling) and atomic, checksummed writing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,15 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModel
 
-from merge_core.checkpoint import config_dir, open_checkpoint, read_record, write_model_dir
+from merge_core.checkpoint import (
+    CHECKSUMS_FIELD,
+    RECORD_FILE,
+    config_dir,
+    open_checkpoint,
+    read_record,
+    verify_checksums,
+    write_model_dir,
+)
 from merge_core.errors import CheckpointError
 
 
@@ -123,7 +133,13 @@ def test_write_model_dir_shards_and_loads_with_transformers(tiny_base_dir: Path,
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
     assert (out / "heads/a.safetensors").read_bytes() == b"x"
-    assert read_record(out) == {"method": "test", "tasks": ["a"]}
+    record = read_record(out)
+    sums = record.pop(CHECKSUMS_FIELD)
+    assert record == {"method": "test", "tasks": ["a"]}
+    files = sorted(f.relative_to(out).as_posix() for f in out.rglob("*") if f.is_file() and f.name != RECORD_FILE)
+    assert sorted(sums) == files and "heads/a.safetensors" in files
+    assert all(sums[f] == hashlib.sha256((out / f).read_bytes()).hexdigest() for f in files)
+    assert verify_checksums(out, read_record(out)) is None
     assert (out / "vocab.txt").is_file() and (out / "config.json").is_file()
     loaded = AutoModel.from_pretrained(out)
     for n, p in loaded.state_dict().items():
@@ -137,7 +153,7 @@ def test_write_refuses_existing_output_unless_overwrite(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="already exists.*--overwrite"):
         write_model_dir(out, iter({"w": torch.ones(2)}.items()), config_from=None, record={"v": 2})
     write_model_dir(out, iter({"w": torch.zeros(2)}.items()), config_from=None, record={"v": 2}, overwrite=True)
-    assert read_record(out) == {"v": 2}
+    assert read_record(out)["v"] == 2
     with open_checkpoint(out) as ck:
         assert torch.equal(ck.get("w"), torch.zeros(2))
 
@@ -157,3 +173,41 @@ def test_tied_tensors_are_written(tmp_path: Path) -> None:
     out = write_model_dir(tmp_path / "o", iter({"a": w, "b": w}.items()), config_from=None, record={})
     with open_checkpoint(out) as ck:
         assert torch.equal(ck.get("a"), ck.get("b"))
+
+
+@pytest.mark.parametrize("damage", ["flip", "cut", "missing", "no_checksums", "escaping_name"])
+def test_checksums_catch_a_file_changed_after_writing(tmp_path: Path, damage: str) -> None:
+    out = write_model_dir(tmp_path / "o", iter({"w": torch.arange(64.0)}.items()), config_from=None,
+                          record={"v": 1}, extra_files={"heads/t.safetensors": b"head"})
+    weights = out / "model.safetensors"
+    record = read_record(out)
+    assert verify_checksums(out, record) is None
+    time.sleep(0.02)  # file times tick in jiffies; digests are remembered per (inode, size, times)
+    if damage == "flip":  # one value's byte, the header untouched: safetensors still reads the file
+        blob = bytearray(weights.read_bytes())
+        blob[-3] ^= 0x01
+        weights.write_bytes(bytes(blob))
+        with open_checkpoint(out) as ck:
+            assert ck.get("w").shape == (64,)
+        expected = "model.safetensors does not have the sha256 recorded"
+    elif damage == "cut":
+        (out / "heads/t.safetensors").write_bytes(b"he")
+        expected = "heads/t.safetensors does not have the sha256"
+    elif damage == "missing":
+        (out / "README.md").unlink()
+        expected = "README.md is missing"
+    elif damage == "no_checksums":
+        del record[CHECKSUMS_FIELD]
+        expected = "records no checksums"
+    else:
+        record[CHECKSUMS_FIELD]["../o/model.safetensors"] = record[CHECKSUMS_FIELD]["model.safetensors"]
+        expected = "not a file inside the model dir"
+    assert expected in (verify_checksums(out, record) or "")
+
+
+def test_a_file_name_leaving_the_model_dir_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    for name in ("../escaped.safetensors", "heads/../../escaped.safetensors", str(tmp_path / "abs.safetensors")):
+        with pytest.raises(CheckpointError, match="outside the model dir"):
+            write_model_dir(tmp_path / "out" / "m", iter({"w": torch.ones(2)}.items()), config_from=None,
+                            record={}, extra_files={name: b"x"})
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["out"]

@@ -96,6 +96,27 @@ def test_gradient_matches_finite_differences(tiny_base_dir, setup, transform):
     assert grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("transform", ["tanh", "identity"])
+def test_per_task_backward_gives_the_joint_loss_and_gradient(tiny_base_dir, setup, transform):
+    """One task's activations at a time (the default) is the same step as all tasks at once."""
+    import dataclasses
+
+    from merge_core.methods.learned import backward_step
+
+    model, base, stacked, group_of, heads, batches, config, g = _loss_inputs(tiny_base_dir, setup, transform)
+    assert len(batches) > 1 and config.backward == "per_task"
+    w0 = 0.3 + 0.2 * torch.randn(2, g, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    grads, losses = [], []
+    for mode in ("per_task", "joint"):
+        w = w0.clone().requires_grad_(True)
+        losses.append(backward_step(w, model, base, stacked, group_of, heads, batches,
+                                    dataclasses.replace(config, backward=mode)))
+        grads.append(w.grad)
+    reference = learned_loss(w0.clone().requires_grad_(True), model, base, stacked, group_of, heads, batches, config)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-12) == pytest.approx(float(reference.detach()), rel=1e-12)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-10, atol=1e-14) and grads[0].abs().sum() > 0
+
+
 def test_only_w_gets_gradients(tiny_base_dir, setup):
     model, base, stacked, group_of, heads, batches, config, g = _loss_inputs(tiny_base_dir, setup, "tanh")
     w = torch.zeros(2, g, dtype=torch.float64, requires_grad=True)
@@ -253,3 +274,48 @@ def test_supermerge_with_bf16_storage_is_close_to_fp32(tiny_base_dir, setup):
             torch.testing.assert_close(bf16.tensors[n], t, rtol=0, atol=1e-3, msg=n)
     with pytest.raises(ConfigError, match="storage_dtype"):
         LearnedMergeConfig(storage_dtype="int8")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_sum_matches_tensordot_in_value_and_gradient(monkeypatch, dtype):
+    """The path that reads a stack chunk by chunk (bf16 storage, or host memory on a GPU run) gives
+    the dense contraction's value and gradient; small chunks so the loop runs many times."""
+    from merge_core.methods import learned
+
+    monkeypatch.setattr(learned, "TRANSFER_CHUNK", 7)
+    stack = torch.randn(3, 5, 6).to(dtype)
+    coeffs = torch.tensor([0.3, -0.7, 1.1], requires_grad=True)
+    out = learned._ChunkedSum.apply(coeffs, stack)
+    grad_out = torch.randn(5, 6)
+    (out * grad_out).sum().backward()
+    ref_coeffs = coeffs.detach().clone().requires_grad_(True)
+    ref = torch.tensordot(ref_coeffs, stack.to(torch.float32), dims=1)
+    (ref * grad_out).sum().backward()
+    assert torch.allclose(out, ref, atol=1e-6) and torch.allclose(coeffs.grad, ref_coeffs.grad, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_task_vectors_offloaded_to_host_memory_train_the_same_weights(tiny_base_dir, setup):
+    """On a GPU, stacks kept in pinned host memory (the planner's offload) train W as stacks on the GPU do."""
+    vectors, _, val = setup
+    params = {"steps": 5, "lr": 0.05}
+    on_gpu = merge(tiny_base_dir, vectors, "supermerge", params=params, val=val, device="cuda")
+    offloaded = merge(tiny_base_dir, vectors, "supermerge", params=params, val=val, device="cuda",
+                      task_vector_device="cpu")
+    assert torch.allclose(on_gpu.learned.weights, offloaded.learned.weights, atol=1e-5)
+
+
+def test_a_merged_input_starts_at_its_tasks_times_init_capped():
+    """A tree node's input that serves m tasks already carries its own weights: it starts at m * init
+    (capped at 0.9) instead of shrinking its tasks by init once more; ``same`` keeps the paper's init."""
+    from merge_core.methods.learned import MERGED_INIT_CAP, initial_coefficients, initial_weights
+
+    config = LearnedMergeConfig(init=0.3)
+    assert initial_coefficients([1, 2, 3, 5], config) == pytest.approx([0.3, 0.6, MERGED_INIT_CAP, MERGED_INIT_CAP])
+    same = LearnedMergeConfig(init=0.3, init_merged="same")
+    assert initial_coefficients([1, 2, 3], same) == [0.3, 0.3, 0.3]
+    w = initial_weights(2, 4, config, [1, 2])
+    assert w.shape == (2, 4) and torch.allclose(torch.tanh(w[:, 0]), torch.tensor([0.3, 0.6]))
+    with pytest.raises(ConfigError, match="init_merged"):
+        LearnedMergeConfig(init_merged="half")  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ from peft.utils import merge_utils as peft_merge
 
 from merge_core.errors import ConfigError, TaskVectorError
 from merge_core.methods import average, dare, task_arithmetic, ties
+from merge_core.methods.registry import METHODS
 
 # Three task vectors of six entries, worked by hand for every method below.
 BASE = torch.ones(6)
@@ -248,3 +249,26 @@ def test_registry_grids_are_small_and_valid() -> None:
         for values in combos:
             merged = spec.op(torch.zeros(5), torch.randn(3, 5), seed=0, **dict(zip(spec.grid, values)))
             assert merged.shape == (5,)
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+@pytest.mark.parametrize("name", [n for n, s in METHODS.items() if s.kind == "per_tensor"])
+def test_declared_temporaries_cover_what_the_op_allocates(name: str, k: int) -> None:
+    """The memory planner predicts a streamed merge from ``MethodSpec.temporaries``; an op that came
+    to allocate more than declared would make every streamed prediction low, so it fails here."""
+    from torch.profiler import ProfilerActivity, profile
+
+    spec = METHODS[name]
+    shape = (256, 512)
+    base, deltas = torch.randn(shape), torch.randn(k, *shape)
+    params = {p: values[0] for p, values in spec.grid.items()}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = spec.op(base, deltas, seed=0, **params)
+        del out
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    per_model, constant = spec.temporaries
+    declared = (per_model * k + constant) * 4 * base.numel()
+    assert 0.6 * declared <= peak <= declared + 4096, (name, k, peak / (4 * base.numel()))  # + scalars

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from merge_core.errors import CheckpointError
 from orchestrator.executor import REPORT_FILE, ExecutionReport, execute
@@ -143,3 +144,79 @@ def test_an_existing_output_is_refused_before_any_node_runs(tiny_base_dir, famil
     with pytest.raises(CheckpointError, match="already exists"):
         execute(p, runner=never)
     assert not (tmp_path / ".supermerge-store").exists()
+
+
+def test_a_per_tensor_method_with_fixed_parameters_streams_each_node(tiny_base_dir, family_models, tmp_path):
+    """TIES with one value per parameter needs no model run: every node is merged disk to disk
+    (merge_core.stream), planned as such (no model weights, k times the largest tensor), and gives
+    the bytes the load-everything merge() gives."""
+    from merge_core.checkpoint import open_checkpoint
+    from merge_core.job import load_task_vectors
+    from merge_core.merge import merge
+    from merge_core.task_vectors import DEFAULT_HEAD_PREFIXES
+
+    config = make_config(tiny_base_dir, family_models, tmp_path / "merged", tree={"flat": True},
+                         method="ties", parameters={"density": 0.3, "lam": 1.2})
+    p = plan(config, inventory=PLENTY)
+    root = p.root
+    with open_checkpoint(tiny_base_dir) as base:
+        largest = max(base.shape(n)[0] * (base.shape(n)[1] if len(base.shape(n)) > 1 else 1)
+                      for n in base.keys() if base.dtype(n).is_floating_point)
+        vectors = load_task_vectors(base, config.models, head_prefixes=DEFAULT_HEAD_PREFIXES)
+    assert root.device == "cpu" and root.predicted["model_weights"] == root.predicted["activations"] == 0
+    assert root.predicted["stacked_task_vectors"] == 4 * len(NAMES) * largest
+    assert root.predicted["op_temporaries"] == int((2.25 * len(NAMES) + 4) * 4 * largest)
+
+    report = execute(p)
+    [record] = report.nodes
+    assert record.val_accuracy == {} and record.measured_peak_bytes > 0
+    stored = json.loads((config.output / "supermerge.json").read_text())
+    assert stored["streamed"] is True and stored["node"]["id"] == root.id
+
+    expected = merge(tiny_base_dir, vectors, "ties", params={"density": 0.3, "lam": 1.2})
+    with open_checkpoint(config.output) as merged:
+        for name, tensor in expected.tensors.items():
+            assert torch.equal(merged.get(name), tensor), name
+
+
+def test_a_store_entry_changed_after_writing_is_reported_and_merged_again_to_the_same_bytes(
+    reference, tiny_base_dir, family_models, tmp_path, caplog
+):
+    """One byte of a tensor flipped in a finished node's weights and in the root's (headers and sizes
+    untouched, so only the checksums can tell): the next run says which files, merges exactly those
+    two nodes again, gets the bytes back, and publishes the reference's model."""
+    import logging
+    import shutil
+    import time
+
+    from merge_core.checkpoint import read_record, verify_checksums
+    from tests.errors_doc import check_row
+
+    store = CheckpointStore(tmp_path / "store")
+    shutil.copytree(reference.report.store, store.root)  # copies: the reference keeps its own files
+    p = _plan(tiny_base_dir, family_models, tmp_path / "merged")
+    damaged = [p.nodes[1], p.root]
+    time.sleep(0.02)  # file times tick in jiffies; digests are remembered per (inode, size, times)
+    for node in damaged:
+        weights = store.path(node.key) / "model.safetensors"
+        blob = bytearray(weights.read_bytes())
+        blob[-5] ^= 0x10
+        weights.write_bytes(bytes(blob))
+        assert not store.is_finished(node.key)
+
+    called: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="orchestrator.node"):
+        execute(p, store_dir=store.root, runner=lambda node, s: called.append(node.id) or run_node(node, s))
+    assert called == [n.id for n in damaged]
+    warnings = [r.getMessage() for r in caplog.records if "is not usable" in r.getMessage()]
+    assert len(warnings) == 2
+    for node, warning in zip(damaged, warnings, strict=True):
+        assert f"{store.path(node.key) / 'model.safetensors'} does not have the sha256 recorded" in warning
+        assert (store.path(node.key) / "model.safetensors").read_bytes() == \
+            (reference.report.store / node.key / "model.safetensors").read_bytes()
+    for name in ("model.safetensors", "merge_weights.safetensors", *(f"heads/{t}.safetensors" for t in NAMES)):
+        assert (tmp_path / "merged" / name).read_bytes() == (reference.plan.config.output / name).read_bytes(), name
+    published = read_record(tmp_path / "merged")  # the published model carries the checksums too
+    assert "model.safetensors" in published["checksums"] and verify_checksums(tmp_path / "merged", published) is None
+    check_row("damaged-store-entry", "a finished node's file changed after it was written (one flipped byte)",
+              warnings[0], {"<store>": store.root, "<key>": damaged[0].key})

@@ -53,13 +53,20 @@ def test_eq6_terms_for_a_known_shape():
     assert p.merge_weights == 4 * 15
     assert p.stacked_task_vectors == 4 * 3 * 1000
     assert p.merged_params == 4 * 1000
-    assert p.merged_param_grads == 4 * 400
+    # per-task backward (the default): one task's activations at a time, a whole model's gradient held
+    assert p.merged_param_grads == 4 * 1000
     per_token = 2 * (8 * 8 + 2 * 32) + 2 * 8  # layers * (8 hidden + 2 intermediate) + 2 hidden
-    assert p.activations == 4 * (4 * 10 + 2 * 6) * per_token == 56576
+    assert p.activations == 4 * max(4 * 10, 2 * 6) * per_token == 43520
     assert p.runtime == RUNTIME_BYTES
-    assert p.total == 16180 + 60 + 12000 + 4000 + 1600 + 56576 + RUNTIME_BYTES
+    assert p.total == 16180 + 60 + 12000 + 4000 + 4000 + 43520 + RUNTIME_BYTES
     assert p.peak == p.total and p.device_bytes == 0 and p.host_bytes == p.total
     assert p.to_dict()["eq6"] == 16180
+    # joint backward: every task's batch before one backward; the merged tensors' gradients pass one at a time
+    joint = predict_node_peak_bytes(SHAPE, NodeWorkload(k=3, loaded_values=3000, n_groups=5,
+                                                        batches=((4, 10), (2, 6)), per_task_backward=False))
+    assert joint.merged_param_grads == 4 * 400
+    assert joint.activations == 4 * (4 * 10 + 2 * 6) * per_token == 56576
+    assert joint.eq6 == p.eq6
 
 
 def test_adapters_and_grid_searches_change_only_their_terms():
@@ -87,6 +94,11 @@ def test_on_a_gpu_the_loaded_task_vectors_and_runtime_stay_on_the_host():
     assert gpu.total == cpu.total
     assert gpu.host_bytes == gpu.task_vectors + gpu.runtime
     assert gpu.peak == gpu.device_bytes == gpu.total - gpu.host_bytes
+    # offloaded: the k stacked task vectors move to the host; one k-row chunk (fp32 + its source) is on the GPU
+    off = predict_node_peak_bytes(SHAPE, work, "cuda", offload=True)
+    assert off.host_bytes == gpu.host_bytes + gpu.stacked_task_vectors
+    assert off.transfer_buffers == (4 + 4) * 3 * SHAPE.largest_tensor
+    assert off.device_bytes == gpu.device_bytes - gpu.stacked_task_vectors + off.transfer_buffers
 
 
 def test_activation_term_matches_what_autograd_saves(tiny_base_dir):
@@ -156,10 +168,18 @@ def test_place_node_picks_the_gpu_with_room_or_says_why_none():
     roomy = Budget(host=cpu.total, gpus={0: gpu.device_bytes, 1: gpu.device_bytes + 1})
     assert place_node(SHAPE, work, roomy, "cuda").device == "cuda:1"
     assert place_node(SHAPE, work, roomy, "cuda:0").device == "cuda:0"
+    # a GPU that holds the model but not k task vectors: they stay in host memory
+    offloaded = predict_node_peak_bytes(SHAPE, work, "cuda", offload=True)
+    assert offloaded.device_bytes < gpu.device_bytes and offloaded.host_bytes > gpu.host_bytes
     small_gpus = Budget(host=cpu.total, gpus={0: gpu.device_bytes - 1})
-    spill = place_node(SHAPE, work, small_gpus, "cuda")
+    half = place_node(SHAPE, work, small_gpus, "cuda")
+    assert (half.device, half.task_vector_device) == ("cuda:0", "cpu") and "host memory" in half.reason
+    assert half.predicted == offloaded
+    assert place_node(SHAPE, work, roomy, "cuda").task_vector_device is None
+    tiny_gpus = Budget(host=cpu.total, gpus={0: offloaded.device_bytes - 1})
+    spill = place_node(SHAPE, work, tiny_gpus, "cuda")
     assert spill.device == "cpu" and "too big for every GPU" in spill.reason
-    refused = place_node(SHAPE, work, small_gpus, "cuda:0")
+    refused = place_node(SHAPE, work, tiny_gpus, "cuda:0")
     assert refused.device is None and "on cuda:0" in refused.reason
     assert place_node(SHAPE, work, Budget(host=cpu.total), "cpu").device == "cpu"
     tight = place_node(SHAPE, work, Budget(host=cpu.total - 1), "cpu")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+import time
 
 import pytest
 import torch
@@ -91,13 +93,24 @@ def test_a_written_node_is_finished_and_its_stored_model_keeps_its_key(tmp_path)
     assert model_key(store.path(key)) == key
 
 
-@pytest.mark.parametrize("damage", ["no_record", "other_key", "truncated", "no_weights", "bad_json", "missing_shard"])
-def test_a_partial_or_damaged_node_is_not_finished(tmp_path, damage):
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [("no_record", "has no readable supermerge.json"), ("other_key", "names the key 'efef"),
+     ("truncated", "model.safetensors is not a whole safetensors file"),
+     ("no_weights", "has no model.safetensors or model.safetensors.index.json"),
+     ("bad_json", "supermerge.json cannot be read"),
+     ("missing_shard", "model-00002-of-00002.safetensors is missing or not a whole"),
+     ("flipped_byte", "model.safetensors does not have the sha256 recorded when it was written"),
+     ("no_checksums", "records no checksums")],
+)
+def test_a_partial_or_damaged_node_is_not_finished_and_says_why(tmp_path, damage, why):
     store = CheckpointStore(tmp_path / "store")
     key = "cd" * 32
     _write_node(store, key, record_key="ef" * 32 if damage == "other_key" else None)
+    assert damage == "other_key" or store.is_finished(key)
     folder = store.path(key)
     weights = folder / "model.safetensors"
+    time.sleep(0.02)  # file times tick in jiffies; digests are remembered per (inode, size, times)
     if damage == "no_record":
         (folder / "supermerge.json").unlink()
     elif damage == "truncated":
@@ -110,8 +123,59 @@ def test_a_partial_or_damaged_node_is_not_finished(tmp_path, damage):
         weights.rename(folder / "model-00001-of-00002.safetensors")
         index = {"weight_map": {"w": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert not store.is_finished(key)
+    elif damage == "flipped_byte":  # a value's byte: the header and the size are as written
+        blob = bytearray(weights.read_bytes())
+        blob[-1] ^= 0x01
+        weights.write_bytes(bytes(blob))
+        assert safetensors_complete(weights)
+    elif damage == "no_checksums":
+        record = json.loads((folder / "supermerge.json").read_text())
+        del record["checksums"]
+        (folder / "supermerge.json").write_text(json.dumps(record))
+    assert not store.is_finished(key) and store.record(key) is None
     assert store.occupied(key), "a damaged node must be rewritten, not skipped"
+    assert why in (store.problem(key) or "")
+
+
+def test_an_absent_or_finished_node_has_no_problem(tmp_path):
+    store = CheckpointStore(tmp_path / "store")
+    key = "ce" * 32
+    assert store.problem(key) is None
+    _write_node(store, key)
+    assert store.problem(key) is None
+
+
+def test_the_exclusive_lock_makes_a_second_holder_wait_and_a_shared_one_does_not(tmp_path):
+    store = CheckpointStore(tmp_path / "store")
+    key = "ab" * 32
+    events: list[str] = []
+
+    def take(name: str, shared: bool) -> None:
+        with store.lock(key, shared=shared):
+            events.append(f"{name} in")
+            time.sleep(0.2)
+            events.append(f"{name} out")
+
+    first = threading.Thread(target=take, args=("writer", False))
+    first.start()
+    time.sleep(0.05)
+    second = threading.Thread(target=take, args=("reader", True))
+    second.start()
+    first.join()
+    second.join()
+    assert events == ["writer in", "writer out", "reader in", "reader out"]
+
+    events.clear()
+    readers = [threading.Thread(target=take, args=(f"r{i}", True)) for i in range(2)]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join()
+    assert events[:2] in (["r0 in", "r1 in"], ["r1 in", "r0 in"])  # both held it at once
+    assert sorted(p.name for p in (store.root / ".locks").iterdir()) == [f"{key}.lock"]
+    with pytest.raises(StoreError, match="not a hex digest"):
+        with store.lock("../../etc/passwd"):
+            pass
 
 
 def test_an_interrupted_write_leaves_nothing_finished(tmp_path):
