@@ -2,9 +2,11 @@
 
 Writes a randomly initialised Llama-style base (transformers' LlamaConfig, bf16 safetensors) and k
 "fine-tunes" (the base plus seeded random deltas), tensor by tensor so that writing them holds one
-tensor, never the model. Then merges them with supermerge's ``stream_merge`` and with ``mergekit-yaml``
-(same method, same parameters, fp32 math, bf16 output), each in its own process, sampling the RSS of
-its process tree; and compares the two outputs tensor by tensor.
+tensor, never the model. Then merges them three ways, each in its own process, sampling the RSS of its
+process tree: supermerge's library call ``stream_merge``, the ``supermerge merge`` command a user runs
+(planning with its NaN/Inf scan of every input, the checkpoint store, checksums, publishing), and
+``mergekit-yaml`` (same method, same parameters, fp32 math, bf16 output); and compares the outputs
+tensor by tensor.
 
     python -m bench.mergekit_bench --size 1b --workdir /tmp/mk-bench --mergekit /tmp/mk-venv/bin/mergekit-yaml
 
@@ -189,6 +191,20 @@ def supermerge_command(base: Path, models: list[Path], method: str, out: Path) -
     return [sys.executable, "-m", "bench.mergekit_bench", "--stream", spec]
 
 
+def cli_command(workdir: Path, base: Path, models: list[Path], method: str, out: Path) -> list[str]:
+    """``supermerge merge`` on a config for the same merge: what a user runs. It plans first (headers,
+    a NaN/Inf scan of every input, the memory plan), streams the one flat node into the checkpoint store
+    beside the output, checksums it, and publishes it to ``out`` (hard links)."""
+    import yaml
+
+    config = workdir / f"supermerge-{method}.yaml"
+    config.write_text(yaml.safe_dump({
+        "base": str(base), "output": str(out), "method": method, "parameters": METHODS[method], "device": "cpu",
+        "models": [{"name": f"ft{i}", "path": str(m)} for i, m in enumerate(models)], "tree": {"flat": True},
+    }))
+    return ["supermerge", "merge", str(config), "--overwrite"]
+
+
 def mergekit_config(base: Path, models: list[Path], method: str) -> str:
     """mergekit's config for the same merge: weight 1 per model, fp32 math, bf16 out. TIES: mergekit's
     ``normalize`` divides by the summed weights of the agreeing models, which with weights of 1 is
@@ -259,7 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write every number here too")
     parser.add_argument("--clean", action="store_true", help="delete the checkpoints and outputs afterwards")
     parser.add_argument("--stream", help=argparse.SUPPRESS)
+    parser.add_argument("--markdown", type=Path, help="also write what is printed (and the command) here")
     args = parser.parse_args(argv)
+    lines: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        lines.extend(text.splitlines())
     if args.stream:
         return _stream(args.stream)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -267,37 +289,48 @@ def main(argv: list[str] | None = None) -> int:
     base, models = write_models(args.workdir, args.size, args.k, args.seed)
     with open_checkpoint(base) as ck:
         n_params = ck.numel()
-    print(f"Llama {args.size}: {n_params / 1e9:.3f}e9 parameters, k = {args.k}, bf16; "
+    say(f"Llama {args.size}: {n_params / 1e9:.3f}e9 parameters, k = {args.k}, bf16; "
           f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
     runs: list[Run] = []
     agreement: dict[str, dict[str, Any]] = {}
     for method in args.methods:
         ours = args.workdir / f"out-supermerge-{method}"
+        cli_out = args.workdir / f"cli-{method}" / "merged"
         theirs = args.workdir / f"out-mergekit-{method}"
         config = args.workdir / f"mergekit-{method}.yml"
         config.write_text(mergekit_config(base, models, method))
         shutil.rmtree(theirs, ignore_errors=True)
+        shutil.rmtree(cli_out.parent, ignore_errors=True)
         runs.append(measure_command("supermerge", method, supermerge_command(base, models, method, ours),
+                                    [base, *models]))
+        runs.append(measure_command("sm-cli", method, cli_command(args.workdir, base, models, method, cli_out),
                                     [base, *models]))
         runs.append(measure_command("mergekit", method, mergekit_command(args.mergekit, config, theirs),
                                     [base, *models]))
         agreement[method] = compare(ours, theirs)
-        for r in runs[-2:]:
-            print(f"  {r.tool:10s} {method:16s} {r.seconds:7.1f} s  peak RSS {_gb(r.peak_rss_bytes)}  "
-                  f"sampled RSS {_gb(r.sampled_rss_bytes)}  anonymous {_gb(r.sampled_anon_bytes)}")
-        sm, mk = runs[-2], runs[-1]
-        print(f"  {method}: mergekit / supermerge: time {mk.seconds / sm.seconds:.2f}x, "
-              f"peak RSS {mk.peak_rss_bytes / sm.peak_rss_bytes:.2f}x, "
-              f"anonymous {mk.sampled_anon_bytes / max(sm.sampled_anon_bytes, 1):.2f}x")
+        same = all((ours / f.name).read_bytes() == f.read_bytes() for f in sorted(cli_out.glob("*.safetensors")))
+        for r in runs[-3:]:
+            say(f"  {r.tool:10s} {method:16s} {r.seconds:7.1f} s  peak RSS {_gb(r.peak_rss_bytes)}  "
+                f"sampled RSS {_gb(r.sampled_rss_bytes)}  anonymous {_gb(r.sampled_anon_bytes)}")
+        sm, cli, mk = runs[-3], runs[-2], runs[-1]
+        for who, r in (("stream_merge", sm), ("supermerge merge", cli)):
+            say(f"  {method}: mergekit / {who}: time {mk.seconds / r.seconds:.2f}x, "
+                f"peak RSS {mk.peak_rss_bytes / r.peak_rss_bytes:.2f}x, "
+                f"anonymous {mk.sampled_anon_bytes / max(r.sampled_anon_bytes, 1):.2f}x")
+        say(f"  {method}: supermerge merge (CLI) wrote the same weight bytes as stream_merge: {same}")
         a = agreement[method]
-        print(f"  {method}: outputs differ in {a['differing']} of {a['values']} values "
+        say(f"  {method}: outputs differ in {a['differing']} of {a['values']} values "
               f"({100 * a['differing_share']:.4f} %), max |diff| {a['max_abs_diff']:.3g} "
               f"({a['max_rel_diff']:.3g} of the tensor's max)")
-        print(f"  mergekit command: {mk.command}")
-        print("  mergekit config:\n    " + config.read_text().replace("\n", "\n    "))
+        say(f"  mergekit command: {mk.command}")
+        say("  mergekit config:\n    " + config.read_text().replace("\n", "\n    "))
     if args.json:
         args.json.write_text(json.dumps({"size": args.size, "k": args.k, "parameters": n_params,
                                          "runs": [asdict(r) for r in runs], "agreement": agreement}, indent=2))
+    if args.markdown:
+        command = "python -m bench.mergekit_bench " + " ".join(argv if argv is not None else sys.argv[1:])
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text("```\n" + "\n".join(lines) + f"\n```\n\nCommand: `{command}`\n")
     if args.clean:
         shutil.rmtree(args.workdir)
     return 0

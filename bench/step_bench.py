@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,8 +31,8 @@ from merge_core.data import TaskData
 from merge_core.methods.learned import (
     LearnedMergeConfig,
     _objective_loss,
+    backward_step,
     initial_weights,
-    learned_loss,
     stack_task_vectors,
     weight_groups,
 )
@@ -69,9 +70,8 @@ def _steps(model, names, base, stacked, heads, batches, config) -> tuple[Callabl
     trainable = {n: b.detach().requires_grad_(True) for n, b in base.items()}
 
     def supermerge_step() -> None:
-        loss = learned_loss(weights, model, base, stacked, group_of, heads, batches, config)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        backward_step(weights, model, base, stacked, group_of, heads, batches, config)
         optimizer.step()
 
     def plain_step() -> None:
@@ -111,26 +111,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--storage-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--profile", type=int, default=None, metavar="K", help="print a profile of the step at this k")
+    parser.add_argument("--markdown", type=Path, help="also write the table (and the command) here")
     args = parser.parse_args(argv)
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
 
     folder = minilm_dir()
     model = FunctionalModel(folder)
     config = LearnedMergeConfig(storage_dtype=args.storage_dtype)
-    print(f"MiniLM ({sum(p.numel() for p in model.module.parameters()) / 1e6:.1f}M parameters), "
-          f"{args.batch_size} x {args.seq_len} tokens per task, storage {args.storage_dtype}, "
-          f"torch threads {torch.get_num_threads()}")
-    print("| k | plain step (s) | SuperMerge step (s) | ratio |")
-    print("|---|---|---|---|")
+    say(f"MiniLM ({sum(p.numel() for p in model.module.parameters()) / 1e6:.1f}M parameters), "
+        f"{args.batch_size} x {args.seq_len} tokens per task, storage {args.storage_dtype}, "
+        f"backward {config.backward}, torch threads {torch.get_num_threads()}, median of {args.steps} steps")
+    say("")
+    say("| k | plain step (s) | SuperMerge step (s) | ratio |")
+    say("|---|---|---|---|")
     for k in args.k:
         names, base, stacked, heads, batches = _setup(model, folder, k, args.batch_size, args.seq_len,
                                                       args.storage_dtype)
         supermerge_step, plain_step = _steps(model, names, base, stacked, heads, batches, config)
         t = _median_seconds({"plain": plain_step, "supermerge": supermerge_step}, args.steps)
-        print(f"| {k} | {t['plain']:.3f} | {t['supermerge']:.3f} | {t['supermerge'] / t['plain']:.2f} |", flush=True)
+        say(f"| {k} | {t['plain']:.3f} | {t['supermerge']:.3f} | {t['supermerge'] / t['plain']:.2f} |")
         if args.profile == k:
             print(f"SuperMerge step at k = {k}:\n{_profile(supermerge_step)}")
             print(f"plain step at k = {k}:\n{_profile(plain_step)}")
         del stacked
+    if args.markdown:
+        command = "python -m bench.step_bench " + " ".join(argv if argv is not None else sys.argv[1:])
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text("\n".join(lines) + f"\n\nCommand: `{command}`\n")
     return 0
 
 

@@ -109,6 +109,7 @@ def merge(
     progress: bool = False,
     model: FunctionalModel | None = None,
     task_vector_device: str | None = None,
+    release_task_vectors: bool = False,
 ) -> MergeResult:
     """Merge ``vectors`` (task vectors against ``base_path``) with ``method``.
 
@@ -116,6 +117,8 @@ def merge(
     task name -> validation data (labelled for SuperMerge and grid searches, inputs for AdaMerging).
     ``task_vector_device``: where a learned merge keeps its stacked task vectors (default: the model's
     device; 'cpu' on a GPU run offloads them to pinned host memory, see ``stack_task_vectors``).
+    ``release_task_vectors``: a learned merge empties ``vectors``' deltas as it stacks them (the caller
+    no longer needs them), so the task vectors are held once at the peak, not twice.
     """
     started = time.perf_counter()
     spec = get_method(method)
@@ -125,7 +128,8 @@ def merge(
         _check_inputs(spec, vectors, val, needs_val=True)
         if model is None:
             model = FunctionalModel(base_path, kind, device)
-        result = _merge_learned(spec, base_path, vectors, config, val or {}, model, progress, task_vector_device)
+        result = _merge_learned(spec, base_path, vectors, config, val or {}, model, progress, task_vector_device,
+                                release_task_vectors)
     else:
         candidates = _candidates(spec, params)
         _check_inputs(spec, vectors, val, needs_val=len(candidates) > 1)
@@ -246,6 +250,7 @@ def _merge_learned(
     model: FunctionalModel,
     progress: bool,
     task_vector_device: str | None = None,
+    release_task_vectors: bool = False,
 ) -> MergeResult:
     from merge_core.methods.learned import stack_task_vectors
 
@@ -254,10 +259,12 @@ def _merge_learned(
     with open_checkpoint(base_path) as base:
         names = mergeable_names(base)
         base_params = model.base_params(names)
-        stacked = stack_task_vectors(base_params, vectors, config.storage_dtype, model.device, task_vector_device)
+        tasks_per_input = [len(v.tasks) for v in vectors]
+        stacked = stack_task_vectors(base_params, vectors, config.storage_dtype, model.device, task_vector_device,
+                                     release=release_task_vectors)
         data = {t: val[t] for v in vectors for t in v.tasks}
         learned = train_merge_weights(model, base_params, stacked, heads_dev, data, config, progress=progress,
-                                      tasks_per_input=[len(v.tasks) for v in vectors])
+                                      tasks_per_input=tasks_per_input)
         with torch.no_grad():
             merged = combine(base_params, stacked, learned.coefficients.to(model.device), learned.group_of)
         del stacked

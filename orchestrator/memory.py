@@ -4,8 +4,9 @@ The paper's eq. 6 gives a learned merge's peak as ``4 N_params + 4 N_trainable +
 4 k N_task_vector`` bytes: the frozen model, W's gradients and AdamW's two moments, and the k task
 vectors. Running it (merge_core.merge) holds more, and ``predict_node_peak_bytes`` counts that too:
 
-- the stacked copy of the task vectors, ``(k, *shape)`` per tensor, which merge_core builds while the
-  loaded ones are still held (so the task vectors are paid twice);
+- the stacked task vectors, ``(k, *shape)`` per tensor, beyond the loaded ones: the node runner moves
+  each loaded delta into its stack, so for full fine-tunes they are paid once (adapters, loaded
+  compact, are stacked dense unless LoRA factors are smaller);
 - the merged parameters ``theta_p + sum_i f(W_i) tau_i``, built once per training step;
 - the gradients w.r.t. them: by default (``backward: per_task``) each task's batch runs forward and
   backward alone and its gradient w.r.t. the merged tensors is accumulated, so a whole model's worth
@@ -221,8 +222,10 @@ class PeakBytes:
     merge_weights: int
     """W itself (k x G)."""
     stacked_task_vectors: int
-    """The (k, *shape) stack merge_core builds while the loaded task vectors are still held (a
-    per-tensor method stacks one tensor at a time)."""
+    """The (k, *shape) stacks beyond the loaded task vectors: a learned merge in a node moves each
+    loaded delta into its stack (so for full fine-tunes in fp32 this is 0, and the task vectors are
+    counted once, in ``task_vectors``; adapters' dense stacks add their full size); a per-tensor method
+    stacks one tensor at a time."""
     merged_params: int
     """The merged model built each step (two of them during a grid search: current and best)."""
     merged_param_grads: int
@@ -330,7 +333,9 @@ def predict_node_peak_bytes(
             optimizer_state=2 * FP32 * trainable,
             task_vectors=FP32 * work.loaded_values,
             merge_weights=FP32 * trainable,
-            stacked_task_vectors=work.stack_bytes_per_value * work.k * n,
+            # the node runner drops each loaded delta once it is stacked: only what the stacks hold beyond
+            # the loaded task vectors (adapters stacked dense) adds to the peak
+            stacked_task_vectors=max(0, work.stack_bytes_per_value * work.k * n - FP32 * work.loaded_values),
             merged_params=FP32 * n,
             merged_param_grads=FP32 * (n if work.per_task_backward else shape.largest_tensor),
             activations=acts,
@@ -356,6 +361,9 @@ def predict_node_peak_bytes(
         on_device = (("model_weights", "merge_weight_grads", "optimizer_state", "merge_weights",
                       "stacked_task_vectors", "merged_params", "merged_param_grads", "activations")
                      if work.learned else ("model_weights", "merged_params", "activations"))
+        if work.learned and not offload:
+            # the stacks are built on the GPU while the loaded deltas they replace are on the host
+            terms = dataclasses.replace(terms, stacked_task_vectors=work.stack_bytes_per_value * work.k * n)
         if offload:
             from merge_core.methods.learned import TRANSFER_CHUNK
 

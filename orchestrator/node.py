@@ -259,6 +259,7 @@ def _merge_node(node: NodeTask, store: CheckpointStore, progress: bool) -> NodeR
             result = merge(
                 node.base, vectors, node.method, params=node.parameters, val=val, kind=node.kind,  # type: ignore[arg-type]
                 seed=node.seed, device=node.device, progress=progress, task_vector_device=node.task_vector_device,
+                release_task_vectors=True,
             )
             del vectors
     reading = meter.reading

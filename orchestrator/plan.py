@@ -288,7 +288,7 @@ def _read_inputs(config: MergeConfig, spec: MethodSpec, progress: bool) -> _Inpu
     learned = _learned_config(spec, config.parameters)
     tokenizer = load_tokenizer(config.base)
     val = load_split(config.models, "validation", tokenizer, config.max_length)
-    if spec.kind == "learned" or spec.needs_labels:
+    if spec.kind == "learned" or _candidate_count(spec, config.parameters) > 1:
         missing = [m.name for m in config.models if m.name not in val]
         if missing:
             raise DataError(

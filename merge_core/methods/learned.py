@@ -272,6 +272,8 @@ def stack_task_vectors(
     storage_dtype: StorageDtype = "float32",
     device: torch.device | str = "cpu",
     dense_device: torch.device | str | None = None,
+    *,
+    release: bool = False,
 ) -> dict[str, TaskVectorStack]:
     """Every tensor's k task vectors as the learned merge holds them: LoRA factors side by side where
     that is smaller (``FactoredStack``), else the dense (k, *shape) stack, in ``storage_dtype``.
@@ -279,7 +281,11 @@ def stack_task_vectors(
     Factored stacks go to ``device`` (the model's); dense ones to ``dense_device`` (default the same).
     The memory planner offloads them to the host (``dense_device='cpu'``) when a GPU holds the model but
     not k copies of it: they are then kept in pinned memory, from which each step copies them to the
-    GPU chunk by chunk (``weighted_sum``) at full PCIe speed."""
+    GPU chunk by chunk (``weighted_sum``) at full PCIe speed.
+
+    ``release``: drop each tensor's deltas from ``vectors`` once they are in its stack (the caller's
+    task vectors are emptied), so the task vectors are held once, as stacks, not twice: for k full
+    fine-tunes that is k model-sized fp32 copies less at the peak."""
     dtype = STORAGE_DTYPES[storage_dtype]
     target = torch.device(device)
     dense_target = target if dense_device is None else torch.device(dense_device)
@@ -292,6 +298,9 @@ def stack_task_vectors(
         else:
             stack = stack_deltas(b.cpu(), vectors, n).to(dtype)
             out[n] = stack.pin_memory() if pin else stack.to(dense_target)
+        if release:
+            for v in vectors:
+                v.deltas.pop(n, None)
     return out
 
 

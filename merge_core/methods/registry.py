@@ -36,12 +36,6 @@ class MethodSpec:
     at most ``per_model * k + constant`` tensors. The memory planner predicts a streamed merge with it;
     measured with torch's profiler at k = 4 and 8 (tests/merge_core/test_methods_per_tensor.py checks it)."""
 
-    @property
-    def needs_labels(self) -> bool:
-        if self.kind == "learned":
-            return self.learned is not None and self.learned.objective == "supervised"
-        return any(len(v) > 1 for v in self.grid.values())
-
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec

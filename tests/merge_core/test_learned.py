@@ -319,3 +319,18 @@ def test_a_merged_input_starts_at_its_tasks_times_init_capped():
     assert w.shape == (2, 4) and torch.allclose(torch.tanh(w[:, 0]), torch.tensor([0.3, 0.6]))
     with pytest.raises(ConfigError, match="init_merged"):
         LearnedMergeConfig(init_merged="half")  # type: ignore[arg-type]
+
+
+def test_released_task_vectors_are_held_once_and_train_the_same_weights(tiny_base_dir, tiny_finetuned, setup):
+    """With release_task_vectors (what the node runner asks for), each delta leaves its task vector as it
+    enters its stack: same merge, and nothing of the inputs' deltas is held twice."""
+    _, _, val = setup
+    with open_checkpoint(tiny_base_dir) as base:
+        fresh = [load_task_vector(base, tiny_finetuned[t], name=t) for t in TASKS]
+        kept = [load_task_vector(base, tiny_finetuned[t], name=t) for t in TASKS]
+    params = {"steps": 3, "lr": 0.05}
+    released = merge(tiny_base_dir, fresh, "supermerge", params=params, val=val, release_task_vectors=True)
+    reference = merge(tiny_base_dir, kept, "supermerge", params=params, val=val)
+    assert all(not v.deltas for v in fresh) and all(v.deltas for v in kept)
+    assert all(v.heads for v in fresh)  # heads are not task vectors: kept
+    assert torch.equal(released.learned.weights, reference.learned.weights)

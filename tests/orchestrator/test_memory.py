@@ -51,14 +51,15 @@ def test_eq6_terms_for_a_known_shape():
     assert p.eq6 == 4 * 1000 + 4 * 15 + 8 * 15 + 4 * 3 * 1000 == 16180
     # what eq. 6 leaves out
     assert p.merge_weights == 4 * 15
-    assert p.stacked_task_vectors == 4 * 3 * 1000
+    # the node runner moves each loaded fp32 delta into its stack: full fine-tunes are held once
+    assert p.stacked_task_vectors == 0
     assert p.merged_params == 4 * 1000
     # per-task backward (the default): one task's activations at a time, a whole model's gradient held
     assert p.merged_param_grads == 4 * 1000
     per_token = 2 * (8 * 8 + 2 * 32) + 2 * 8  # layers * (8 hidden + 2 intermediate) + 2 hidden
     assert p.activations == 4 * max(4 * 10, 2 * 6) * per_token == 43520
     assert p.runtime == RUNTIME_BYTES
-    assert p.total == 16180 + 60 + 12000 + 4000 + 4000 + 43520 + RUNTIME_BYTES
+    assert p.total == 16180 + 60 + 0 + 4000 + 4000 + 43520 + RUNTIME_BYTES
     assert p.peak == p.total and p.device_bytes == 0 and p.host_bytes == p.total
     assert p.to_dict()["eq6"] == 16180
     # joint backward: every task's batch before one backward; the merged tensors' gradients pass one at a time
@@ -71,9 +72,14 @@ def test_eq6_terms_for_a_known_shape():
 
 def test_adapters_and_grid_searches_change_only_their_terms():
     adapters = predict_node_peak_bytes(SHAPE, NodeWorkload(k=3, loaded_values=250, n_groups=5, batches=((4, 10),)))
-    assert adapters.task_vectors == 4 * 250 and adapters.stacked_task_vectors == 4 * 3 * 1000
+    # adapters are loaded compact and stacked dense: the stacks hold what the adapters did and more
+    assert adapters.task_vectors == 4 * 250 and adapters.stacked_task_vectors == 4 * 3 * 1000 - 4 * 250
     bf16 = predict_node_peak_bytes(SHAPE, NodeWorkload(3, 3000, 5, ((4, 10),), stack_bytes_per_value=2))
-    assert bf16.stacked_task_vectors == 2 * 3 * 1000 and bf16.task_vectors == 4 * 3000
+    # bf16 stacks are half the loaded fp32 deltas they replace: the loaded ones bound the peak (an upper
+    # bound while training, when only the stacks remain)
+    assert bf16.stacked_task_vectors == 0 and bf16.task_vectors == 4 * 3000
+    bf16_gpu = predict_node_peak_bytes(SHAPE, NodeWorkload(3, 3000, 5, ((4, 10),), stack_bytes_per_value=2), "cuda")
+    assert bf16_gpu.stacked_task_vectors == 2 * 3 * 1000
     one = NodeWorkload(k=3, loaded_values=3000, n_groups=0, batches=(), learned=False)
     plain = predict_node_peak_bytes(SHAPE, one)
     assert (plain.model_weights, plain.merged_params, plain.activations, plain.runtime) == (0, 4000, 0, 0)
@@ -91,12 +97,15 @@ def test_on_a_gpu_the_loaded_task_vectors_and_runtime_stay_on_the_host():
     work = NodeWorkload(k=3, loaded_values=3000, n_groups=5, batches=((4, 10),))
     cpu = predict_node_peak_bytes(SHAPE, work, "cpu")
     gpu = predict_node_peak_bytes(SHAPE, work, "cuda")
-    assert gpu.total == cpu.total
+    # on a GPU the stacks are built on the device while the loaded deltas they replace are on the host
+    assert cpu.stacked_task_vectors == 0 and gpu.stacked_task_vectors == 4 * 3 * 1000
+    assert gpu.total == cpu.total + gpu.stacked_task_vectors
     assert gpu.host_bytes == gpu.task_vectors + gpu.runtime
     assert gpu.peak == gpu.device_bytes == gpu.total - gpu.host_bytes
-    # offloaded: the k stacked task vectors move to the host; one k-row chunk (fp32 + its source) is on the GPU
+    # offloaded: the stacks stay on the host, in place of the loaded deltas; one k-row chunk (fp32 + its
+    # source) is on the GPU
     off = predict_node_peak_bytes(SHAPE, work, "cuda", offload=True)
-    assert off.host_bytes == gpu.host_bytes + gpu.stacked_task_vectors
+    assert off.host_bytes == gpu.host_bytes and off.stacked_task_vectors == 0
     assert off.transfer_buffers == (4 + 4) * 3 * SHAPE.largest_tensor
     assert off.device_bytes == gpu.device_bytes - gpu.stacked_task_vectors + off.transfer_buffers
 
@@ -170,7 +179,7 @@ def test_place_node_picks_the_gpu_with_room_or_says_why_none():
     assert place_node(SHAPE, work, roomy, "cuda:0").device == "cuda:0"
     # a GPU that holds the model but not k task vectors: they stay in host memory
     offloaded = predict_node_peak_bytes(SHAPE, work, "cuda", offload=True)
-    assert offloaded.device_bytes < gpu.device_bytes and offloaded.host_bytes > gpu.host_bytes
+    assert offloaded.device_bytes < gpu.device_bytes and offloaded.host_bytes >= gpu.host_bytes
     small_gpus = Budget(host=cpu.total, gpus={0: gpu.device_bytes - 1})
     half = place_node(SHAPE, work, small_gpus, "cuda")
     assert (half.device, half.task_vector_device) == ("cuda:0", "cpu") and "host memory" in half.reason

@@ -142,3 +142,15 @@ def test_a_bf16_stack_halves_the_stacked_task_vectors(tiny_base_dir, family_mode
     bf16 = plan(parse_config(raw), inventory=PLENTY).root.predicted
     assert bf16["stacked_task_vectors"] * 2 == fp32["stacked_task_vectors"]
     assert bf16["task_vectors"] == fp32["task_vectors"]
+
+
+def test_fixed_parameters_need_no_validation_data_and_a_grid_does(tiny_base_dir, family_models, tmp_path):
+    """TIES with one value per parameter merges without data (streamed); its default grid needs some."""
+    raw = config_dict(tiny_base_dir, family_models, tmp_path / "out" / "merged", ["pa", "pb"],
+                      method="ties", parameters={"density": 0.2, "lam": 1.0})
+    for m in raw["models"]:
+        del m["validation"]
+    p = plan(parse_config(raw), inventory=PLENTY)
+    assert p.root.validation == {} and p.root.predicted["model_weights"] == 0
+    with pytest.raises(DataError, match="have no 'validation:' file"):
+        plan(parse_config({**raw, "parameters": {}}), inventory=PLENTY)
