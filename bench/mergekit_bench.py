@@ -36,7 +36,6 @@ from typing import Any
 
 import psutil
 import torch
-from safetensors import safe_open
 
 from merge_core.checkpoint import TensorMeta, open_checkpoint, write_shards_streaming
 from merge_core.merge import tensor_seed

@@ -1,8 +1,7 @@
-"""One merge from a config, end to end: load task vectors and data, merge, save, score.
+"""The I/O around a merge: tokenizer, validation/test data, task vectors, model parameters, scoring.
 
-This is what ``supermerge merge`` runs for a flat merge and what each node of a merge tree runs on its
-children; it does I/O but no orchestration. Every input is validated (config, files, tensor headers,
-data) before a single weight is read, so a refused merge costs seconds and writes nothing.
+The node runner (orchestrator.node) loads a node's inputs with these, and ``supermerge evaluate`` and
+the benchmark score models with them; no orchestration here.
 """
 
 from __future__ import annotations
@@ -10,9 +9,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,9 +19,9 @@ from merge_core.config import MergeConfig, ModelEntry
 from merge_core.data import TaskData, load_task_data
 from merge_core.deltas import dense_delta
 from merge_core.devices import resolve_device
-from merge_core.errors import CheckpointError, DataError
+from merge_core.errors import DataError
 from merge_core.evaluate import evaluate
-from merge_core.merge import MergeResult, merge, save_result
+from merge_core.merge import MergeResult
 from merge_core.model import FunctionalModel
 from merge_core.task_vectors import TaskVector, load_task_vector, match_names, mergeable_names
 
@@ -81,48 +77,6 @@ def model_params(base: Checkpoint, vector: TaskVector | None, names: Sequence[st
         delta = None if vector is None else vector.deltas.get(n)
         out[n] = b if delta is None else b + dense_delta(delta, b)
     return out
-
-
-@dataclass
-class MergeReport:
-    """What a merge produced: where it is, how it was made, how well it does."""
-
-    output: Path
-    method: str
-    params: dict[str, Any]
-    seconds: float
-    val_accuracy: dict[str, float]
-    test_accuracy: dict[str, float] = field(default_factory=dict)
-
-
-def run_merge(config: MergeConfig, *, overwrite: bool = False, progress: bool = False) -> MergeReport:
-    """Merge the config's models with its method; save to ``config.output``; score on test data."""
-    if config.output.exists() and not overwrite:
-        raise CheckpointError(f"{config.output} already exists; choose another output or pass --overwrite")
-    device = resolve_device(config.device)
-    tokenizer = load_tokenizer(config.base)
-    val = load_split(config.models, "validation", tokenizer, config.max_length)
-    test = load_split(config.models, "test", tokenizer, config.max_length)
-    with open_checkpoint(config.base) as base:
-        vectors = load_task_vectors(base, config.models, head_prefixes=config.head_prefixes, progress=progress)
-    missing_heads = [v.name for v in vectors if not v.heads and (val or test)]
-    if missing_heads:
-        raise DataError(
-            f"model(s) {missing_heads} carry no task head (classifier.*), so they cannot be scored on "
-            "their data; give fine-tuned *ForSequenceClassification models or adapters with "
-            "modules_to_save=['classifier']"
-        )
-    model = FunctionalModel(config.base, config.kind, device) if (val or test) else None
-    result = merge(
-        config.base, vectors, config.method, params=config.parameters, val=val, kind=config.kind,
-        seed=config.seed, device=device, progress=progress, model=model,
-    )
-    test_acc = score_result(model, result, test) if model is not None and test else {}
-    save_result(
-        result, config.output, base_path=config.base, models={m.name: str(m.path) for m in config.models},
-        overwrite=overwrite, extra_record={"config": config.resolved(), "test_accuracy": test_acc},
-    )
-    return MergeReport(config.output, result.method, result.params, result.seconds, result.val_accuracy, test_acc)
 
 
 def score_result(model: FunctionalModel, result: MergeResult, data: Mapping[str, TaskData]) -> dict[str, float]:

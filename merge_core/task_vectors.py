@@ -128,7 +128,12 @@ def check_finite(checkpoint: Checkpoint) -> None:
     is named in a TaskVectorError. Reads one tensor at a time (the whole file once)."""
     for name in checkpoint.keys():
         if checkpoint.dtype(name).is_floating_point:
-            _finite(checkpoint.get(name), name, checkpoint.path)
+            tensor = checkpoint.get(name)
+            # NaN and Inf propagate through a sum, so a finite sum means finite values: one pass, no
+            # allocation, where isfinite() writes a mask as large as the tensor. A sum that overflows
+            # (or holds +Inf and -Inf) is checked value by value.
+            if not torch.isfinite(tensor.sum(dtype=torch.float32)):
+                _finite(tensor, name, checkpoint.path)
 
 
 def read_delta(base: Checkpoint, finetuned: Checkpoint, names: NameMap, name: str) -> Tensor:
@@ -138,7 +143,9 @@ def read_delta(base: Checkpoint, finetuned: Checkpoint, names: NameMap, name: st
 
 
 def read_head(finetuned: Checkpoint, names: NameMap) -> dict[str, Tensor]:
-    return {n: _finite(finetuned.get(n), n, finetuned.path).to(torch.float32) for n in names.head}
+    """The task head's tensors, fp32, as copies: a tensor read from a checkpoint is a view into its
+    memory map, and one view keeps the whole file mapped (a model's size of RSS, per model loaded)."""
+    return {n: _finite(finetuned.get(n), n, finetuned.path).to(torch.float32, copy=True) for n in names.head}
 
 
 def task_vector_from_checkpoint(
@@ -191,7 +198,7 @@ def load_stored_heads(path: Path) -> dict[str, dict[str, Tensor]]:
     folder = path / "heads" if path.is_dir() else path.parent / "heads"
     if not folder.is_dir():
         return {}
-    return {f.stem: load_file(f) for f in sorted(folder.glob("*.safetensors"))}
+    return {f.stem: {n: t.clone() for n, t in load_file(f).items()} for f in sorted(folder.glob("*.safetensors"))}
 
 
 def stack_deltas(base_tensor: Tensor, vectors: Sequence[TaskVector], name: str) -> Tensor:

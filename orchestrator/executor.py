@@ -6,7 +6,7 @@ so a killed run started again resumes where it stopped and gives the same bytes.
 model is published to the config's ``output`` (hard links where the filesystem allows, else copies;
 atomic: a temporary sibling renamed into place) with ``merge_report.json``: the plan, and predicted vs
 measured peak, device, seconds and validation accuracy per node. The final model is scored on the
-config's test data, as a flat ``run_merge`` does, and its ``supermerge.json`` gets the resolved config.
+config's test data, and its ``supermerge.json`` gets the resolved config.
 
 Siblings are not run in parallel: one node at a time keeps each node's measured peak its own (the
 memory planner's budget is per node).

@@ -43,6 +43,7 @@ import psutil
 
 from merge_core.checkpoint import config_dir, open_checkpoint
 from merge_core.errors import ConfigError
+from merge_core.methods.registry import Temporaries
 from merge_core.task_vectors import mergeable_names
 from orchestrator.errors import MemoryBudgetError
 
@@ -199,7 +200,7 @@ class NodeWorkload:
     """A per-tensor method with fixed parameters, merged disk to disk one tensor at a time
     (merge_core.stream): ``loaded_values`` then counts only adapters' compact deltas (full models are
     read tensor by tensor), and nothing runs the model."""
-    temporaries: tuple[float, float] = (0.0, 0.0)
+    temporaries: Temporaries = dataclasses.field(default_factory=Temporaries)
     """A per-tensor method's op temporaries (``MethodSpec.temporaries``)."""
     mapped_bytes: int = 0
     """File pages a streamed merge holds mapped at most: it unmaps its inputs after every
@@ -312,7 +313,6 @@ def predict_node_peak_bytes(
     n = shape.n_params
     trainable = work.k * work.n_groups if work.learned else 0
     if work.streamed:
-        per_model, constant = work.temporaries
         tensor = FP32 * shape.largest_tensor
         return PeakBytes(
             model_weights=0, merge_weight_grads=0, optimizer_state=0,
@@ -321,7 +321,7 @@ def predict_node_peak_bytes(
             stacked_task_vectors=work.k * tensor,
             merged_params=0,
             merged_param_grads=0, activations=0,
-            op_temporaries=int((per_model * work.k + constant) * tensor),
+            op_temporaries=FP32 * work.temporaries.values(work.k, shape.largest_tensor),
             runtime=work.mapped_bytes + STREAM_RUNTIME_BYTES,
         )
     if work.learned:
@@ -354,7 +354,7 @@ def predict_node_peak_bytes(
             merged_param_grads=0,
             activations=_eval_activation_bytes(shape, work.batches) if runs_model else 0,
             runtime=RUNTIME_BYTES if runs_model else 0,
-            op_temporaries=int((work.temporaries[0] * work.k + work.temporaries[1]) * FP32 * shape.largest_tensor),
+            op_temporaries=FP32 * work.temporaries.values(work.k, shape.largest_tensor),
         )
     if device == "cuda":
         # a per-tensor method merges on the host and only scores its candidates on the GPU

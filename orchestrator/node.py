@@ -140,13 +140,6 @@ def load_validation(node: NodeTask) -> dict[str, TaskData]:
     return val
 
 
-def _unpinned(heads: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
-    """Copies of the heads: as read, they are views into their checkpoint's memory map, and a view
-    keeps the whole file mapped, so each loaded model would hold its file's pages (a model's size of
-    RSS) until the merge ends."""
-    return {t: {n: x.clone() for n, x in h.items()} for t, h in heads.items()}
-
-
 def cached_record(node: NodeTask, store: CheckpointStore) -> NodeRecord | None:
     """The record of a node already finished in the store, or None."""
     record = store.record(node.key)
@@ -254,8 +247,6 @@ def _merge_node(node: NodeTask, store: CheckpointStore, progress: bool) -> NodeR
             val = load_validation(node)
             with open_checkpoint(node.base) as base:
                 vectors = load_task_vectors(base, entries, head_prefixes=node.head_prefixes, progress=progress)
-            for v in vectors:
-                v.heads = _unpinned(v.heads)
             result = merge(
                 node.base, vectors, node.method, params=node.parameters, val=val, kind=node.kind,  # type: ignore[arg-type]
                 seed=node.seed, device=node.device, progress=progress, task_vector_device=node.task_vector_device,

@@ -28,7 +28,7 @@ from merge_core.devices import resolve_device
 from merge_core.errors import ConfigError, DataError
 from merge_core.job import load_split, load_tokenizer
 from merge_core.methods.learned import STORAGE_DTYPES, LearnedMergeConfig, weight_groups
-from merge_core.methods.registry import MethodSpec, get_method
+from merge_core.methods.registry import MethodSpec, Temporaries, get_method
 from merge_core.stream import streamable
 from merge_core.task_vectors import check_finite, load_stored_heads, match_names
 from orchestrator.errors import MemoryBudgetError, TreeError
@@ -178,7 +178,7 @@ class _Inputs:
     base_key: str
     streamed: bool = False
     """A per-tensor method with fixed parameters: every node merges disk to disk (merge_core.stream)."""
-    temporaries: tuple[float, float] = (0.0, 0.0)
+    temporaries: Temporaries = dataclasses.field(default_factory=Temporaries)
     file_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
     """Weight-file bytes of each model and of the base (key ``""``): what a streamed node reads."""
     largest_stored_bytes: int = 0

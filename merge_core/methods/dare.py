@@ -87,5 +87,4 @@ def merge(
     dropped = drop_and_rescale(deltas, p, seed)
     if combine == "ta":
         return task_arithmetic.merge(base, dropped, lam=lam)
-    trimmed = ties.trim(dropped, density)
-    return base.to(torch.float32) + lam * ties.disjoint_mean(trimmed, ties.elect_sign(trimmed))
+    return ties.scaled_onto(base, ties.trimmed_disjoint_mean(dropped, density), lam)

@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from merge_core.data import TaskData, require_labelled
-from merge_core.deltas import LowRankDelta
+from merge_core.deltas import LowRankDelta, dense_delta
 from merge_core.errors import ConfigError
 from merge_core.model import FunctionalModel, prediction_entropy, task_loss
 from merge_core.task_vectors import TaskVector, stack_deltas
@@ -295,6 +295,18 @@ def stack_task_vectors(
         factored = _factored(n, vectors, tuple(b.shape), dtype)
         if factored is not None:
             out[n] = factored.to(target)
+        elif release:
+            # row by row, each delta dropped once copied: one tensor in flight, not k
+            stack = torch.empty((len(vectors), *b.shape), dtype=dtype, device=dense_target, pin_memory=pin)
+            host_base = b.cpu()
+            for row, v in zip(stack, vectors, strict=True):
+                delta = v.deltas.pop(n, None)
+                if delta is None:
+                    row.zero_()
+                else:
+                    row.copy_(dense_delta(delta, host_base))
+                del delta
+            out[n] = stack
         else:
             stack = stack_deltas(b.cpu(), vectors, n).to(dtype)
             out[n] = stack.pin_memory() if pin else stack.to(dense_target)

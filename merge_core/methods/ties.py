@@ -77,9 +77,19 @@ def trim(deltas: Tensor, density: float) -> Tensor:
     return out
 
 
+def sum_over_tasks(deltas: Tensor) -> Tensor:
+    """``deltas.sum(dim=0)`` added in task order, one row at a time: (k, *S) -> S. torch's own dim-0
+    reduction picks its summation order by the tensor's width, so a merge done in chunks (or streamed)
+    would differ in the last bit from one done whole; this order does not depend on the width."""
+    total = deltas[0].clone()
+    for row in deltas[1:]:
+        total += row
+    return total
+
+
 def elect_sign(deltas: Tensor) -> Tensor:
     """The sign (+1 or -1, fp32) of the sum over tasks: ``deltas`` (k, *S) -> S; a zero sum elects +1."""
-    total = deltas.sum(dim=0)
+    total = sum_over_tasks(deltas)
     sign = torch.ones_like(total)
     sign[total < 0] = -1.0
     return sign
@@ -91,8 +101,66 @@ def disjoint_mean(deltas: Tensor, sign: Tensor) -> Tensor:
     ``deltas`` (k, *S), ``sign`` S of +-1 -> S.
     """
     agree = deltas.sign() == sign
-    count = agree.sum(dim=0).clamp(min=1)
-    return (deltas * agree).sum(dim=0) / count
+    count = agree.sum(dim=0).clamp(min=1)  # integers: exact in any order
+    return sum_over_tasks(deltas * agree) / count
+
+
+CHUNK_POSITIONS = 1 << 16
+"""Positions of a tensor (columns of the (k, n) stack) trimmed, elected and averaged at a time."""
+
+
+def _thresholds(flat: Tensor, keep: int) -> tuple[Tensor, Tensor]:
+    """Per task vector (row of ``flat``, (k, n)): the magnitude ``trim`` cuts at, and how many entries
+    equal to it ``trim`` keeps besides those above it. One row's magnitudes are held at a time."""
+    n = flat.shape[1]
+    thresholds = torch.empty(flat.shape[0], dtype=flat.dtype, device=flat.device)
+    tied_kept = torch.empty(flat.shape[0], dtype=torch.int32, device=flat.device)
+    for i, row in enumerate(flat):
+        magnitude = row.abs()
+        thresholds[i] = magnitude.kthvalue(n - keep + 1).values
+        tied_kept[i] = keep - int((magnitude > thresholds[i]).sum())
+        del magnitude
+    return thresholds, tied_kept
+
+
+def trimmed_disjoint_mean(deltas: Tensor, density: float) -> Tensor:
+    """``disjoint_mean(t, elect_sign(t))`` of ``t = trim(deltas, density)``, bit for bit, computed
+    CHUNK_POSITIONS columns at a time: ``deltas`` (k, *S) fp32 -> S.
+
+    Every step but the trim's threshold is elementwise across positions, so after one pass for each
+    row's threshold (and how many entries tied with it to keep, in flattened order) the rest runs on
+    (k, chunk) slices: besides the result, about one tensor's worth of memory (a row's magnitudes)
+    instead of the several (k, *S) copies of trim-then-elect-then-average."""
+    k = deltas.shape[0]
+    flat = deltas.reshape(k, -1)
+    n = flat.shape[1]
+    keep = int(density * n)
+    out = torch.zeros(n, dtype=torch.float32, device=deltas.device)
+    if keep == 0:
+        return out.reshape(deltas.shape[1:])
+    trimming = keep < n
+    if trimming:
+        thresholds, tied_kept = _thresholds(flat, keep)
+        cut, tied_left = thresholds[:, None], tied_kept[:, None]
+        tied_seen = torch.zeros_like(tied_left)
+    for start in range(0, n, CHUNK_POSITIONS):
+        chunk = flat[:, start:start + CHUNK_POSITIONS].contiguous()  # reduced over k as the whole stack is
+        if trimming:
+            magnitude = chunk.abs()
+            mask = magnitude > cut
+            tied = magnitude == cut
+            if tied.any():  # rare: entries equal to a row's threshold, kept first come first served
+                mask |= tied & (tied.cumsum(1, dtype=torch.int32) + tied_seen <= tied_left)
+                tied_seen += tied.sum(1, keepdim=True, dtype=torch.int32)
+            chunk = chunk * mask
+            del magnitude, mask, tied
+        out[start:start + CHUNK_POSITIONS] = disjoint_mean(chunk, elect_sign(chunk))
+    return out.reshape(deltas.shape[1:])
+
+
+def scaled_onto(base: Tensor, direction: Tensor, lam: float) -> Tensor:
+    """``base.float() + lam * direction``, bit for bit, reusing ``direction``'s memory (it is consumed)."""
+    return direction.mul_(lam).add_(base.to(torch.float32))
 
 
 def merge(
@@ -105,5 +173,4 @@ def merge(
     check_density(density, "ties")
     check_lam(lam, "ties")
     check_stack(base, deltas)
-    trimmed = trim(deltas, density)
-    return base.to(torch.float32) + lam * disjoint_mean(trimmed, elect_sign(trimmed))
+    return scaled_onto(base, trimmed_disjoint_mean(deltas, density), lam)

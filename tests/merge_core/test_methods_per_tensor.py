@@ -251,16 +251,17 @@ def test_registry_grids_are_small_and_valid() -> None:
             assert merged.shape == (5,)
 
 
-@pytest.mark.parametrize("k", [2, 4, 8])
+@pytest.mark.parametrize("numel", [4096, 1 << 17, 1 << 20])
+@pytest.mark.parametrize("k", [2, 8])
 @pytest.mark.parametrize("name", [n for n, s in METHODS.items() if s.kind == "per_tensor"])
-def test_declared_temporaries_cover_what_the_op_allocates(name: str, k: int) -> None:
-    """The memory planner predicts a streamed merge from ``MethodSpec.temporaries``; an op that came
-    to allocate more than declared would make every streamed prediction low, so it fails here."""
+def test_declared_temporaries_cover_what_the_op_allocates(name: str, k: int, numel: int) -> None:
+    """The memory planner predicts per-tensor merges from ``MethodSpec.temporaries``; an op that came
+    to allocate more than declared would make those predictions low, so it fails here (and one
+    declared far above what it allocates would waste the budget)."""
     from torch.profiler import ProfilerActivity, profile
 
     spec = METHODS[name]
-    shape = (256, 512)
-    base, deltas = torch.randn(shape), torch.randn(k, *shape)
+    base, deltas = torch.randn(numel), torch.randn(k, numel)
     params = {p: values[0] for p, values in spec.grid.items()}
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = spec.op(base, deltas, seed=0, **params)
@@ -269,6 +270,20 @@ def test_declared_temporaries_cover_what_the_op_allocates(name: str, k: int) -> 
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
         live += event.self_cpu_memory_usage
         peak = max(peak, live)
-    per_model, constant = spec.temporaries
-    declared = (per_model * k + constant) * 4 * base.numel()
-    assert 0.6 * declared <= peak <= declared + 4096, (name, k, peak / (4 * base.numel()))  # + scalars
+    declared = 4 * spec.temporaries.values(k, numel)
+    assert 0.6 * declared <= peak <= declared + 4096, (name, k, numel, peak / (4 * numel))  # + scalars
+
+
+@pytest.mark.parametrize(("shape", "density", "k"), [((300, 300), 0.2, 5), ((1000,), 0.5, 4), ((64, 33), 1.0, 3)])
+def test_ties_in_chunks_is_trim_elect_and_mean_bit_for_bit(monkeypatch, shape, density, k) -> None:
+    """The merge works a few columns at a time (memory: about one tensor, not several k-stacks), yet
+    equals the three steps done on the whole stack, ties at the threshold included, to the last bit."""
+    g = torch.Generator().manual_seed(7)
+    deltas, base = torch.randn(k, *shape, generator=g), torch.randn(shape, generator=g)
+    deltas[0].view(-1)[:4] = 0.5
+    deltas[1].view(-1)[:6] = -0.5  # magnitudes tied at a likely threshold
+    trimmed = ties.trim(deltas, density)
+    whole = base + 1.3 * ties.disjoint_mean(trimmed, ties.elect_sign(trimmed))
+    for chunk in (7, 1000):
+        monkeypatch.setattr(ties, "CHUNK_POSITIONS", chunk)
+        assert torch.equal(ties.merge(base, deltas, density=density, lam=1.3), whole), chunk
