@@ -151,10 +151,10 @@ def tables(cases: list[dict[str, Any]]) -> str:
     for c in cases:
         for n in c["nodes"]:
             eq6 = n["predicted_terms"]["eq6"]
-            lines.append(f"| {c['k']} | {c['mode']} | {n['node']} | {n['inputs']} | {n['tasks']} | {_mb(eq6)} | "
-                         f"{_mb(n['predicted_bytes'])} | {_mb(n['measured_bytes'])} | {n['ratio']:.2f} | "
-                         f"{n['measured_bytes'] / eq6:.2f} |" if eq6 else
-                         f"{_mb(n['predicted_bytes'])} | {_mb(n['measured_bytes'])} | {n['ratio']:.2f} | - |")
+            versus_eq6 = f"{n['measured_bytes'] / eq6:.2f}" if eq6 else "-"
+            lines.append(f"| {c['k']} | {c['mode']} | {n['node']} | {n['inputs']} | {n['tasks']} | "
+                         f"{_mb(eq6) if eq6 else '-'} | {_mb(n['predicted_bytes'])} | {_mb(n['measured_bytes'])} | "
+                         f"{n['ratio']:.2f} | {versus_eq6} |")
     ratios = [n["ratio"] for c in cases for n in c["nodes"]]
     lines += ["", f"measured / predicted over {len(ratios)} nodes: min {min(ratios):.2f}, max {max(ratios):.2f}", ""]
     lines += ["| k | flat: peak node MiB | fan-in 2: peak node MiB | node peak ratio (fan-in 2 / flat) "
