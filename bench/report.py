@@ -84,6 +84,34 @@ def _chosen(method: str, runs: list[dict[str, Any]]) -> str:
     return "-"
 
 
+def findings_section(res: dict[str, Any]) -> list[str]:
+    """What the tables say about SuperMerge, computed from them: its average test accuracy against each
+    other method's (mean over seeds; a difference within the seeds' spread is called a tie), per variant."""
+    lines = ["## Findings (computed from the tables below)", ""]
+    for variant in res["references"]:
+        grouped = _by_method(res["runs"], variant)
+        if "supermerge" not in grouped:
+            continue
+        ours = [_avg(r["test_accuracy"]) for r in grouped["supermerge"]]
+        beats, ties_, loses = [], [], []
+        for method, rs in grouped.items():
+            if method == "supermerge":
+                continue
+            theirs = [_avg(r["test_accuracy"]) for r in rs]
+            gap = _mean(ours) - _mean(theirs)
+            noise = max(_spread(ours), _spread(theirs))
+            entry = f"{method} ({100 * _mean(theirs):.1f}, {100 * gap:+.1f})"
+            (ties_ if abs(gap) <= noise else beats if gap > 0 else loses).append(entry)
+        individual = _avg(res["references"][variant]["individual"])
+        lines.append(
+            f"- **{variant}**: SuperMerge averages {100 * _mean(ours):.1f} % ({100 * _mean(ours) / individual:.1f} % of the "
+            f"individual fine-tunes' {100 * individual:.1f} %). Above: {', '.join(beats) or 'none'}. Within the "
+            f"seeds' spread: {', '.join(ties_) or 'none'}. Below: {', '.join(loses) or 'none'}. (Each: its average, "
+            "then SuperMerge's lead in points.)"
+        )
+    return lines + [""]
+
+
 def ablation_section(res: dict[str, Any]) -> list[str]:
     grouped = _by_method(res["runs"], "full")
     if not {"supermerge", "supermerge_no_tanh"} <= set(grouped):
@@ -106,7 +134,9 @@ def hierarchical_section(res: dict[str, Any]) -> list[str]:
              f"The orchestrator clusters the task vectors by cosine similarity into a tree of fan-in {p['fan_in']} "
              f"({p['merge_nodes']} merge nodes: `{p['tree']}`), then runs SuperMerge at each node on only its "
              "subtree's validation data, each node with the flat merge's step budget. Peak = RSS added over the "
-             "whole run (planning, every node, checkpoints).", "",
+             "whole run (planning, loading every node's inputs, checkpoints); the flat row's excludes its k task "
+             "vectors, loaded once for every method before the merges are timed, so the two peaks are not "
+             "comparable here: the memory comparison on equal terms is docs/perf/memory.md.", "",
              "| variant | seeds | avg acc | wall s (mean) | peak MB (max) |", "|---|---|---|---|---|"]
     for m in ("supermerge", "supermerge_hierarchical"):
         rs = grouped[m]
@@ -216,6 +246,7 @@ def render(res: dict[str, Any], img_dir: Path, rel: str = "img") -> str:
         "same lr as SuperMerge. Grid methods search their default grids (`supermerge methods`) on validation.",
         "",
     ]
+    lines += findings_section(res)
     lines += variant_section(res, "full", "Full fine-tunes: every method")
     lines += ["![average accuracy per method](" + f"{rel}/{bars.name})", ""]
     lines += ablation_section(res)
