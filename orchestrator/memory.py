@@ -202,6 +202,8 @@ class NodeWorkload:
     read tensor by tensor), and nothing runs the model."""
     temporaries: Temporaries = dataclasses.field(default_factory=Temporaries)
     """A per-tensor method's op temporaries (``MethodSpec.temporaries``)."""
+    io_bytes: int = 0
+    """Tensors a streamed merge reads and writes beside its stack (``streamed_io_bytes``)."""
     mapped_bytes: int = 0
     """File pages a streamed merge holds mapped at most: it unmaps its inputs after every
     ``merge_core.stream.UNMAP_BYTES`` read, so that plus one tensor of each input, or all the input
@@ -240,6 +242,9 @@ class PeakBytes:
     op_temporaries: int = 0
     """A per-tensor method's working copies while it merges the largest tensor (``MethodSpec.temporaries``:
     TIES' trimmed copy, masks and sign election; DARE's masks), its result included."""
+    io_tensors: int = 0
+    """A streamed merge's copies of the largest tensor beside its stack: the base's as read, its fp32
+    widening and the result cast back to the stored dtype (``streamed_io_bytes``)."""
     transfer_buffers: int = 0
     """On a GPU whose task vectors stay in host memory: the fp32 chunk of every model's task vector
     that each step copies to the GPU (merge_core.methods.learned._ChunkedSum), with its source copy."""
@@ -283,6 +288,16 @@ def streamed_mapped_bytes(largest_tensor_bytes: int, k: int, input_bytes: int) -
     return min(input_bytes, UNMAP_BYTES + (k + 1) * largest_tensor_bytes)
 
 
+def streamed_io_bytes(largest_stored_bytes: int, largest_values: int) -> int:
+    """Copies of the largest tensor a streamed merge holds beside its (k, *shape) fp32 stack: the
+    base's tensor as read (every read is a copy), and, when it is stored narrower than fp32 (bf16,
+    fp16), its fp32 widening in ``base + lam * direction`` and the result cast back to the stored dtype
+    while the fp32 result is alive. Left out at first, these made a 1.1B-parameter bf16 TIES node of
+    k = 4 measure 1.22x its prediction (bench/mergekit_bench.py)."""
+    widened = FP32 * largest_values if largest_stored_bytes < FP32 * largest_values else 0
+    return largest_stored_bytes + widened + (largest_stored_bytes if widened else 0)
+
+
 def activation_bytes(shape: ModelShape, examples: int, seq_len: int) -> int:
     """Bytes autograd keeps for one batch of ``examples`` x ``seq_len`` tokens through the model."""
     per_token = (shape.layers * (ACTIVATION_VALUES_PER_HIDDEN * shape.hidden
@@ -322,6 +337,7 @@ def predict_node_peak_bytes(
             merged_params=0,
             merged_param_grads=0, activations=0,
             op_temporaries=FP32 * work.temporaries.values(work.k, shape.largest_tensor),
+            io_tensors=work.io_bytes,
             runtime=work.mapped_bytes + STREAM_RUNTIME_BYTES,
         )
     if work.learned:

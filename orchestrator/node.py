@@ -34,7 +34,7 @@ from merge_core.job import load_task_vectors, load_tokenizer
 from merge_core.merge import merge, save_result
 from merge_core.stream import stream_merge, streamable
 from orchestrator.errors import NodeOutOfMemoryError, StoreError
-from orchestrator.measure import PeakMeter, PeakReading, return_large_blocks_promptly
+from orchestrator.measure import STREAM_MMAP_THRESHOLD_BYTES, PeakMeter, PeakReading, return_large_blocks_promptly
 from orchestrator.memory import exceeds_prediction, format_bytes, prediction_margin
 from orchestrator.store import KEY_FIELD, CheckpointStore, data_digest
 
@@ -239,9 +239,10 @@ def _merge_node(node: NodeTask, store: CheckpointStore, progress: bool) -> NodeR
                         "by the next run"
                     )
         entries = [ModelEntry(name=c.name, path=child_path(c, store)) for c in node.children]
-        return_large_blocks_promptly()
         if streamable(node.method, node.parameters):
+            return_large_blocks_promptly(STREAM_MMAP_THRESHOLD_BYTES)
             return _stream_node(node, store, entries, progress)
+        return_large_blocks_promptly()
         started = time.perf_counter()
         with PeakMeter(node.device) as meter:
             val = load_validation(node)

@@ -48,6 +48,7 @@ from orchestrator.memory import (
     model_shape,
     place_node,
     read_inventory,
+    streamed_io_bytes,
     streamed_mapped_bytes,
     weight_file_bytes,
 )
@@ -200,6 +201,7 @@ def _workload(inputs: _Inputs, tree: MergeTree, node: str) -> NodeWorkload:
             loaded_values=sum(inputs.loaded[c] for c in children if tree.is_model(c) and inputs.loaded[c] != n),
             temporaries=inputs.temporaries,
             mapped_bytes=streamed_mapped_bytes(inputs.largest_stored_bytes, len(children), read),
+            io_bytes=streamed_io_bytes(inputs.largest_stored_bytes, inputs.shape.largest_tensor),
         )
     loaded = sum(inputs.loaded[c] if tree.is_model(c) else inputs.shape.n_params for c in children)
     batches = []

@@ -360,11 +360,11 @@ def backward_step(
 ) -> float:
     """One step's loss (the mean over tasks, as ``learned_loss``); leaves its gradient in
     ``weights.grad``, with the tasks' activations held jointly or one task at a time (``config.backward``)."""
-    params = combine(base, stacked, coefficients(weights, config.transform), group_of)
     if config.backward == "joint":
-        loss = _objective_loss(model, params, heads, batches, config.objective)
+        loss = learned_loss(weights, model, base, stacked, group_of, heads, batches, config)
         loss.backward()
         return loss.item()
+    params = combine(base, stacked, coefficients(weights, config.transform), group_of)
     leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     total = 0.0
     for task, batch in batches.items():

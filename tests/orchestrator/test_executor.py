@@ -167,6 +167,7 @@ def test_a_per_tensor_method_with_fixed_parameters_streams_each_node(tiny_base_d
     assert root.device == "cpu" and root.predicted["model_weights"] == root.predicted["activations"] == 0
     assert root.predicted["stacked_task_vectors"] == 4 * len(NAMES) * largest
     assert root.predicted["op_temporaries"] == 4 * METHODS["ties"].temporaries.values(len(NAMES), largest)
+    assert root.predicted["io_tensors"] == 4 * largest  # fp32 base: its read copy, no widening or cast
 
     report = execute(p)
     [record] = report.nodes

@@ -33,6 +33,7 @@ from orchestrator.memory import (
     place_node,
     predict_node_peak_bytes,
     read_inventory,
+    streamed_io_bytes,
 )
 
 SHAPE = ModelShape(n_params=1000, largest_tensor=400, tensor_names=("a", "b"), layers=2, hidden=8, heads=2,
@@ -108,6 +109,21 @@ def test_on_a_gpu_the_loaded_task_vectors_and_runtime_stay_on_the_host():
     assert off.host_bytes == gpu.host_bytes and off.stacked_task_vectors == 0
     assert off.transfer_buffers == (4 + 4) * 3 * SHAPE.largest_tensor
     assert off.device_bytes == gpu.device_bytes - gpu.stacked_task_vectors + off.transfer_buffers
+
+
+def test_streamed_io_counts_the_widening_and_cast_only_for_narrow_dtypes():
+    """fp32: the base's read copy only (``.float()`` and ``.to(fp32)`` return the same tensor);
+    bf16: the read copy, its fp32 widening and the result cast back, measured by allocation."""
+    values = 1 << 20
+    assert streamed_io_bytes(4 * values, values) == 4 * values
+    assert streamed_io_bytes(2 * values, values) == (2 + 4 + 2) * values
+    base = torch.ones(values, dtype=torch.bfloat16)
+    direction = torch.ones(values)
+    with torch.profiler.profile(profile_memory=True) as prof:
+        out = direction.mul_(0.5).add_(base.to(torch.float32)).to(torch.bfloat16)
+    allocated = sum(e.cpu_memory_usage for e in prof.key_averages() if e.cpu_memory_usage > 0)
+    assert out.dtype == torch.bfloat16
+    assert allocated >= (4 + 2) * values  # widening + cast: with the read copy, what the term counts
 
 
 def test_activation_term_matches_what_autograd_saves(tiny_base_dir):
