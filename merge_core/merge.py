@@ -263,6 +263,7 @@ def _merge_learned(
         stacked = stack_task_vectors(base_params, vectors, config.storage_dtype, model.device, task_vector_device,
                                      release=release_task_vectors)
         data = {t: val[t] for v in vectors for t in v.tasks}
+        stacked, start = _learned_start(config, model, base_params, stacked, heads_dev, data)
         learned = train_merge_weights(model, base_params, stacked, heads_dev, data, config, progress=progress,
                                       tasks_per_input=tasks_per_input)
         with torch.no_grad():
@@ -271,7 +272,21 @@ def _merge_learned(
         val_acc = {t: s[0] for t, s in _val_scores(model, merged, heads, data).items()}
         tensors = _full_state(base, merged)
     params = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    return MergeResult(spec.name, tensors, heads, params, [], learned, val_acc)
+    return MergeResult(spec.name, tensors, heads, params, start, learned, val_acc)
+
+
+def _learned_start(config: LearnedMergeConfig, model: FunctionalModel, base_params, stacked, heads, data):
+    """The stacks over ``config.basis``, scaled so W's start is the training-free merge chosen on
+    ``data`` when ``config.init_from`` asks for it; and that search (for the record)."""
+    from merge_core.methods import basis
+
+    stacked = basis.to_basis(stacked, config.basis)
+    if config.init_from == "constant":
+        return stacked, []
+    scale, search = basis.search_start_scale(model, base_params, stacked, heads, data,
+                                             basis.SCALE_GRIDS[config.basis])
+    log.info("learned merge starts at the %s merge with scale %g", config.basis, scale)
+    return {n: basis.rescaled(d, scale / config.init) for n, d in stacked.items()}, search
 
 
 def result_record(result: MergeResult, *, base_path: str | Path, models: Mapping[str, str]) -> dict[str, Any]:

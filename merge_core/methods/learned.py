@@ -82,8 +82,21 @@ class LearnedMergeConfig:
     the number of tasks beneath it. joint: every task forward, one backward (holds all tasks'
     activations at once; cheaper only when they are smaller than one model). Same loss, same gradient."""
 
+    basis: Literal["task_vectors", "tsv"] = "task_vectors"
+    """What W weights: the raw task vectors, or (tsv) each matrix's TSV-M decorrelated per-task pieces
+    (merge_core.methods.basis; all coefficients alpha = TSV-M at alpha)."""
+    init_from: Literal["constant", "training_free"] = "constant"
+    """constant: every coefficient starts at ``init``. training_free: the basis' training-free scale
+    (TA's lam, TSV-M's alpha) is first chosen on the validation data and W starts at that merge."""
+
     def __post_init__(self) -> None:
         problems = []
+        if self.basis not in ("task_vectors", "tsv"):
+            problems.append(f"basis must be task_vectors or tsv, not {self.basis!r}")
+        if self.init_from not in ("constant", "training_free"):
+            problems.append(f"init_from must be constant or training_free, not {self.init_from!r}")
+        if self.init_from == "training_free" and self.init == 0:
+            problems.append("init_from: training_free scales the basis by scale / init, so init must not be 0")
         if self.transform not in ("tanh", "identity", "clamp01"):
             problems.append(f"transform must be tanh, identity or clamp01, not {self.transform!r}")
         if self.objective not in ("supervised", "entropy"):

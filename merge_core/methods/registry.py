@@ -113,6 +113,21 @@ METHODS: dict[str, MethodSpec] = {
             learned=supermerge.SUPERMERGE,
         ),
         MethodSpec(
+            "supermerge_tsv", supermerge.PAPER, "learned",
+            "SuperMerge's tanh weights over the TSV-M decorrelated per-task pieces",
+            learned=supermerge.SUPERMERGE_TSV,
+        ),
+        MethodSpec(
+            "supermerge_tsv_init", supermerge.PAPER, "learned",
+            "SuperMerge over the TSV-M pieces, started at TSV-M with alpha chosen on validation",
+            learned=supermerge.SUPERMERGE_TSV_INIT,
+        ),
+        MethodSpec(
+            "supermerge_ta_init", supermerge.PAPER, "learned",
+            "SuperMerge started at Task Arithmetic with lam chosen on validation",
+            learned=supermerge.SUPERMERGE_TA_INIT,
+        ),
+        MethodSpec(
             "supermerge_no_tanh", supermerge.PAPER, "learned",
             "SuperMerge without the tanh bound (the paper's ablation)",
             learned=supermerge.SUPERMERGE_NO_TANH,

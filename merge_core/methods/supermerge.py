@@ -5,9 +5,17 @@ small labelled validation set with each task's own loss, through the functional 
 Without tanh the paper loses about 5 points; ``SUPERMERGE_NO_TANH`` is that ablation.
 """
 
+import dataclasses
+
 from merge_core.methods.learned import LearnedMergeConfig
 
 PAPER = "https://arxiv.org/abs/2412.10416"
 
 SUPERMERGE = LearnedMergeConfig(transform="tanh", objective="supervised", init=0.3, lr=5e-2)
 SUPERMERGE_NO_TANH = LearnedMergeConfig(transform="identity", objective="supervised", init=0.3, lr=5e-2)
+
+# Issue 14 part 2 (merge_core.methods.basis): the same training over the TSV-M pieces, and started
+# at the training-free merge (TA's lam or TSV-M's alpha) chosen on the validation data.
+SUPERMERGE_TSV = dataclasses.replace(SUPERMERGE, basis="tsv")
+SUPERMERGE_TSV_INIT = dataclasses.replace(SUPERMERGE, basis="tsv", init_from="training_free")
+SUPERMERGE_TA_INIT = dataclasses.replace(SUPERMERGE, init_from="training_free")

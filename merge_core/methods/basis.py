@@ -1,0 +1,99 @@
+"""What a learned merge weights, and where it starts (issue 14 part 2): SuperMerge's per-tensor tanh
+weights over the TSV-decorrelated per-task pieces instead of the raw task vectors, and W started at
+the merge a training-free method chose on the same validation data.
+
+``basis: tsv`` replaces every matrix's k task vectors by their TSV-M pieces (merge_core.methods.tsv):
+task i's top ``min(out, in) // k`` singular triplets with the stacked U and V^T orthogonalised, held
+factored (``FactoredStack``: ``r * (out + in)`` values instead of ``k * out * in``). Every other tensor
+(and a matrix with fewer than k singular values) gets ``tau_i / k``. With every coefficient equal to
+alpha the merge IS TSV-M at alpha (official treatment of non-matrices: alpha times the mean).
+
+``init_from: training_free`` first picks the basis' own training-free scale on the validation data
+(Task Arithmetic's lam for task vectors, TSV-M's alpha for the TSV pieces, from their grids), then
+scales the basis by ``scale / init`` so that W's starting coefficients ``init`` reproduce that merge
+exactly; tanh then bounds each coefficient to +-(scale / init) times the basis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from merge_core.data import TaskData
+from merge_core.evaluate import task_scores
+from merge_core.methods import task_arithmetic, tsv
+from merge_core.methods.learned import FactoredStack, TaskVectorStack, combine
+from merge_core.model import FunctionalModel
+
+SCALE_GRIDS: dict[str, tuple[float, ...]] = {
+    "task_vectors": task_arithmetic.PARAM_GRID["lam"],
+    "tsv": tsv.PARAM_GRID["alpha"],
+}
+"""The training-free scale searched per basis by ``init_from: training_free``."""
+
+
+def dense_stack(stack: TaskVectorStack) -> Tensor:
+    """The (k, *shape) fp32 task vectors of a stack, factored or not."""
+    if not isinstance(stack, FactoredStack):
+        return stack.to(torch.float32)
+    out = torch.zeros(stack.shape, dtype=torch.float32, device=stack.B.device)
+    for i in range(stack.k):
+        mine = stack.owner == i
+        out[i] = (stack.B[:, mine].float() * stack.scale[mine]) @ stack.A[mine].float()
+    return out
+
+
+def tsv_pieces(stack: TaskVectorStack) -> TaskVectorStack:
+    """One tensor's TSV-M pieces in place of its task vectors (see the module docstring)."""
+    deltas = dense_stack(stack)
+    dtype = stack.B.dtype if isinstance(stack, FactoredStack) else stack.dtype
+    k = deltas.shape[0]
+    if deltas.dim() != 3 or min(deltas.shape[1:]) < k:
+        return (deltas / k).to(dtype)
+    u, s, vh = tsv.task_pieces(deltas)
+    del deltas
+    per_task = s.numel() // k
+    owner = torch.arange(k, device=u.device).repeat_interleave(per_task)
+    return FactoredStack((u * s).to(dtype), vh.to(dtype), owner, torch.ones_like(s), k)
+
+
+def to_basis(stacked: Mapping[str, TaskVectorStack], basis: str) -> dict[str, TaskVectorStack]:
+    """``stacked`` over ``basis`` (task_vectors: unchanged; tsv: ``tsv_pieces`` per tensor)."""
+    if basis == "task_vectors":
+        return dict(stacked)
+    return {n: tsv_pieces(d) for n, d in stacked.items()}
+
+
+def rescaled(stack: TaskVectorStack, factor: float) -> TaskVectorStack:
+    """``factor`` times the stack (a new one; a factored stack changes only its per-rank scale)."""
+    if isinstance(stack, FactoredStack):
+        return FactoredStack(stack.B, stack.A, stack.owner, stack.scale * factor, stack.k)
+    return stack * factor
+
+
+@torch.no_grad()
+def search_start_scale(
+    model: FunctionalModel,
+    base: Mapping[str, Tensor],
+    stacked: Mapping[str, TaskVectorStack],
+    heads: Mapping[str, Mapping[str, Tensor]],
+    data: Mapping[str, TaskData],
+    grid: tuple[float, ...],
+) -> tuple[float, list[dict[str, float]]]:
+    """The scale s of ``grid`` whose merge ``base + s * sum_i basis_i`` has the best mean validation
+    accuracy (ties: lower loss), as the per-tensor grid search chooses, and every point's scores."""
+    k = next(iter(stacked.values())).shape[0]
+    group_of = {n: 0 for n in stacked}
+    best: tuple[float, float] | None = None
+    chosen, search = grid[0], []
+    for scale in grid:
+        params = combine(base, stacked, torch.full((k, 1), scale, device=model.device), group_of)
+        scores = [task_scores(model, params, heads[t], d) for t, d in data.items()]
+        acc = sum(s[0] for s in scores) / len(scores)
+        loss = sum(s[1] for s in scores) / len(scores)
+        search.append({"scale": scale, "val_accuracy": acc, "val_loss": loss})
+        if best is None or (acc, -loss) > best:
+            best, chosen = (acc, -loss), scale
+    return chosen, search
