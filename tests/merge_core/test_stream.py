@@ -35,6 +35,10 @@ FIXED = {
     "ties": {"density": 0.3, "lam": 1.2},
     "dare_ta": {"p": 0.5, "lam": 0.8},
     "dare_ties": {"p": 0.5, "lam": 1.0},
+    "tsv": {"alpha": 1.2},
+    "iso_c": {"alpha": 1.0},
+    "iso_cts": {"alpha": 1.0, "common_space_fraction": 0.8},
+    "wudi": {"alpha": 1.0, "solver": "closed_form"},
 }
 
 
