@@ -55,9 +55,9 @@ def check_model(
     from merge_core.preflight import check_base, check_model_config, check_task_data, task_heads
 
     base_config = check_base(base, max_length=max_length)
-    check_model_config(base_config, model_dir)
     with open_checkpoint(base) as base_ckpt:
         heads = task_heads(base_ckpt, model_dir, task, head_prefixes)
+    check_model_config(base_config, model_dir)
     head = heads.get(task, next(iter(heads.values())) if len(heads) == 1 else None)
     if head is None:
         raise DataError(f"{model_dir} carries no task head ({', '.join(head_prefixes)}*) for task {task!r}, so it "

@@ -76,7 +76,11 @@ def check_base(base: str | os.PathLike[str], *, max_length: int) -> dict[str, An
         raise ConfigError(f"max_length {max_length} is more than the base's {positions} positions "
                           f"(max_position_embeddings in {config_dir(base)}/config.json); set max_length <= {positions}")
     with open_checkpoint(base) as ckpt:
-        check_finite(ckpt)
+        try:
+            check_finite(ckpt)
+        except TaskVectorError as e:
+            raise TaskVectorError(f"{e}: it is the base, so every merged tensor would be NaN or Inf; restore "
+                                  "the base from its source") from None
     return config
 
 

@@ -271,8 +271,8 @@ def _check_models(config: MergeConfig, *, needs_heads: bool, progress: bool) -> 
     base_config = model_config(config.base)
     with open_checkpoint(config.base) as base:
         for m in tqdm(config.models, desc="checking models", disable=not progress, leave=False, unit="model"):
-            check_model_config(base_config, Path(m.path))
             found = task_heads(base, Path(m.path), m.name, config.head_prefixes)
+            check_model_config(base_config, Path(m.path))
             heads.update(found)
             if not found:
                 headless.append(m.name)
