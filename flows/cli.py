@@ -8,6 +8,7 @@ function; argparse only maps flags onto it. Errors supermerge raises on purpose 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import sys
@@ -97,7 +98,14 @@ def cmd_merge(
                                 memory_budget=memory_budget, max_fan_in=max_fan_in, flat=flat)
     check_output(config.output, overwrite=overwrite)
     merge_plan = plan(config, progress=True)
-    report = execute(merge_plan, overwrite=overwrite, progress=True)
+    created = _missing_folders(config.output.parent)
+    try:
+        report = execute(merge_plan, overwrite=overwrite, progress=True)
+    except BaseException:
+        for folder in created:  # the run made them (for the store and the output): leave none behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty: a store entry or another run's output keeps it
+        raise
     method_name = merge_plan.root.method
     print(f"merged {len(config.models)} models with {method_name} in {report.seconds:.1f} s -> {report.output}")
     reused = sum(r.cached for r in report.nodes)
@@ -127,6 +135,15 @@ def check_output(output: Path, *, overwrite: bool) -> None:
                    "models; choose an output outside it")
     if problem is not None:
         raise CheckpointError(problem)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and the folders above it that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def os_error_line(e: OSError) -> str:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import strategies as st
 import yaml
 from safetensors.torch import load_file, save_file
 
@@ -437,3 +439,53 @@ def test_a_published_model_used_as_input_keeps_its_key_only_while_its_files_are_
     weights.write_bytes(bytes(blob))
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert model_key(merged) != recorded
+
+
+# --- property: finite in, finite out, or refused with nothing written -----------------------------------
+
+FP32_MAX = 3.4028234663852886e38
+
+
+def _contents(root: Path) -> dict[str, tuple[int, int] | None]:
+    """Every path under ``root``: files with size and mtime, folders as None (a folder made and removed
+    again changes its parent's mtime, not what is there)."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None for p in root.rglob("*")}
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+          derandomize=True, phases=[Phase.explicit, Phase.generate])
+@given(
+    method=st.sampled_from(["task_arithmetic", "ties", "dare_ta", "average"]),
+    lam=st.one_of(st.floats(-4, 4), st.sampled_from([1e38, -3e38, 3.4e38, 1e39]),
+                  st.floats(allow_nan=False, allow_infinity=False)),
+    value=st.one_of(st.floats(-1, 1), st.sampled_from([1e20, -1e38, 3e38]),
+                    st.floats(-FP32_MAX, FP32_MAX, allow_nan=False, allow_infinity=False)),
+    where=st.integers(0, 1023),
+)
+def test_random_finite_inputs_publish_a_finite_model_or_are_refused_writing_nothing(
+    tmp_path_factory, tiny_base_dir, tiny_finetuned, method, lam, value, where
+):
+    ws = tmp_path_factory.mktemp("property")
+    models = []
+    for name in ("alpha", "beta"):
+        copy = ws / name
+        shutil.copytree(tiny_finetuned[name], copy)
+        tensors = load_file(copy / "model.safetensors")
+        tensors[KEY].view(-1)[where] = value  # finite in fp32, at the same place in both models
+        save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+        models.append({"name": name, "path": str(copy)})
+    params = {"task_arithmetic": {"lam": lam}, "ties": {"lam": lam, "density": 0.2},
+              "dare_ta": {"lam": lam, "p": 0.5}, "average": {}}[method]
+    (ws / "config.yaml").write_text(yaml.safe_dump({
+        "base": str(tiny_base_dir), "output": str(ws / "out" / "merged"), "method": method,
+        "parameters": params, "models": models, "device": "cpu"}))
+    before = _contents(ws)
+    rc = main(["merge", str(ws / "config.yaml")])
+    event(f"rc {rc}")
+    if rc == 0:
+        merged = ws / "out" / "merged"
+        for f in [merged / "model.safetensors", *sorted((merged / "heads").glob("*.safetensors"))]:
+            assert all(torch.isfinite(t).all() for t in load_file(f).values()), f
+    else:
+        assert rc == 2
+        assert _contents(ws) == before, "a refused run left something behind"
