@@ -70,12 +70,15 @@ def load_yaml(path: str | os.PathLike[str]) -> Any:
         raise ConfigError(f"{path} is not UTF-8 text ({e}); it is not a YAML file") from None
     except OSError as e:
         raise ConfigError(f"{path} cannot be read ({e.strerror or e})") from None
+    loader = _Loader(text)  # what yaml.load does, with this SafeLoader
     try:
-        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        raw = loader.get_single_data()
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     except _DuplicateKey as e:
         raise ConfigError(f"{path}: {e}") from None
+    finally:
+        loader.dispose()
     if _expanded_size(raw, {}) > MAX_VALUES:
         raise ConfigError(f"{path} expands to more than {MAX_VALUES} values through YAML aliases (&anchor / *alias); "
                           "write the values out, or use fewer nested aliases")
