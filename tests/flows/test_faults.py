@@ -329,9 +329,12 @@ def test_a_non_finite_result_names_node_and_tensor_and_nothing_enters_the_store(
     assert _left_behind(workspace) == []
 
 
-def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(workspace, tiny_base_dir, tiny_finetuned, capsys):
+@pytest.mark.parametrize(("method", "parameters"), [("task_arithmetic", {"lam": 0.5}),  # streamed shards
+                                                    ("supermerge", {"steps": 2})])  # safetensors' save_file
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(workspace, tiny_base_dir, tiny_finetuned, capsys,
+                                                                    method, parameters):
     """A write past RLIMIT_FSIZE fails with EFBIG, as a full disk fails with ENOSPC: the same paths."""
-    _edit_config(workspace, method="task_arithmetic", parameters={"lam": 0.5})
+    _edit_config(workspace, method=method, parameters=parameters)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))  # the merged weights are ~130 kB
@@ -344,7 +347,9 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(workspace, t
     lines = [line for line in err.splitlines() if "supermerge: error:" in line]
     assert rc == 1 and len(lines) == 1 and "Traceback" not in err, err
     assert "File too large" in lines[0] and "/out/.supermerge-store/." in lines[0]
-    assert _left_behind(workspace) == []
+    assert _left_behind(workspace) == [] and not (workspace / "out").exists()
+    if method != "task_arithmetic":
+        return
     check_row("disk-full", "a write that fails (a full disk; here a file-size limit)",
               OSError(lines[0].removeprefix("supermerge: error: ")),
               {**_paths(workspace, tiny_base_dir, tiny_finetuned), "<partial>": _partial_name(lines[0])})
