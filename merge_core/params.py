@@ -4,7 +4,8 @@ in the dtype it is applied in.
 A learned merge's parameters are fields of ``LearnedMergeConfig`` (``steps: int``, ``lr: float``,
 ``transform: Literal[...]`` ...); a per-tensor method's are numbers its operator multiplies fp32
 tensors by, one value or a list searched on validation data. ``lam: 1e39`` is a finite float64 but
-infinite in fp32, where it is applied, and would publish an all-Inf model: it is refused here.
+infinite in fp32, where it is applied, and would publish an all-Inf model: it is refused here. A
+parameter whose defaults are strings (wudi's ``solver``) must be a string; its choices are the method's.
 Unknown names are left to the method (``merge_core.merge``), which lists the ones it takes.
 """
 
@@ -75,8 +76,10 @@ def parameter_problems(method: str, params: Mapping[str, Any]) -> list[str]:
         if not values:
             problems.append(f"parameters.{name} is an empty list; give a number or a non-empty list to search")
             continue
+        textual = all(isinstance(d, str) for d in spec.grid[name])  # e.g. wudi's solver
         for v in values:
-            why = _number_problem(v, integer=False)
+            why = (None if isinstance(v, str) else f"must be a string, got {v!r}") if textual else \
+                _number_problem(v, integer=False)
             if why is not None:
                 at = f"[{values.index(v)}]" if isinstance(value, (list, tuple)) else ""
                 problems.append(f"parameters.{name}{at} {why}")

@@ -494,3 +494,20 @@ def test_random_finite_inputs_publish_a_finite_model_or_are_refused_writing_noth
     else:
         assert rc == 2
         assert _contents(ws) == before, "a refused run left something behind"
+
+
+@pytest.mark.parametrize(("method", "params", "expected"), [
+    ("wudi", {"solver": "adam", "alpha": [1.0, 2]}, []),
+    ("wudi", {"solver": 3}, ["parameters.solver must be a string, got 3"]),
+    ("tsv", {"alpha": 1e40}, ["parameters.alpha must be finite in float32 (|x| <= 3.4e+38), where it is applied; "
+                              "got 1e+40"]),
+    ("supermerge", {"transform": "sigmoid", "steps": True},
+     ["parameters.transform must be one of tanh, identity, clamp01, got 'sigmoid'",
+      "parameters.steps must be an integer, got True"]),
+    ("supermerge", {"lr": [0.1, 0.2]}, ["parameters.lr takes one value (supermerge trains its merge weights; it "
+                                        "searches no grid), got [0.1, 0.2]"]),
+])
+def test_parameter_problems_are_all_reported_by_name(method, params, expected):
+    from merge_core.params import parameter_problems
+
+    assert parameter_problems(method, params) == expected
