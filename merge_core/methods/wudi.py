@@ -38,14 +38,15 @@ from merge_core.methods.tsv import check_alpha, mean_of_tasks
 
 PAPER = "https://arxiv.org/abs/2503.08099"
 
-PARAM_GRID: dict[str, tuple] = {
-    "alpha": (0.6, 0.8, 1.0, 1.2, 1.4, 1.6),
-    "solver": ("closed_form",),
-}
-
 ADAM_STEPS = 300
 ADAM_LR = 1e-5
 """The official code's Adam: 300 iterations at lr 1e-5 (no weight decay)."""
+
+PARAM_GRID: dict[str, tuple] = {
+    "alpha": (0.6, 0.8, 1.0, 1.2, 1.4, 1.6),
+    "solver": ("closed_form",),
+    "steps": (ADAM_STEPS,),  # used by solver: adam only
+}
 
 def task_weights(deltas: Tensor) -> Tensor:
     """1 / ||tau_i||_F^2 per task (k,); a zero task vector gets weight 0 (it constrains nothing)."""

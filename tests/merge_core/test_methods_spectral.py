@@ -211,3 +211,10 @@ def test_declared_temporaries_cover_what_the_op_allocates_on_matrices(name: str,
         measured[shape] = peak
         assert peak <= 4 * spec.temporaries.values(k, numel) + 4096, (name, shape, peak / (4 * numel))
     assert measured[(128, 128)] >= 0.6 * 4 * spec.temporaries.values(k, 128 * 128), name
+
+
+def test_wudi_takes_the_official_procedure_as_parameters() -> None:
+    from merge_core.merge import _candidates
+
+    assert _candidates(METHODS["wudi"], {"solver": "adam", "steps": 10, "alpha": 1.0}) == [
+        {"solver": "adam", "steps": 10, "alpha": 1.0}]
