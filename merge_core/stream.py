@@ -41,7 +41,7 @@ from merge_core.checkpoint import (
 from merge_core.deltas import dense_delta
 from merge_core.errors import ConfigError, TaskVectorError
 from merge_core.merge import MergeResult, _candidates, _check_inputs, _heads, result_record, tensor_seed
-from merge_core.methods.registry import MethodSpec, get_method
+from merge_core.methods.registry import MethodSpec, get_method, op_arguments
 from merge_core.task_vectors import (
     DEFAULT_HEAD_PREFIXES,
     NameMap,
@@ -71,7 +71,7 @@ class _Source:
 
 def streamable(method: str, params: Mapping[str, Any] | None = None) -> bool:
     """Whether ``stream_merge`` can run ``method`` with ``params``: a per-tensor method whose every
-    parameter has one value (a list of several, or a default grid, needs ``merge()``'s search)."""
+    parameter has one value (a list of several, or ``search: true``, needs ``merge()``'s search)."""
     spec = get_method(method)
     return spec.kind == "per_tensor" and len(_candidates(spec, dict(params or {}))) == 1
 
@@ -86,9 +86,9 @@ def _fixed_params(spec: MethodSpec, params: Mapping[str, Any]) -> dict[str, floa
     if len(candidates) > 1:
         varied = sorted(k for k in spec.grid if len({c[k] for c in candidates}) > 1)
         raise ConfigError(
-            f"method {spec.name!r}: parameter(s) {varied} have several values (given as a list or left at "
-            "the default grid), which needs a grid search on validation data; give one value each "
-            "(e.g. lam: 0.5) to stream, or run merge()"
+            f"method {spec.name!r}: parameter(s) {varied} have several values (given as a list, or searched "
+            "with search: true), which needs a grid search on validation data; give one value each "
+            "(e.g. lambda: 0.5) to stream, or run merge()"
         )
     return candidates[0]
 
@@ -161,12 +161,13 @@ def _merged_tensors(
     checkpoints = [base] + [s.checkpoint for s in sources if s.checkpoint is not None]
     largest = max((math.prod(base.shape(n)) for n in mergeable), default=0)
     buffer = torch.empty(len(sources) * largest, dtype=torch.float32)
+    arguments = op_arguments(chosen, [s.vector.name for s in sources])
     mapped = 0
     for name in tqdm(base.keys(), desc=f"{spec.name}: merging", disable=not progress, leave=False, unit="tensor"):
         b = base.get(name)
         if name in mergeable:
             deltas = _stacked_deltas(b, name, sources, buffer)
-            merged = spec.op(b, deltas, seed=tensor_seed(seed, name), **chosen)
+            merged = spec.op(b, deltas, seed=tensor_seed(seed, name), **arguments)
             del deltas
             yield name, merged.to(base.dtype(name))
             del merged
