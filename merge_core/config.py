@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merge_core.errors import ConfigError
+from merge_core.mergekit import from_mergekit, is_mergekit_config
 from merge_core.task_registry import with_registry_models
 from merge_core.task_vectors import DEFAULT_HEAD_PREFIXES
 
@@ -241,7 +242,13 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if isinstance(raw, dict) and overrides:
         raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
-    return parse_config(raw, root=path.parent.resolve(), source=str(path))
+    root = path.parent.resolve()
+    if is_mergekit_config(raw):
+        if raw.get("output") is None:
+            raise ConfigError(f"{path} is a mergekit config, which names no output; pass --output DIR "
+                              "(mergekit's OUT_PATH argument)")
+        raw, root = from_mergekit(raw, str(path)), Path.cwd()  # mergekit's paths are relative to the cwd
+    return parse_config(raw, root=root, source=str(path))
 
 
 class RetryPolicy(_Strict):

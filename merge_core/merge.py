@@ -55,6 +55,16 @@ class MergeResult:
     seconds: float = 0.0
 
 
+def output_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype of a config's ``out_dtype`` / ``dtype`` (``"bfloat16"`` ...); None stays None."""
+    if name is None:
+        return None
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"out_dtype {name!r} is not a floating-point torch dtype; use float32, bfloat16 or float16")
+    return dtype
+
+
 def tensor_seed(seed: int, name: str) -> int:
     """A per-tensor seed, so random methods (DARE) do not depend on the order tensors are visited."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
@@ -318,9 +328,11 @@ def save_result(
     models: Mapping[str, str],
     overwrite: bool = False,
     extra_record: Mapping[str, Any] | None = None,
+    out_dtype: str | None = None,
 ) -> Path:
     """Write the merged model as a transformers-loadable dir, its per-task heads under ``heads/``,
-    and W (``merge_weights.safetensors``) for learned methods, atomically."""
+    and W (``merge_weights.safetensors``) for learned methods, atomically. ``out_dtype``: the dtype
+    the merged (floating-point) tensors are written in; default: the base's."""
     from safetensors.torch import save as to_bytes
 
     from merge_core.checkpoint import config_dir, write_model_dir
@@ -332,9 +344,11 @@ def save_result(
             {"weights": result.learned.weights, "coefficients": result.learned.coefficients}
         )
     record = {**result_record(result, base_path=base_path, models=models), **(extra_record or {})}
+    cast = output_dtype(out_dtype)
+    tensors = ((n, t.to(cast) if cast is not None and t.is_floating_point() else t) for n, t in result.tensors.items())
     return write_model_dir(
         out_dir,
-        iter(result.tensors.items()),
+        tensors,
         config_from=config_dir(base_path),
         record=record,
         overwrite=overwrite,

@@ -40,7 +40,15 @@ from merge_core.checkpoint import (
 )
 from merge_core.deltas import dense_delta
 from merge_core.errors import ConfigError, TaskVectorError
-from merge_core.merge import MergeResult, _candidates, _check_inputs, _heads, result_record, tensor_seed
+from merge_core.merge import (
+    MergeResult,
+    _candidates,
+    _check_inputs,
+    _heads,
+    output_dtype,
+    result_record,
+    tensor_seed,
+)
 from merge_core.methods.registry import MethodSpec, get_method, op_arguments
 from merge_core.task_vectors import (
     DEFAULT_HEAD_PREFIXES,
@@ -150,8 +158,9 @@ def _merged_tensors(
     sources: Sequence[_Source],
     seed: int,
     progress: bool,
+    out_dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
-    """Every base tensor in order, merged where mergeable, in the base's dtype.
+    """Every base tensor in order, merged where mergeable, in the base's dtype (or ``out_dtype``).
 
     Pages read through a memory map count as this process's memory until the file is unmapped, so
     the files are closed (and reopened, ~1 ms each, on the next read) after every ``UNMAP_BYTES``
@@ -169,7 +178,7 @@ def _merged_tensors(
             deltas = _stacked_deltas(b, name, sources, buffer)
             merged = spec.op(b, deltas, seed=tensor_seed(seed, name), **arguments)
             del deltas
-            yield name, merged.to(base.dtype(name))
+            yield name, merged.to(out_dtype or base.dtype(name))
             del merged
         else:
             yield name, b
@@ -194,6 +203,7 @@ def stream_merge(
     overwrite: bool = False,
     extra_record: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
     progress: bool = False,
+    out_dtype: str | None = None,
 ) -> Path:
     """Merge ``models`` ((name, path) of full fine-tunes or adapters of ``base_path``) with a per-tensor
     ``method`` whose ``params`` each have one value, straight into the model dir ``output``.
@@ -202,6 +212,7 @@ def stream_merge(
     ``supermerge.json`` plus ``extra_record``), atomically: on any error nothing appears at ``output``.
     ``extra_record`` may be a function, called once every tensor is written: what it returns (say,
     the merge's measured cost) goes into the record.
+    ``out_dtype``: the dtype merged tensors are written in (``"bfloat16"`` ...; default: the base's).
     ``shard_bytes``: the largest output shard (bytes). Validation data is never read: to score the
     result, load it afterwards. Returns ``output``.
     """
@@ -213,11 +224,14 @@ def stream_merge(
     with ExitStack() as files:
         base = files.enter_context(open_checkpoint(base_path))
         sources = _open_sources(base, paths, head_prefixes, files)
-        metas = [TensorMeta(n, base.shape(n), base.dtype(n)) for n in base.keys()]
+        cast = output_dtype(out_dtype)
+        mergeable = set(mergeable_names(base))
+        metas = [TensorMeta(n, base.shape(n), cast if cast is not None and n in mergeable else base.dtype(n))
+                 for n in base.keys()]
         heads = _heads([s.vector for s in sources])
         with atomic_model_dir(output, overwrite=overwrite) as tmp:
             write_shards_streaming(
-                tmp, metas, _merged_tensors(spec, chosen, base, sources, seed, progress),
+                tmp, metas, _merged_tensors(spec, chosen, base, sources, seed, progress, cast),
                 max_shard_bytes=shard_bytes, progress=False,
             )
             result = MergeResult(spec.name, {}, heads, dict(chosen), seconds=time.perf_counter() - started)

@@ -229,9 +229,11 @@ def _node_tasks(inputs: _Inputs, tree: MergeTree, placements: Mapping[str, Place
         val = {t: inputs.val[t] for t in tasks if t in inputs.val}
         digest = data_digest(val)
         children = tree.children(node)
+        out_dtype = config.write_dtype if node == tree.root else None  # inner nodes keep the base's precision
         keys[node] = node_key(
             [keys[c] for c in children], base=inputs.base_key, method=config.method,
-            params=config.method_parameters(), seed=config.seed, kind=config.kind,
+            params={**config.method_parameters(), **({"out_dtype": out_dtype} if out_dtype else {})},
+            seed=config.seed, kind=config.kind,
             head_prefixes=config.head_prefixes, data=digest,
         )
         placement = placements[node]
@@ -256,6 +258,7 @@ def _node_tasks(inputs: _Inputs, tree: MergeTree, placements: Mapping[str, Place
             device=placement.device,
             predicted=placement.predicted.to_dict(),
             task_vector_device=placement.task_vector_device,
+            out_dtype=out_dtype,
         ))
     return nodes
 
