@@ -54,7 +54,8 @@ def _load_merge_config(
     raw = config.resolved()
     if method is not None and method != config.method:
         # the config's parameters belong to its own method: another method starts from its defaults
-        log.warning("--method %s: ignoring the config's parameters for %s", method, config.method)
+        if config.parameters:
+            log.warning("--method %s: ignoring the config's parameters for %s", method, config.method)
         raw.update(method=method, parameters={})
     tree = dict(raw["tree"])
     if memory_budget is not None:
@@ -74,7 +75,11 @@ def cmd_plan(config_path: Path, *, device: str | None, memory_budget: str | None
 
     config = _load_merge_config(config_path, device=device, memory_budget=memory_budget,
                                 max_fan_in=max_fan_in, flat=flat)
+    from orchestrator.executor import default_store_dir
+    from orchestrator.store_usage import store_usage
+
     print(plan(config, progress=True).render())
+    print(store_usage(default_store_dir(config.output)).render())
     return 0
 
 
@@ -112,6 +117,49 @@ def cmd_merge(
         print("validation accuracy: " + _fmt(report.val_accuracy))
     if report.test_accuracy:
         print("test accuracy:       " + _fmt(report.test_accuracy))
+    from orchestrator.store_usage import store_usage
+
+    print(store_usage(report.store).render())
+    return 0
+
+
+def cmd_export(merged: Path, *, task: str | None, every: bool, out: Path, overwrite: bool) -> int:
+    """Write one task (or every task) of a merged model as a standard Hugging Face classifier dir."""
+    from merge_core.export import export_all, export_task
+
+    if every == (task is not None):
+        raise SupermergeError("give either --task NAME or --all")
+    dirs = export_all(merged, out, overwrite=overwrite) if every else [export_task(merged, task, out, overwrite=overwrite)]
+    for d in dirs:
+        print(f"{d}: AutoModelForSequenceClassification.from_pretrained({str(d)!r})")
+    return 0
+
+
+def cmd_store_prune(config_path: Path, *, everything: bool) -> int:
+    """Remove the store entries no published output beside the config's output uses (``--all``: all)."""
+    from merge_core.config import load_config
+    from orchestrator.executor import REPORT_FILE, default_store_dir
+    from orchestrator.store_usage import prune, store_usage, used_keys
+
+    config = load_config(config_path)
+    root = default_store_dir(config.output)
+    keep = set() if everything else used_keys(config.output.parent, REPORT_FILE)
+    removed, freed = prune(root, keep)
+    print(f"removed {removed} store entr{'y' if removed == 1 else 'ies'}, freed {freed / 1e6:.1f} MB; "
+          + store_usage(root).render())
+    return 0
+
+
+def cmd_convert(config_path: Path, *, output: Path | None) -> int:
+    """Print supermerge's config for a mergekit config (what `supermerge merge` runs for it)."""
+    import yaml
+
+    from merge_core.config import load_config
+
+    config = load_config(config_path, {"output": str(output.resolve()) if output else None})
+    raw = config.resolved()
+    print(yaml.safe_dump({k: raw[k] for k in ("base", "output", "method", "parameters", "models", "tree",
+                                              "dtype", "out_dtype") if raw.get(k) is not None}, sort_keys=False))
     return 0
 
 
@@ -217,6 +265,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-references", action="store_true",
                    help="skip the pretrained and individual fine-tuned reference rows")
 
+    p = sub.add_parser("export", help="write one task of a merged model as a standard Hugging Face classifier dir")
+    p.add_argument("merged", type=Path, help="a merged model dir (`supermerge merge`'s output)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", help="the task whose head to use")
+    which.add_argument("--all", action="store_true", help="every task, as OUT/<task>/, sharing one body file")
+    p.add_argument("--out", type=Path, required=True, help="the dir to write (with --all: the parent of each)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dir")
+
+    p = sub.add_parser("store", help="the checkpoint store beside the outputs: `supermerge store prune CONFIG`")
+    p.add_argument("action", choices=["prune"])
+    p.add_argument("config", type=Path, help="the YAML config whose outputs' store to prune")
+    p.add_argument("--all", action="store_true", help="remove every entry (outputs keep their own hard links)")
+
+    p = sub.add_parser("convert", help="print supermerge's config for a mergekit config")
+    p.add_argument("config", type=Path, help="a mergekit YAML config")
+    p.add_argument("--output", type=Path, help="the output dir (mergekit gives it on the command line)")
+
     sub.add_parser("methods", help="list merge methods, their papers and default grids")
 
     sub.add_parser("bench", help="the multi-task benchmark (docs/benchmarks.md); `supermerge bench --help`",
@@ -256,6 +321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_evaluate(args.config, args.models, device=args.device, references=not args.no_references)
         if args.command == "methods":
             return cmd_methods()
+        if args.command == "export":
+            return cmd_export(args.merged, task=args.task, every=args.all, out=args.out, overwrite=args.overwrite)
+        if args.command == "store":
+            return cmd_store_prune(args.config, everything=args.all)
+        if args.command == "convert":
+            return cmd_convert(args.config, output=args.output)
         return cmd_demo(args.workdir, steps=args.steps)
     except SupermergeError as e:
         print(f"supermerge: error: {e}", file=sys.stderr)

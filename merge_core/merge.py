@@ -296,7 +296,10 @@ def _merge_learned(
 
 
 def result_record(result: MergeResult, *, base_path: str | Path, models: Mapping[str, str]) -> dict[str, Any]:
-    """How the model was made, saved as supermerge.json beside it."""
+    """How the model was made, saved as supermerge.json beside it; ``labels``: each task's class names
+    (its fine-tune's ``id2label``), which ``supermerge export`` writes into the task's config."""
+    from merge_core.export import merged_labels
+
     record: dict[str, Any] = {
         "method": result.method,
         "paper": get_method(result.method).paper,
@@ -307,6 +310,7 @@ def result_record(result: MergeResult, *, base_path: str | Path, models: Mapping
         "grid_search": result.search,
         "val_accuracy": result.val_accuracy,
         "seconds": round(result.seconds, 3),
+        "labels": merged_labels(models),
     }
     if result.learned is not None:
         record["merge_weights"] = {
