@@ -23,11 +23,12 @@ example config (paths relative to the config file):
   base: models/base                 # HF model dir or .safetensors of the pretrained model
   output: merged/supermerge         # written atomically; refused if it exists (use --overwrite)
   method: supermerge                # see `supermerge methods`
-  parameters: {steps: 100, lr: 0.05}  # a list value is searched on the validation data
+  parameters: {steps: 100, lr: 0.05}  # left out: the defaults; a list value (or search: true) is searched
+  max_length: 64                    # tokens per example for merge training and evaluation (default 64)
   models:
     - name: sentiment
       path: models/sentiment        # full fine-tune dir, .safetensors, or a PEFT LoRA/IA3 adapter dir
-      validation: data/sentiment.val.jsonl   # {"text": ..., "label": ...} per line; 32 a task suffices
+      validation: data/sentiment.val.jsonl   # {"text": ..., "label": INT} per line (label indexes the head's logits)
       test: data/sentiment.test.jsonl
     - name: language
       path: models/language
@@ -196,12 +197,18 @@ def cmd_evaluate(config_path: Path, models: Sequence[Path], *, device: str | Non
 
 
 def cmd_methods() -> int:
-    """List the merge methods with their papers and default hyperparameter grids."""
-    from merge_core.methods.registry import METHODS
+    """List the merge methods with their papers, the defaults a left-out parameter takes, and the grid
+    ``search: true`` searches."""
+    from merge_core.methods.registry import METHODS, parameter_defaults
 
     for spec in METHODS.values():
-        grid = ", ".join(f"{k}={list(v)}" for k, v in spec.grid.items())
-        print(f"{spec.name:20s} {spec.summary}\n{'':20s} {spec.paper}" + (f"\n{'':20s} grid: {grid}" if grid else ""))
+        def shown(k: str) -> str:
+            return "lambda" if k == spec.scale else k  # a config names any method's scale lambda
+
+        grid = ", ".join(f"{shown(k)}={list(v)}" for k, v in spec.grid.items())
+        defaults = ", ".join(f"{shown(k)}={v}" for k, v in parameter_defaults(spec).items() if v is not None) or "none"
+        print(f"{spec.name:20s} {spec.summary}\n{'':20s} {spec.paper}\n{'':20s} defaults: {defaults}"
+              + (f"\n{'':20s} searched with search: true: {grid}" if grid else ""))
     return 0
 
 
@@ -242,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step (INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("merge", help="merge the models a YAML config names", epilog=EXAMPLE_CONFIG,
+    p = sub.add_parser("merge", help="merge the models a YAML config (ours or mergekit's) names", epilog=EXAMPLE_CONFIG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", type=Path, help="YAML config (base, models, method, parameters, output)")
     p.add_argument("--output", type=Path, help="override the config's output dir")
@@ -282,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path, help="a mergekit YAML config")
     p.add_argument("--output", type=Path, help="the output dir (mergekit gives it on the command line)")
 
-    sub.add_parser("methods", help="list merge methods, their papers and default grids")
+    sub.add_parser("methods", help="list merge methods, their papers, defaults and search grids")
 
     sub.add_parser("bench", help="the multi-task benchmark (docs/benchmarks.md); `supermerge bench --help`",
                    add_help=False)

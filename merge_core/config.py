@@ -132,10 +132,13 @@ class MergeConfig(_Strict):
             )
         if "density" in given and isinstance(self.parameters.get("density"), list):
             raise ValueError("models[].density and a searched parameters.density (a list) both given; choose one")
-        try:
-            self.method_parameters()
-        except ConfigError as e:
-            raise ValueError(str(e)) from None
+        from merge_core.methods.registry import unknown_parameters
+
+        if unknown_parameters(METHODS[self.method], list(self.parameters)) is None:  # else reported first
+            try:
+                self.method_parameters()
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
         return self
 
     @property
