@@ -243,14 +243,15 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if isinstance(raw, dict) and overrides:
-        raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
     root = path.parent.resolve()
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
     if is_mergekit_config(raw):
-        if raw.get("output") is None:
+        if given.get("output", raw.get("output")) is None:
             raise ConfigError(f"{path} is a mergekit config, which names no output; pass --output DIR "
                               "(mergekit's OUT_PATH argument)")
         raw, root = from_mergekit(raw, str(path)), Path.cwd()  # mergekit's paths are relative to the cwd
+    if isinstance(raw, dict) and given:
+        raw = {**raw, **given}
     return parse_config(raw, root=root, source=str(path))
 
 
