@@ -70,14 +70,15 @@ def _load_merge_config(
 
 
 def cmd_plan(config_path: Path, *, device: str | None, memory_budget: str | None, max_fan_in: int | None,
-             flat: bool) -> int:
-    """Print the merge tree, each node's predicted peak memory and device, and the fan-in chosen."""
-    from orchestrator.plan import plan
-
-    config = _load_merge_config(config_path, device=device, memory_budget=memory_budget,
-                                max_fan_in=max_fan_in, flat=flat)
+             flat: bool, output: Path | None = None) -> int:
+    """Print the merge tree, each node's predicted peak memory and device, the fan-in chosen, and the
+    checkpoint store's size."""
     from orchestrator.executor import default_store_dir
+    from orchestrator.plan import plan
     from orchestrator.store_usage import store_usage
+
+    config = _load_merge_config(config_path, output=output, device=device, memory_budget=memory_budget,
+                                max_fan_in=max_fan_in, flat=flat)
 
     print(plan(config, progress=True).render())
     print(store_usage(default_store_dir(config.output)).render())
@@ -136,13 +137,13 @@ def cmd_export(merged: Path, *, task: str | None, every: bool, out: Path, overwr
     return 0
 
 
-def cmd_store_prune(config_path: Path, *, everything: bool) -> int:
+def cmd_store_prune(config_path: Path, *, everything: bool, output: Path | None = None) -> int:
     """Remove the store entries no published output beside the config's output uses (``--all``: all)."""
     from merge_core.config import load_config
     from orchestrator.executor import REPORT_FILE, default_store_dir
     from orchestrator.store_usage import prune, store_usage, used_keys
 
-    config = load_config(config_path)
+    config = load_config(config_path, {"output": str(output.resolve()) if output else None})
     root = default_store_dir(config.output)
     keep = set() if everything else used_keys(config.output.parent, REPORT_FILE)
     removed, freed = prune(root, keep)
@@ -159,6 +160,7 @@ def cmd_convert(config_path: Path, *, output: Path | None) -> int:
 
     config = load_config(config_path, {"output": str(output.resolve()) if output else None})
     raw = config.resolved()
+    raw["models"] = [{k: v for k, v in m.items() if v is not None} for m in raw["models"]]
     print(yaml.safe_dump({k: raw[k] for k in ("base", "output", "method", "parameters", "models", "tree",
                                               "dtype", "out_dtype") if raw.get(k) is not None}, sort_keys=False))
     return 0
@@ -262,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="show the merge tree, each node's predicted memory and device, the fan-in")
     p.add_argument("config", type=Path, help="YAML config (base, models, method, parameters, tree)")
+    p.add_argument("--output", type=Path, help="override the config's output dir (a mergekit config needs it)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     _tree_options(p)
 
@@ -284,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["prune"])
     p.add_argument("config", type=Path, help="the YAML config whose outputs' store to prune")
     p.add_argument("--all", action="store_true", help="remove every entry (outputs keep their own hard links)")
+    p.add_argument("--output", type=Path, help="the config's output dir (a mergekit config needs it)")
 
     p = sub.add_parser("convert", help="print supermerge's config for a mergekit config")
     p.add_argument("config", type=Path, help="a mergekit YAML config")
@@ -323,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              max_fan_in=args.max_fan_in, flat=args.flat, prefect=args.prefect)
         if args.command == "plan":
             return cmd_plan(args.config, device=args.device, memory_budget=args.memory_budget,
-                            max_fan_in=args.max_fan_in, flat=args.flat)
+                            max_fan_in=args.max_fan_in, flat=args.flat, output=args.output)
         if args.command == "evaluate":
             return cmd_evaluate(args.config, args.models, device=args.device, references=not args.no_references)
         if args.command == "methods":
@@ -331,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "export":
             return cmd_export(args.merged, task=args.task, every=args.all, out=args.out, overwrite=args.overwrite)
         if args.command == "store":
-            return cmd_store_prune(args.config, everything=args.all)
+            return cmd_store_prune(args.config, everything=args.all, output=args.output)
         if args.command == "convert":
             return cmd_convert(args.config, output=args.output)
         return cmd_demo(args.workdir, steps=args.steps)
