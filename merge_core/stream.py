@@ -54,6 +54,7 @@ from merge_core.task_vectors import (
     DEFAULT_HEAD_PREFIXES,
     NameMap,
     TaskVector,
+    check_finite_result,
     load_stored_heads,
     load_task_vector,
     match_names,
@@ -158,6 +159,7 @@ def _merged_tensors(
     sources: Sequence[_Source],
     seed: int,
     progress: bool,
+    label: str = "the merge",
     out_dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
     """Every base tensor in order, merged where mergeable, in the base's dtype (or ``out_dtype``).
@@ -178,7 +180,9 @@ def _merged_tensors(
             deltas = _stacked_deltas(b, name, sources, buffer)
             merged = spec.op(b, deltas, seed=tensor_seed(seed, name), **arguments)
             del deltas
-            yield name, merged.to(out_dtype or base.dtype(name))
+            merged = merged.to(out_dtype or base.dtype(name))
+            check_finite_result([(name, merged)], label)
+            yield name, merged
             del merged
         else:
             yield name, b
@@ -203,6 +207,7 @@ def stream_merge(
     overwrite: bool = False,
     extra_record: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
     progress: bool = False,
+    label: str = "the merge",
     out_dtype: str | None = None,
 ) -> Path:
     """Merge ``models`` ((name, path) of full fine-tunes or adapters of ``base_path``) with a per-tensor
@@ -212,8 +217,10 @@ def stream_merge(
     ``supermerge.json`` plus ``extra_record``), atomically: on any error nothing appears at ``output``.
     ``extra_record`` may be a function, called once every tensor is written: what it returns (say,
     the merge's measured cost) goes into the record.
-    ``out_dtype``: the dtype merged tensors are written in (``"bfloat16"`` ...; default: the base's).
-    ``shard_bytes``: the largest output shard (bytes). Validation data is never read: to score the
+    ``label``: what a NonFiniteError calls this merge (a merged tensor that is NaN or Inf stops it,
+    and nothing appears at ``output``). ``out_dtype``: the dtype merged tensors are written in
+    (``"bfloat16"`` ...; default: the base's). ``shard_bytes``: the largest output shard (bytes).
+    Validation data is never read: to score the
     result, load it afterwards. Returns ``output``.
     """
     started = time.perf_counter()
@@ -231,7 +238,7 @@ def stream_merge(
         heads = _heads([s.vector for s in sources])
         with atomic_model_dir(output, overwrite=overwrite) as tmp:
             write_shards_streaming(
-                tmp, metas, _merged_tensors(spec, chosen, base, sources, seed, progress, cast),
+                tmp, metas, _merged_tensors(spec, chosen, base, sources, seed, progress, label, cast),
                 max_shard_bytes=shard_bytes, progress=False,
             )
             result = MergeResult(spec.name, {}, heads, dict(chosen), seconds=time.perf_counter() - started)
