@@ -146,7 +146,7 @@ def method_params(method: str, config: BenchConfig) -> dict[str, Any]:
     coefficients off 0.3, so it gets SuperMerge's lr (documented in the report)."""
     if method in ("supermerge", "supermerge_no_tanh", "adamerging"):
         return {"steps": config.steps, "batch_size": config.batch_size, "lr": config.learned_lr}
-    return {}
+    return {"search": True}  # a grid runs only when asked (issue 20)
 
 
 @torch.no_grad()

@@ -39,7 +39,8 @@ def run_demo(workdir: Path, *, steps: int = 40, progress: bool = True) -> str:
     merged: dict[str, Path] = {"supermerge": Path(flow["output"])}
     for method in BASELINES:
         path = write_merge_config(workdir / f"{method}.yaml", tasks, method=method, output=f"merged/{method}",
-                                  max_length=DEMO.max_length, seed=DEMO.seed, tree={"flat": True})
+                                  parameters={"search": True}, max_length=DEMO.max_length, seed=DEMO.seed,
+                                  tree={"flat": True})
         merged[method] = execute(plan(load_config(path)), overwrite=True, progress=progress).output
     refs = {"pretrained": None, "individual": None}
     scores = score_models(load_config(config), {**refs, **merged}, progress=progress)

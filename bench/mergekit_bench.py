@@ -6,12 +6,13 @@ tensor, never the model. Then merges them three ways, each in its own process, s
 process tree: supermerge's library call ``stream_merge``, the ``supermerge merge`` command a user runs
 (planning with its NaN/Inf scan of every input, the checkpoint store, checksums, publishing), and
 ``mergekit-yaml`` (same method, same parameters, fp32 math, bf16 output); and compares the outputs
-tensor by tensor.
+tensor by tensor (TIES: separately on the tensors without magnitude ties at the trim threshold, where
+the two tools keep different tied entries). The CLI run reads mergekit's own config file, unchanged.
 
-    python -m bench.mergekit_bench --size 1b --workdir /tmp/mk-bench --mergekit /tmp/mk-venv/bin/mergekit-yaml
+    python -m bench.mergekit_bench --size 1b --workdir /tmp/mk-bench --mergekit /work/venvs/mergekit/bin/mergekit-yaml
 
-mergekit runs in its own venv (``python -m venv --system-site-packages /tmp/mk-venv &&
-/tmp/mk-venv/bin/pip install mergekit==0.1.5``), so it uses the same torch. Peak memory is reported
+mergekit runs in its own venv (``python -m venv --system-site-packages /work/venvs/mergekit &&
+/work/venvs/mergekit/bin/pip install mergekit==0.1.5``), so it uses the same torch. Peak memory is reported
 three ways: the kernel's high-water mark of the process (``ru_maxrss``, what ``/usr/bin/time -v``
 prints), the highest sampled RSS of its tree, and the highest sampled anonymous RSS (``RssAnon``:
 memory the process allocated, without the file pages it has mapped and read, which both tools map
@@ -53,8 +54,8 @@ INIT_STD = 0.02
 DELTA_STD = 0.002
 """Fine-tune deltas: a tenth of the weights' scale (about 13 bf16 steps of a typical weight)."""
 METHODS: dict[str, dict[str, float]] = {
-    "task_arithmetic": {"lam": 0.5},
-    "ties": {"density": 0.2, "lam": 1.0},
+    "task_arithmetic": {"lambda": 0.5},
+    "ties": {"density": 0.2, "lambda": 1.0},
 }
 SHARD_BYTES = 2 * 1024**3
 MERGEKIT_SHARD = "1B"
@@ -190,18 +191,11 @@ def supermerge_command(base: Path, models: list[Path], method: str, out: Path) -
     return [sys.executable, "-m", "bench.mergekit_bench", "--stream", spec]
 
 
-def cli_command(workdir: Path, base: Path, models: list[Path], method: str, out: Path) -> list[str]:
-    """``supermerge merge`` on a config for the same merge: what a user runs. It plans first (headers,
-    a NaN/Inf scan of every input, the memory plan), streams the one flat node into the checkpoint store
-    beside the output, checksums it, and publishes it to ``out`` (hard links)."""
-    import yaml
-
-    config = workdir / f"supermerge-{method}.yaml"
-    config.write_text(yaml.safe_dump({
-        "base": str(base), "output": str(out), "method": method, "parameters": METHODS[method], "device": "cpu",
-        "models": [{"name": f"ft{i}", "path": str(m)} for i, m in enumerate(models)], "tree": {"flat": True},
-    }))
-    return ["supermerge", "merge", str(config), "--overwrite"]
+def cli_command(mergekit_config: Path, out: Path) -> list[str]:
+    """``supermerge merge`` on mergekit's own config file, unchanged: what a mergekit user runs. It plans
+    first (headers, a NaN/Inf scan of every input, the memory plan), streams the one flat node into the
+    checkpoint store beside the output, checksums it, and publishes it to ``out`` (hard links)."""
+    return ["supermerge", "merge", str(mergekit_config), "--output", str(out), "--overwrite", "--device", "cpu"]
 
 
 def mergekit_config(base: Path, models: list[Path], method: str) -> str:
@@ -213,7 +207,7 @@ def mergekit_config(base: Path, models: list[Path], method: str) -> str:
     lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
     for m in models:
         lines += [f"  - model: {m}", f"    parameters: {json.dumps(per_model)}"]
-    shared = {"lambda": params["lam"]} | ({"normalize": True} if method == "ties" else {})
+    shared = {"lambda": params["lambda"]} | ({"normalize": True} if method == "ties" else {})
     lines += [f"parameters: {json.dumps(shared)}", "dtype: float32", "out_dtype: bfloat16", ""]
     return "\n".join(lines)
 
@@ -225,10 +219,31 @@ def mergekit_command(mergekit: str, config: Path, out: Path) -> list[str]:
 
 # --- comparing the outputs --------------------------------------------------------------------------
 
-def compare(a: Path, b: Path) -> dict[str, Any]:
+def _threshold_ties(base: Path, models: list[Path], name: str, density: float) -> bool:
+    """Whether any model's task vector of tensor ``name`` has several entries tied at TIES' trim
+    threshold (where the tools keep different entries)."""
+    from merge_core.methods.ties import _thresholds
+
+    with open_checkpoint(base) as b:
+        theta = b.get(name).float().reshape(-1)
+    rows = []
+    for m in models:
+        with open_checkpoint(m) as ck:
+            rows.append(ck.get(name).float().reshape(-1) - theta)
+    flat = torch.stack(rows)
+    keep = int(density * flat.shape[1])
+    if keep >= flat.shape[1] or keep == 0:
+        return False
+    cut, _ = _thresholds(flat, [keep] * len(models))
+    return bool(((flat.abs() == cut[:, None]).sum(1) > 1).any())
+
+
+def compare(a: Path, b: Path, ties_of: Any = None) -> dict[str, Any]:
     """How far apart two bf16 models are: share of values not bit-identical, largest difference,
-    and the largest difference relative to that tensor's largest |value|."""
+    and the largest difference relative to that tensor's largest |value|. ``ties_of(name)``: whether
+    the tensor has magnitude ties at a TIES threshold; differing values are then split by it."""
     differing = total = 0
+    untied_differing = untied_tensors = 0
     max_abs = max_rel = 0.0
     with open_checkpoint(a) as ca, open_checkpoint(b) as cb:
         if set(ca.keys()) != set(cb.keys()):
@@ -238,13 +253,17 @@ def compare(a: Path, b: Path) -> dict[str, Any]:
             diff = (x.float() - y.float()).abs()
             differing += int((x != y).sum())
             total += x.numel()
+            if ties_of is not None and not ties_of(n):
+                untied_tensors += 1
+                untied_differing += int((x != y).sum())
             top = float(diff.max())
             max_abs = max(max_abs, top)
             max_rel = max(max_rel, top / max(float(x.float().abs().max()), 1e-30))
             ca.close()
             cb.close()
     return {"values": total, "differing": differing, "differing_share": differing / total,
-            "max_abs_diff": max_abs, "max_rel_diff": max_rel}
+            "max_abs_diff": max_abs, "max_rel_diff": max_rel,
+            "tensors_without_threshold_ties": untied_tensors, "differing_in_them": untied_differing}
 
 
 # --- main --------------------------------------------------------------------------------------------
@@ -269,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mk-bench"))
-    parser.add_argument("--mergekit", default="/tmp/mk-venv/bin/mergekit-yaml")
+    parser.add_argument("--mergekit", default="/work/venvs/mergekit/bin/mergekit-yaml")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--json", type=Path, help="write every number here too")
     parser.add_argument("--clean", action="store_true", help="delete the checkpoints and outputs afterwards")
@@ -302,11 +321,14 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(cli_out.parent, ignore_errors=True)
         runs.append(measure_command("supermerge", method, supermerge_command(base, models, method, ours),
                                     [base, *models]))
-        runs.append(measure_command("sm-cli", method, cli_command(args.workdir, base, models, method, cli_out),
-                                    [base, *models]))
+        runs.append(measure_command("sm-cli", method, cli_command(config, cli_out), [base, *models]))
         runs.append(measure_command("mergekit", method, mergekit_command(args.mergekit, config, theirs),
                                     [base, *models]))
-        agreement[method] = compare(ours, theirs)
+        ties_of = None
+        if method == "ties":
+            def ties_of(name: str, method: str = method) -> bool:
+                return _threshold_ties(base, models, name, METHODS[method]["density"])
+        agreement[method] = compare(ours, theirs, ties_of)
         same = all((ours / f.name).read_bytes() == f.read_bytes() for f in sorted(cli_out.glob("*.safetensors")))
         for r in runs[-3:]:
             say(f"  {r.tool:10s} {method:16s} {r.seconds:7.1f} s  peak RSS {_gb(r.peak_rss_bytes)}  "
@@ -321,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"  {method}: outputs differ in {a['differing']} of {a['values']} values "
               f"({100 * a['differing_share']:.4f} %), max |diff| {a['max_abs_diff']:.3g} "
               f"({a['max_rel_diff']:.3g} of the tensor's max)")
+        if method == "ties":
+            say(f"  ties: {a['tensors_without_threshold_ties']} tensor(s) without magnitude ties at the trim "
+                f"threshold differ in {a['differing_in_them']} values")
         say(f"  mergekit command: {mk.command}")
         say("  mergekit config:\n    " + config.read_text().replace("\n", "\n    "))
     if args.json:

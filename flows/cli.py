@@ -25,11 +25,12 @@ example config (paths relative to the config file):
   base: models/base                 # HF model dir or .safetensors of the pretrained model
   output: merged/supermerge         # written atomically; refused if it exists (use --overwrite)
   method: supermerge                # see `supermerge methods`
-  parameters: {steps: 100, lr: 0.05}  # a list value is searched on the validation data
+  parameters: {steps: 100, lr: 0.05}  # left out: the defaults; a list value (or search: true) is searched
+  max_length: 64                    # tokens per example for merge training and evaluation (default 64)
   models:
     - name: sentiment
       path: models/sentiment        # full fine-tune dir, .safetensors, or a PEFT LoRA/IA3 adapter dir
-      validation: data/sentiment.val.jsonl   # {"text": ..., "label": ...} per line; 32 a task suffices
+      validation: data/sentiment.val.jsonl   # {"text": ..., "label": INT} per line (label indexes the head's logits)
       test: data/sentiment.test.jsonl
     - name: language
       path: models/language
@@ -56,7 +57,8 @@ def _load_merge_config(
     raw = config.resolved()
     if method is not None and method != config.method:
         # the config's parameters belong to its own method: another method starts from its defaults
-        log.warning("--method %s: ignoring the config's parameters for %s", method, config.method)
+        if config.parameters:
+            log.warning("--method %s: ignoring the config's parameters for %s", method, config.method)
         raw.update(method=method, parameters={})
     tree = dict(raw["tree"])
     if memory_budget is not None:
@@ -70,13 +72,18 @@ def _load_merge_config(
 
 
 def cmd_plan(config_path: Path, *, device: str | None, memory_budget: str | None, max_fan_in: int | None,
-             flat: bool) -> int:
-    """Print the merge tree, each node's predicted peak memory and device, and the fan-in chosen."""
+             flat: bool, output: Path | None = None) -> int:
+    """Print the merge tree, each node's predicted peak memory and device, the fan-in chosen, and the
+    checkpoint store's size."""
+    from orchestrator.executor import default_store_dir
     from orchestrator.plan import plan
+    from orchestrator.store_usage import store_usage
 
-    config = _load_merge_config(config_path, device=device, memory_budget=memory_budget,
+    config = _load_merge_config(config_path, output=output, device=device, memory_budget=memory_budget,
                                 max_fan_in=max_fan_in, flat=flat)
+
     print(plan(config, progress=True).render())
+    print(store_usage(default_store_dir(config.output)).render())
     return 0
 
 
@@ -120,6 +127,50 @@ def cmd_merge(
         print("validation accuracy: " + _fmt(report.val_accuracy))
     if report.test_accuracy:
         print("test accuracy:       " + _fmt(report.test_accuracy))
+    from orchestrator.store_usage import store_usage
+
+    print(store_usage(report.store).render())
+    return 0
+
+
+def cmd_export(merged: Path, *, task: str | None, every: bool, out: Path, overwrite: bool) -> int:
+    """Write one task (or every task) of a merged model as a standard Hugging Face classifier dir."""
+    from merge_core.export import export_all, export_task
+
+    if every == (task is not None):
+        raise SupermergeError("give either --task NAME or --all")
+    dirs = export_all(merged, out, overwrite=overwrite) if every else [export_task(merged, task, out, overwrite=overwrite)]
+    for d in dirs:
+        print(f"{d}: AutoModelForSequenceClassification.from_pretrained({str(d)!r})")
+    return 0
+
+
+def cmd_store_prune(config_path: Path, *, everything: bool, output: Path | None = None) -> int:
+    """Remove the store entries no published output beside the config's output uses (``--all``: all)."""
+    from merge_core.config import load_config
+    from orchestrator.executor import REPORT_FILE, default_store_dir
+    from orchestrator.store_usage import prune, store_usage, used_keys
+
+    config = load_config(config_path, {"output": str(output.resolve()) if output else None})
+    root = default_store_dir(config.output)
+    keep = set() if everything else used_keys(config.output.parent, REPORT_FILE)
+    removed, freed = prune(root, keep)
+    print(f"removed {removed} store entr{'y' if removed == 1 else 'ies'}, freed {freed / 1e6:.1f} MB; "
+          + store_usage(root).render())
+    return 0
+
+
+def cmd_convert(config_path: Path, *, output: Path | None) -> int:
+    """Print supermerge's config for a mergekit config (what `supermerge merge` runs for it)."""
+    import yaml
+
+    from merge_core.config import load_config
+
+    config = load_config(config_path, {"output": str(output.resolve()) if output else None})
+    raw = config.resolved()
+    raw["models"] = [{k: v for k, v in m.items() if v is not None} for m in raw["models"]]
+    print(yaml.safe_dump({k: raw[k] for k in ("base", "output", "method", "parameters", "models", "tree",
+                                              "dtype", "out_dtype") if raw.get(k) is not None}, sort_keys=False))
     return 0
 
 
@@ -198,12 +249,18 @@ def cmd_evaluate(config_path: Path, models: Sequence[Path], *, device: str | Non
 
 
 def cmd_methods() -> int:
-    """List the merge methods with their papers and default hyperparameter grids."""
-    from merge_core.methods.registry import METHODS
+    """List the merge methods with their papers, the defaults a left-out parameter takes, and the grid
+    ``search: true`` searches."""
+    from merge_core.methods.registry import METHODS, parameter_defaults
 
     for spec in METHODS.values():
-        grid = ", ".join(f"{k}={list(v)}" for k, v in spec.grid.items())
-        print(f"{spec.name:20s} {spec.summary}\n{'':20s} {spec.paper}" + (f"\n{'':20s} grid: {grid}" if grid else ""))
+        def shown(k: str) -> str:
+            return "lambda" if k == spec.scale else k  # a config names any method's scale lambda
+
+        grid = ", ".join(f"{shown(k)}={list(v)}" for k, v in spec.grid.items())
+        defaults = ", ".join(f"{shown(k)}={v}" for k, v in parameter_defaults(spec).items() if v is not None) or "none"
+        print(f"{spec.name:20s} {spec.summary}\n{'':20s} {spec.paper}\n{'':20s} defaults: {defaults}"
+              + (f"\n{'':20s} searched with search: true: {grid}" if grid else ""))
     return 0
 
 
@@ -244,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step (INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("merge", help="merge the models a YAML config names", epilog=EXAMPLE_CONFIG,
+    p = sub.add_parser("merge", help="merge the models a YAML config (ours or mergekit's) names", epilog=EXAMPLE_CONFIG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", type=Path, help="YAML config (base, models, method, parameters, output)")
     p.add_argument("--output", type=Path, help="override the config's output dir")
@@ -257,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="show the merge tree, each node's predicted memory and device, the fan-in")
     p.add_argument("config", type=Path, help="YAML config (base, models, method, parameters, tree)")
+    p.add_argument("--output", type=Path, help="override the config's output dir (a mergekit config needs it)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     _tree_options(p)
 
@@ -267,7 +325,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-references", action="store_true",
                    help="skip the pretrained and individual fine-tuned reference rows")
 
-    sub.add_parser("methods", help="list merge methods, their papers and default grids")
+    p = sub.add_parser("export", help="write one task of a merged model as a standard Hugging Face classifier dir")
+    p.add_argument("merged", type=Path, help="a merged model dir (`supermerge merge`'s output)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", help="the task whose head to use")
+    which.add_argument("--all", action="store_true", help="every task, as OUT/<task>/, sharing one body file")
+    p.add_argument("--out", type=Path, required=True, help="the dir to write (with --all: the parent of each)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dir")
+
+    p = sub.add_parser("store", help="the checkpoint store beside the outputs: `supermerge store prune CONFIG`")
+    p.add_argument("action", choices=["prune"])
+    p.add_argument("config", type=Path, help="the YAML config whose outputs' store to prune")
+    p.add_argument("--all", action="store_true", help="remove every entry (outputs keep their own hard links)")
+    p.add_argument("--output", type=Path, help="the config's output dir (a mergekit config needs it)")
+
+    p = sub.add_parser("convert", help="print supermerge's config for a mergekit config")
+    p.add_argument("config", type=Path, help="a mergekit YAML config")
+    p.add_argument("--output", type=Path, help="the output dir (mergekit gives it on the command line)")
+
+    sub.add_parser("methods", help="list merge methods, their papers, defaults and search grids")
 
     sub.add_parser("bench", help="the multi-task benchmark (docs/benchmarks.md); `supermerge bench --help`",
                    add_help=False)
@@ -307,11 +383,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                              max_fan_in=args.max_fan_in, flat=args.flat, prefect=args.prefect)
         if args.command == "plan":
             return cmd_plan(args.config, device=args.device, memory_budget=args.memory_budget,
-                            max_fan_in=args.max_fan_in, flat=args.flat)
+                            max_fan_in=args.max_fan_in, flat=args.flat, output=args.output)
         if args.command == "evaluate":
             return cmd_evaluate(args.config, args.models, device=args.device, references=not args.no_references)
         if args.command == "methods":
             return cmd_methods()
+        if args.command == "export":
+            return cmd_export(args.merged, task=args.task, every=args.all, out=args.out, overwrite=args.overwrite)
+        if args.command == "store":
+            return cmd_store_prune(args.config, everything=args.all, output=args.output)
+        if args.command == "convert":
+            return cmd_convert(args.config, output=args.output)
         return cmd_demo(args.workdir, steps=args.steps)
     except SupermergeError as e:
         print(f"supermerge: error: {e}", file=sys.stderr)

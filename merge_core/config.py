@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merge_core.errors import ConfigError
+from merge_core.mergekit import from_mergekit, is_mergekit_config
 from merge_core.safe_yaml import load_yaml
 from merge_core.task_registry import with_registry_models
 from merge_core.task_vectors import DEFAULT_HEAD_PREFIXES
@@ -32,6 +33,11 @@ class ModelEntry(_Strict):
     """Labelled validation data (.jsonl text+label, or .safetensors tensors); 32 examples a task."""
     test: Path | None = None
     """Held-out test data for `supermerge evaluate` and the report."""
+    weight: float | None = None
+    """This model's weight in a per-tensor merge (mergekit's ``weight``; default 1)."""
+    density: float | None = Field(default=None, gt=0, le=1)
+    """This model's own density (TIES: fraction kept by magnitude; DARE: fraction kept at random),
+    instead of the shared ``parameters.density``."""
 
 
 class TreeConfig(_Strict):
@@ -62,6 +68,11 @@ class MergeConfig(_Strict):
     seed: int = 0
     device: str = "auto"
     max_length: int = Field(default=64, ge=2)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """mergekit's ``dtype``: the dtype merged tensors are written in when ``out_dtype`` is not given
+    (the math is float32 whatever it says); default: each tensor's dtype in the base."""
+    out_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """The dtype merged tensors are written in; overrides ``dtype``."""
     head_prefixes: list[str] = Field(default_factory=lambda: list(DEFAULT_HEAD_PREFIXES))
     tree: TreeConfig = Field(default_factory=TreeConfig)
     retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy())
@@ -113,6 +124,48 @@ class MergeConfig(_Strict):
                 "delete them: choose an output outside every input folder"
             )
         return self
+
+    @model_validator(mode="after")
+    def _per_model_values_fit_the_method(self) -> MergeConfig:
+        from merge_core.methods.registry import METHODS
+
+        given = [w for w in ("weight", "density") if any(getattr(m, w) is not None for m in self.models)]
+        if given and METHODS[self.method].kind == "learned":
+            raise ValueError(
+                f"models[].{'/'.join(given)}: {self.method} learns each model's weights on the validation "
+                "data, so per-model weight and density do not apply; leave them out or choose a per-tensor "
+                "method (task_arithmetic, ties, dare_ta, dare_ties)"
+            )
+        if "density" in given and isinstance(self.parameters.get("density"), list):
+            raise ValueError("models[].density and a searched parameters.density (a list) both given; choose one")
+        from merge_core.methods.registry import unknown_parameters
+
+        if unknown_parameters(METHODS[self.method], list(self.parameters)) is None:  # else reported first
+            try:
+                self.method_parameters()
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        return self
+
+    @property
+    def write_dtype(self) -> str | None:
+        """The dtype merged tensors are written in (``out_dtype``, else ``dtype``); None: the base's."""
+        return self.out_dtype or self.dtype
+
+    def method_parameters(self) -> dict[str, Any]:
+        """``parameters`` as the method runs them: the scale under its own name (``lambda`` -> ``lam``),
+        and per-model ``weight`` / ``density`` as name -> value maps (a model without its own density
+        takes the shared one, else the method's default). The store's keys are made from this."""
+        from merge_core.methods.registry import canonical_parameters, get_method, parameter_defaults
+
+        spec = get_method(self.method)
+        params = canonical_parameters(spec, self.parameters)
+        if any(m.weight is not None for m in self.models):
+            params["weight"] = {m.name: 1.0 if m.weight is None else m.weight for m in self.models}
+        if any(m.density is not None for m in self.models):
+            shared = params.get("density", parameter_defaults(spec).get("density"))
+            params["density"] = {m.name: shared if m.density is None else m.density for m in self.models}
+        return params
 
     def missing_files(self) -> list[str]:
         problems = []
@@ -174,13 +227,16 @@ def parse_config(raw: Any, *, root: Path | None = None, source: str = "config") 
     if root is not None:
         raw = _resolve_paths(raw, root)
     raw = with_registry_models(raw, source)
+    first = _parameter_problems(raw)
     try:
         config = MergeConfig.model_validate(raw)
     except ValidationError as e:
-        lines = [
+        lines = first + [
             f"  - {'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in e.errors()
         ]
         raise ConfigError(f"{source} has {len(lines)} problem(s):\n" + "\n".join(lines)) from None
+    if first:
+        raise ConfigError(f"{source} has {len(first)} problem(s):\n" + "\n".join(first))
     from merge_core.params import parameter_problems
 
     missing = config.missing_files() + parameter_problems(config.method, config.parameters)
@@ -191,14 +247,34 @@ def parse_config(raw: Any, *, root: Path | None = None, source: str = "config") 
     return config
 
 
+def _parameter_problems(raw: dict[str, Any]) -> list[str]:
+    """Parameter names the config's method does not take: reported first, before anything that a
+    misspelt name could cause (a missing lambda would otherwise ask for validation data)."""
+    from merge_core.methods.registry import METHODS, unknown_parameters
+
+    spec = METHODS.get(raw.get("method", "supermerge")) if isinstance(raw.get("method", "supermerge"), str) else None
+    params = raw.get("parameters")
+    if spec is None or not isinstance(params, dict):
+        return []
+    problem = unknown_parameters(spec, [str(k) for k in params])
+    return [f"  - parameters: {problem}"] if problem else []
+
+
 def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> MergeConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     raw = load_yaml(path)
-    if isinstance(raw, dict) and overrides:
-        raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
-    return parse_config(raw, root=path.parent.resolve(), source=str(path))
+    root = path.parent.resolve()
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if is_mergekit_config(raw):
+        if given.get("output", raw.get("output")) is None:
+            raise ConfigError(f"{path} is a mergekit config, which names no output; pass --output DIR "
+                              "(mergekit's OUT_PATH argument)")
+        raw, root = from_mergekit(raw, str(path)), Path.cwd()  # mergekit's paths are relative to the cwd
+    if isinstance(raw, dict) and given:
+        raw = {**raw, **given}
+    return parse_config(raw, root=root, source=str(path))
 
 
 class RetryPolicy(_Strict):

@@ -1,8 +1,9 @@
 """Run one merge: k task vectors + a method (+ validation data) -> merged tensors.
 
 Everything that can be checked without reading weights is checked first (method, parameters, k,
-validation data), so a refused merge costs nothing. Hyperparameters given as lists (or left at the
-method's default grid) are chosen on the validation data by mean accuracy, as the papers do.
+validation data), so a refused merge costs nothing. A parameter left out takes the method's documented
+default; values given as a list (or every grid parameter left out, with ``search: true``) are chosen on
+the validation data by mean accuracy, as the papers do.
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ from merge_core.data import TaskData, require_labelled
 from merge_core.errors import ConfigError
 from merge_core.evaluate import task_scores
 from merge_core.methods.learned import LearnedMerge, LearnedMergeConfig, combine, train_merge_weights
-from merge_core.methods.registry import MethodSpec, get_method
+from merge_core.methods.registry import (
+    SEARCH,
+    MethodSpec,
+    canonical_parameters,
+    get_method,
+    op_arguments,
+    parameter_defaults,
+)
 from merge_core.model import FunctionalModel, TaskKind
 from merge_core.task_vectors import TaskVector, mergeable_names, stack_deltas
 
@@ -47,33 +55,44 @@ class MergeResult:
     seconds: float = 0.0
 
 
+def output_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype of a config's ``out_dtype`` / ``dtype`` (``"bfloat16"`` ...); None stays None."""
+    if name is None:
+        return None
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"out_dtype {name!r} is not a floating-point torch dtype; use float32, bfloat16 or float16")
+    return dtype
+
+
 def tensor_seed(seed: int, name: str) -> int:
     """A per-tensor seed, so random methods (DARE) do not depend on the order tensors are visited."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _candidates(spec: MethodSpec, params: Mapping[str, Any]) -> list[dict[str, float]]:
-    unknown = sorted(set(params) - set(spec.grid))
-    if unknown:
-        raise ConfigError(
-            f"method {spec.name!r} has no parameter(s) {unknown}; it takes {sorted(spec.grid) or 'none'}"
-        )
-    grid = {k: tuple(params.get(k, v)) if isinstance(params.get(k, v), (list, tuple))
-            else (params[k],) for k, v in spec.grid.items()}
+def _candidates(spec: MethodSpec, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The parameter sets a per-tensor merge tries: one, unless the config asks for a search (a list
+    value is searched; ``search: true`` searches every grid parameter it leaves out over the method's
+    grid). A parameter left out takes the op's documented default, never a grid."""
+    params = canonical_parameters(spec, params)
+    search = params.pop(SEARCH, False)
+    if not isinstance(search, bool):
+        raise ConfigError(f"method {spec.name!r}: search must be true or false, got {search!r}")
+    fixed = {k: v for k, v in params.items() if k not in spec.grid}
+    grid = {}
+    for k, values in spec.grid.items():
+        if k in params:
+            grid[k] = tuple(params[k]) if isinstance(params[k], (list, tuple)) else (params[k],)
+        else:
+            grid[k] = tuple(values) if search else (parameter_defaults(spec)[k],)
     keys = sorted(grid, key=lambda k: (k == spec.scale, k))  # the scale varies fastest: see _grid_params
-    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+    return [{**fixed, **dict(zip(keys, values, strict=True))} for values in itertools.product(*(grid[k] for k in keys))]
 
 
 def _learned_config(spec: MethodSpec, params: Mapping[str, Any], seed: int) -> LearnedMergeConfig:
     assert spec.learned is not None
-    fields = {f.name for f in dataclasses.fields(LearnedMergeConfig)}
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        raise ConfigError(
-            f"method {spec.name!r} has no parameter(s) {unknown}; it takes {sorted(fields)}"
-        )
-    return dataclasses.replace(spec.learned, **{"seed": seed, **params})
+    return dataclasses.replace(spec.learned, **{"seed": seed, **canonical_parameters(spec, params)})
 
 
 def _check_inputs(
@@ -166,9 +185,10 @@ def _per_tensor_params(
 ) -> dict[str, Tensor]:
     assert spec.op is not None
     out = {}
+    arguments = op_arguments(candidate, [v.name for v in vectors])
     for n in names:
         b = base.get(n)
-        out[n] = spec.op(b, stack_deltas(b, vectors, n), seed=tensor_seed(seed, n), **candidate)
+        out[n] = spec.op(b, stack_deltas(b, vectors, n), seed=tensor_seed(seed, n), **arguments)
     return out
 
 
@@ -191,11 +211,12 @@ def _grid_params(
         if rest != direction_for:
             assert spec.op is not None
             direction = {}  # drop the previous direction before building the next
+            arguments = op_arguments(rest, [v.name for v in vectors])
             for n in names:
                 b = base.get(n)
                 zero = torch.zeros(b.shape, dtype=torch.float32)
                 deltas = stack_deltas(b, vectors, n)
-                direction[n] = spec.op(zero, deltas, seed=tensor_seed(seed, n), **rest, **{spec.scale: 1.0})
+                direction[n] = spec.op(zero, deltas, seed=tensor_seed(seed, n), **arguments, **{spec.scale: 1.0})
             direction_for = rest
         scale = cand[spec.scale]
         yield cand, {n: base.get(n).to(torch.float32) + scale * direction[n] for n in names}
@@ -290,7 +311,10 @@ def _learned_start(config: LearnedMergeConfig, model: FunctionalModel, base_para
 
 
 def result_record(result: MergeResult, *, base_path: str | Path, models: Mapping[str, str]) -> dict[str, Any]:
-    """How the model was made, saved as supermerge.json beside it."""
+    """How the model was made, saved as supermerge.json beside it; ``labels``: each task's class names
+    (its fine-tune's ``id2label``), which ``supermerge export`` writes into the task's config."""
+    from merge_core.export import merged_labels
+
     record: dict[str, Any] = {
         "method": result.method,
         "paper": get_method(result.method).paper,
@@ -301,6 +325,7 @@ def result_record(result: MergeResult, *, base_path: str | Path, models: Mapping
         "grid_search": result.search,
         "val_accuracy": result.val_accuracy,
         "seconds": round(result.seconds, 3),
+        "labels": merged_labels(models),
     }
     if result.learned is not None:
         record["merge_weights"] = {
@@ -322,9 +347,11 @@ def save_result(
     models: Mapping[str, str],
     overwrite: bool = False,
     extra_record: Mapping[str, Any] | None = None,
+    out_dtype: str | None = None,
 ) -> Path:
     """Write the merged model as a transformers-loadable dir, its per-task heads under ``heads/``,
-    and W (``merge_weights.safetensors``) for learned methods, atomically."""
+    and W (``merge_weights.safetensors``) for learned methods, atomically. ``out_dtype``: the dtype
+    the merged (floating-point) tensors are written in; default: the base's."""
     from safetensors.torch import save as to_bytes
 
     from merge_core.checkpoint import config_dir, write_model_dir
@@ -336,9 +363,11 @@ def save_result(
             {"weights": result.learned.weights, "coefficients": result.learned.coefficients}
         )
     record = {**result_record(result, base_path=base_path, models=models), **(extra_record or {})}
+    cast = output_dtype(out_dtype)
+    tensors = ((n, t.to(cast) if cast is not None and t.is_floating_point() else t) for n, t in result.tensors.items())
     return write_model_dir(
         out_dir,
-        iter(result.tensors.items()),
+        tensors,
         config_from=config_dir(base_path),
         record=record,
         overwrite=overwrite,

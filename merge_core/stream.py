@@ -40,8 +40,16 @@ from merge_core.checkpoint import (
 )
 from merge_core.deltas import dense_delta
 from merge_core.errors import ConfigError, TaskVectorError
-from merge_core.merge import MergeResult, _candidates, _check_inputs, _heads, result_record, tensor_seed
-from merge_core.methods.registry import MethodSpec, get_method
+from merge_core.merge import (
+    MergeResult,
+    _candidates,
+    _check_inputs,
+    _heads,
+    output_dtype,
+    result_record,
+    tensor_seed,
+)
+from merge_core.methods.registry import MethodSpec, get_method, op_arguments
 from merge_core.task_vectors import (
     DEFAULT_HEAD_PREFIXES,
     NameMap,
@@ -72,7 +80,7 @@ class _Source:
 
 def streamable(method: str, params: Mapping[str, Any] | None = None) -> bool:
     """Whether ``stream_merge`` can run ``method`` with ``params``: a per-tensor method whose every
-    parameter has one value (a list of several, or a default grid, needs ``merge()``'s search)."""
+    parameter has one value (a list of several, or ``search: true``, needs ``merge()``'s search)."""
     spec = get_method(method)
     return spec.kind == "per_tensor" and len(_candidates(spec, dict(params or {}))) == 1
 
@@ -87,9 +95,9 @@ def _fixed_params(spec: MethodSpec, params: Mapping[str, Any]) -> dict[str, floa
     if len(candidates) > 1:
         varied = sorted(k for k in spec.grid if len({c[k] for c in candidates}) > 1)
         raise ConfigError(
-            f"method {spec.name!r}: parameter(s) {varied} have several values (given as a list or left at "
-            "the default grid), which needs a grid search on validation data; give one value each "
-            "(e.g. lam: 0.5) to stream, or run merge()"
+            f"method {spec.name!r}: parameter(s) {varied} have several values (given as a list, or searched "
+            "with search: true), which needs a grid search on validation data; give one value each "
+            "(e.g. lambda: 0.5) to stream, or run merge()"
         )
     return candidates[0]
 
@@ -152,8 +160,9 @@ def _merged_tensors(
     seed: int,
     progress: bool,
     label: str = "the merge",
+    out_dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
-    """Every base tensor in order, merged where mergeable, in the base's dtype.
+    """Every base tensor in order, merged where mergeable, in the base's dtype (or ``out_dtype``).
 
     Pages read through a memory map count as this process's memory until the file is unmapped, so
     the files are closed (and reopened, ~1 ms each, on the next read) after every ``UNMAP_BYTES``
@@ -163,14 +172,15 @@ def _merged_tensors(
     checkpoints = [base] + [s.checkpoint for s in sources if s.checkpoint is not None]
     largest = max((math.prod(base.shape(n)) for n in mergeable), default=0)
     buffer = torch.empty(len(sources) * largest, dtype=torch.float32)
+    arguments = op_arguments(chosen, [s.vector.name for s in sources])
     mapped = 0
     for name in tqdm(base.keys(), desc=f"{spec.name}: merging", disable=not progress, leave=False, unit="tensor"):
         b = base.get(name)
         if name in mergeable:
             deltas = _stacked_deltas(b, name, sources, buffer)
-            merged = spec.op(b, deltas, seed=tensor_seed(seed, name), **chosen)
+            merged = spec.op(b, deltas, seed=tensor_seed(seed, name), **arguments)
             del deltas
-            merged = merged.to(base.dtype(name))
+            merged = merged.to(out_dtype or base.dtype(name))
             check_finite_result([(name, merged)], label)
             yield name, merged
             del merged
@@ -198,6 +208,7 @@ def stream_merge(
     extra_record: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
     progress: bool = False,
     label: str = "the merge",
+    out_dtype: str | None = None,
 ) -> Path:
     """Merge ``models`` ((name, path) of full fine-tunes or adapters of ``base_path``) with a per-tensor
     ``method`` whose ``params`` each have one value, straight into the model dir ``output``.
@@ -207,7 +218,9 @@ def stream_merge(
     ``extra_record`` may be a function, called once every tensor is written: what it returns (say,
     the merge's measured cost) goes into the record.
     ``label``: what a NonFiniteError calls this merge (a merged tensor that is NaN or Inf stops it,
-    and nothing appears at ``output``). ``shard_bytes``: the largest output shard (bytes). Validation data is never read: to score the
+    and nothing appears at ``output``). ``out_dtype``: the dtype merged tensors are written in
+    (``"bfloat16"`` ...; default: the base's). ``shard_bytes``: the largest output shard (bytes).
+    Validation data is never read: to score the
     result, load it afterwards. Returns ``output``.
     """
     started = time.perf_counter()
@@ -218,11 +231,14 @@ def stream_merge(
     with ExitStack() as files:
         base = files.enter_context(open_checkpoint(base_path))
         sources = _open_sources(base, paths, head_prefixes, files)
-        metas = [TensorMeta(n, base.shape(n), base.dtype(n)) for n in base.keys()]
+        cast = output_dtype(out_dtype)
+        mergeable = set(mergeable_names(base))
+        metas = [TensorMeta(n, base.shape(n), cast if cast is not None and n in mergeable else base.dtype(n))
+                 for n in base.keys()]
         heads = _heads([s.vector for s in sources])
         with atomic_model_dir(output, overwrite=overwrite) as tmp:
             write_shards_streaming(
-                tmp, metas, _merged_tensors(spec, chosen, base, sources, seed, progress, label),
+                tmp, metas, _merged_tensors(spec, chosen, base, sources, seed, progress, label, cast),
                 max_shard_bytes=shard_bytes, progress=False,
             )
             result = MergeResult(spec.name, {}, heads, dict(chosen), seconds=time.perf_counter() - started)

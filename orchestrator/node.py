@@ -79,6 +79,9 @@ class NodeTask:
     task_vector_device: str | None = None
     """Where a learned merge keeps its stacked task vectors: None for ``device``, 'cpu' when the
     planner put the model on a GPU that cannot also hold k task vectors (pinned host memory)."""
+    out_dtype: str | None = None
+    """The dtype the node writes its merged tensors in (the config's ``out_dtype``, root only); None:
+    the base's."""
 
     @property
     def predicted_peak_bytes(self) -> int:
@@ -265,6 +268,7 @@ def _merge_node(node: NodeTask, store: CheckpointStore, progress: bool) -> NodeR
         result, store.path(node.key), base_path=node.base,
         models={e.name: str(e.path) for e in entries}, overwrite=store.occupied(node.key),
         extra_record={KEY_FIELD: node.key, "node": record.to_dict(), "predicted": node.predicted},
+        out_dtype=node.out_dtype,
     )
     log.info("%s: merged %d inputs in %.1f s, peak %.0f MB (predicted %.0f MB)", node.id, len(entries),
              record.seconds, record.measured_peak_bytes / 2**20, node.predicted_peak_bytes / 2**20)
@@ -285,7 +289,7 @@ def _stream_node(node: NodeTask, store: CheckpointStore, entries: list[ModelEntr
         stream_merge(
             node.base, [(e.name, e.path) for e in entries], node.method, node.parameters, store.path(node.key),
             seed=node.seed, head_prefixes=node.head_prefixes, overwrite=store.occupied(node.key),
-            extra_record=measured, progress=progress, label=f"node {node.id}",
+            extra_record=measured, progress=progress, label=f"node {node.id}", out_dtype=node.out_dtype,
         )
     record = records[-1]
     log.info("%s: streamed %d inputs in %.1f s, peak %.0f MB (predicted %.0f MB)", node.id, len(entries),

@@ -143,12 +143,10 @@ def _learned_config(spec: MethodSpec, params: Mapping[str, Any]) -> LearnedMerge
 
 
 def _candidate_count(spec: MethodSpec, params: Mapping[str, Any]) -> int:
-    """How many grid-search candidates a per-tensor method tries (a list value is searched)."""
-    count = 1
-    for name, default in spec.grid.items():
-        value = params.get(name, default)
-        count *= len(value) if isinstance(value, (list, tuple)) else 1
-    return count
+    """How many grid-search candidates a per-tensor method tries (a list value or search: true)."""
+    from merge_core.merge import _candidates
+
+    return len(_candidates(spec, params)) if spec.kind == "per_tensor" else 1
 
 
 def _check_tree_config(config: MergeConfig, k: int) -> None:
@@ -230,9 +228,11 @@ def _node_tasks(inputs: _Inputs, tree: MergeTree, placements: Mapping[str, Place
         val = {t: inputs.val[t] for t in tasks if t in inputs.val}
         digest = data_digest(val)
         children = tree.children(node)
+        out_dtype = config.write_dtype if node == tree.root else None  # inner nodes keep the base's precision
         keys[node] = node_key(
             [keys[c] for c in children], base=inputs.base_key, method=config.method,
-            params=config.parameters, seed=config.seed, kind=config.kind,
+            params={**config.method_parameters(), **({"out_dtype": out_dtype} if out_dtype else {})},
+            seed=config.seed, kind=config.kind,
             head_prefixes=config.head_prefixes, data=digest,
         )
         placement = placements[node]
@@ -248,7 +248,7 @@ def _node_tasks(inputs: _Inputs, tree: MergeTree, placements: Mapping[str, Place
             validation={t: str(entries[t].validation) for t in tasks if t in val},
             base=str(config.base),
             method=config.method,
-            parameters=dict(config.parameters),
+            parameters=dict(config.method_parameters()),
             kind=config.kind,
             seed=config.seed,
             max_length=config.max_length,
@@ -257,6 +257,7 @@ def _node_tasks(inputs: _Inputs, tree: MergeTree, placements: Mapping[str, Place
             device=placement.device,
             predicted=placement.predicted.to_dict(),
             task_vector_device=placement.task_vector_device,
+            out_dtype=out_dtype,
         ))
     return nodes
 
@@ -295,11 +296,11 @@ def _check_data(config: MergeConfig, heads: Mapping[str, Mapping[str, Any]], spl
 
 
 def _read_inputs(config: MergeConfig, spec: MethodSpec, progress: bool) -> _Inputs:
-    learned = _learned_config(spec, config.parameters)
+    learned = _learned_config(spec, config.method_parameters())
     check_base(config.base, max_length=config.max_length)
     tokenizer = load_tokenizer(config.base)
     val = load_split(config.models, "validation", tokenizer, config.max_length)
-    if spec.kind == "learned" or _candidate_count(spec, config.parameters) > 1:
+    if spec.kind == "learned" or _candidate_count(spec, config.method_parameters()) > 1:
         missing = [m.name for m in config.models if m.name not in val]
         if missing:
             raise DataError(
@@ -313,14 +314,27 @@ def _read_inputs(config: MergeConfig, spec: MethodSpec, progress: bool) -> _Inpu
     n_groups = len(weight_groups(list(shape.tensor_names), learned.granularity)[0]) if learned else 0
     keys = {m.name: model_key(m.path) for m in config.models}
     loaded = {m.name: loaded_values(m.path, shape.n_params) for m in config.models}
-    candidates = _candidate_count(spec, config.parameters)
-    streamed = streamable(config.method, config.parameters)
+    candidates = _candidate_count(spec, config.method_parameters())
+    streamed = streamable(config.method, config.method_parameters())
     files = {m.name: weight_file_bytes(m.path) for m in config.models} if streamed else {}
     if streamed:
         files[""] = weight_file_bytes(config.base)
     return _Inputs(config, shape, val, learned, candidates, candidates > 1 and spec.scale is not None, n_groups,
                    loaded, keys, model_key(config.base), streamed, spec.temporaries, files,
                    largest_tensor_bytes(config.base) if streamed else 0)
+
+
+def _runs_flat(config: MergeConfig, spec: MethodSpec, inputs: _Inputs) -> str | None:
+    """Why a per-tensor merge runs as one flat node whatever the tree config says, or None. A tree
+    would apply its formula again at every level (lambda compounds: TA with lambda 0.7 at fan-in 2
+    would give base + 0.49 * sum of task vectors) and a merged input has no per-model weight."""
+    if inputs.streamed:
+        return ("flat: a per-tensor merge with fixed parameters streams tensor by tensor (k copies of the "
+                "largest tensor, not k models), and a tree would apply its formula again at every level")
+    per_model = [w for w in ("weight", "density") if isinstance(config.method_parameters().get(w), dict)]
+    if spec.kind == "per_tensor" and per_model:
+        return f"flat: per-model {'/'.join(per_model)} apply to the models themselves, not to merged inputs"
+    return None
 
 
 def plan(
@@ -362,7 +376,12 @@ def plan(
 
     tree_config = config.tree
     choices: list[tuple[str, Callable[[], MergeTree]]]
-    if tree_config.flat:
+    flat_why = _runs_flat(config, spec, inputs)
+    if flat_why:
+        if tree_config.groups is not None or (tree_config.max_fan_in or k) < k:
+            log.warning("tree.groups / max_fan_in not used: %s", flat_why)
+        choices = [(flat_why, lambda: flat_tree(names))]
+    elif tree_config.flat:
         choices = [("flat merge: tree.flat", lambda: flat_tree(names))]
     elif tree_config.groups is not None:
         choices = [("groups given by hand", lambda: tree_from_groups(tree_config.groups, names,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor
 
@@ -42,7 +44,8 @@ class MethodSpec:
     summary: str
     op: MergeOp | None = None
     grid: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
-    """Hyperparameters searched on validation data unless the user fixes them."""
+    """The values searched on validation data when the config asks for a search (``search: true``);
+    otherwise a parameter left out takes the default of ``op``'s signature (``parameter_defaults``)."""
     learned: LearnedMergeConfig | None = None
     scale: str | None = None
     """A parameter the result is affine in: ``op(base, d, scale=s) == base + s * op(0, d, scale=1)``
@@ -59,7 +62,7 @@ METHODS: dict[str, MethodSpec] = {
                    temporaries=Temporaries(constant=2)),
         MethodSpec(
             "task_arithmetic", task_arithmetic.PAPER, "per_tensor",
-            "base + lam * sum of task vectors; lam by grid search",
+            "base + lambda * sum of (weighted) task vectors",
             task_arithmetic.merge, task_arithmetic.PARAM_GRID, scale="lam", temporaries=Temporaries(constant=2),
         ),
         MethodSpec(
@@ -69,13 +72,13 @@ METHODS: dict[str, MethodSpec] = {
         ),
         MethodSpec(
             "dare_ta", dare.PAPER, "per_tensor",
-            "random drop p, rescale 1/(1-p), then task arithmetic",
+            "keep each entry with probability density, rescale 1/density, then task arithmetic",
             functools.partial(dare.merge, combine="ta"), dare.PARAM_GRID, scale="lam",
             temporaries=Temporaries(per_model=1, constant=3),
         ),
         MethodSpec(
             "dare_ties", dare.PAPER, "per_tensor",
-            "random drop p, rescale 1/(1-p), then TIES sign election and disjoint mean",
+            "keep each entry with probability density, rescale 1/density, then TIES sign election and disjoint mean",
             functools.partial(dare.merge, combine="ties"), dare.PARAM_GRID, scale="lam",
             temporaries=Temporaries(per_model=1, constant=3, chunked_per_model=2.25),
         ),
@@ -143,3 +146,79 @@ def get_method(name: str) -> MethodSpec:
         raise ConfigError(
             f"unknown merge method {name!r}; choose one of: {', '.join(METHODS)}"
         ) from None
+
+
+SEARCH = "search"
+"""``parameters: {search: true}``: search every grid parameter the config leaves out over its grid."""
+PER_MODEL = ("weight", "density")
+"""Parameters a config may give per model (``models[i].weight``); the op receives one value per input."""
+SCALE_NAME = "lambda"
+"""What a config calls any method's scale (mergekit's name); the scale's own name is an alias."""
+_OP_ARGUMENTS = ("base", "deltas", "seed", "combine")
+
+
+def parameter_defaults(spec: MethodSpec) -> dict[str, Any]:
+    """Every parameter of a per-tensor method with the value it takes when the config leaves it out:
+    the defaults of ``op``'s signature (documented there), whatever the parameters are named; for a
+    learned method, LearnedMergeConfig's fields."""
+    if spec.learned is not None:
+        return {f.name: getattr(spec.learned, f.name) for f in dataclasses.fields(spec.learned)}
+    assert spec.op is not None
+    return {
+        name: p.default for name, p in inspect.signature(spec.op).parameters.items()
+        if name not in _OP_ARGUMENTS and p.kind is inspect.Parameter.KEYWORD_ONLY
+        and p.default is not inspect.Parameter.empty
+    }
+
+
+def unknown_parameters(spec: MethodSpec, names: Sequence[str]) -> str | None:
+    """The problem with parameter ``names`` the method does not take (a config's ``lambda`` or
+    ``search`` included), or None. Checked before anything else, so a misspelt name is the first error."""
+    known = set(parameter_defaults(spec))
+    if spec.kind == "per_tensor":
+        known.add(SEARCH)
+        if spec.scale is not None:
+            known.add(SCALE_NAME)
+    unknown = sorted(set(names) - known)
+    if not unknown:
+        return None
+    hint = ""
+    if "p" in unknown and "density" in known and spec.name.startswith("dare"):
+        hint = ("; DARE's drop rate is given as density, the fraction of entries kept (mergekit's and "
+                "PEFT's name): density = 1 - p")
+    takes = sorted(known - {SEARCH}) + ([f"{SEARCH} (true: search the grid)"] if SEARCH in known else [])
+    return f"method {spec.name!r} has no parameter(s) {unknown}; it takes {takes or 'none'}{hint}"
+
+
+def canonical_parameters(spec: MethodSpec, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` with ``lambda`` renamed to the method's scale (``lam``, ``alpha``, ...); unknown names
+    and a scale given under both names are refused (ConfigError)."""
+    problem = unknown_parameters(spec, list(params))
+    if problem:
+        raise ConfigError(problem)
+    out = dict(params)
+    if SCALE_NAME in out and spec.scale is not None and spec.scale != SCALE_NAME:
+        if spec.scale in out:
+            raise ConfigError(
+                f"method {spec.name!r}: {SCALE_NAME!r} and {spec.scale!r} name the same scale; give one of them"
+            )
+        out[spec.scale] = out.pop(SCALE_NAME)
+    return out
+
+
+def op_arguments(candidate: Mapping[str, Any], inputs: Sequence[str]) -> dict[str, Any]:
+    """One candidate's parameters as ``op`` takes them: a per-model mapping (input name -> value, the
+    form a config's ``models[i].weight`` takes) becomes the sequence of values in ``inputs``' order; an
+    input it does not name is an error (in a tree, a merged input has no weight of its own)."""
+    out = dict(candidate)
+    for name in PER_MODEL:
+        values = out.get(name)
+        if isinstance(values, Mapping):
+            missing = [i for i in inputs if i not in values]
+            if missing:
+                raise ConfigError(
+                    f"{name} is given per model, but not for input(s) {missing}; give every model one (per-model "
+                    "values apply to a flat merge of the models themselves)"
+                )
+            out[name] = tuple(values[i] for i in inputs)
+    return out

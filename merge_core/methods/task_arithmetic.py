@@ -7,6 +7,7 @@ different combination of the task vectors.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -42,11 +43,34 @@ def check_lam(lam: float, method: str) -> None:
         raise ConfigError(f"{method}: lam must be a finite number (the task vector scale), got {lam!r}")
 
 
-def merge(base: Tensor, deltas: Tensor, *, seed: int = 0, lam: float = 1.0) -> Tensor:
-    """``base`` (shape S, any dtype), ``deltas`` (k, *S) fp32 -> fp32 S. ``seed`` is unused (not random).
+def merge(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    seed: int = 0,
+    lam: float = 1.0,
+    weight: Sequence[float] | None = None,
+    normalize: bool = False,
+) -> Tensor:
+    """``base + lam * sum_i weight_i * tau_i``: ``base`` (shape S, any dtype), ``deltas`` (k, *S) fp32 ->
+    fp32 S. ``seed`` is unused (not random).
 
-    lam = 1 (the default) is the plain sum the paper defines; in practice lam comes from PARAM_GRID.
+    lam = 1 (the default) is the plain sum the paper defines. ``weight``: one per model (default all 1,
+    nothing multiplied); ``normalize`` divides the weighted sum by the sum of the weights (mergekit's
+    option, off by default as in mergekit; a sum of weights near 0 divides by 1, as mergekit does).
     """
+    from merge_core.methods.ties import _column, check_weights
+
     check_lam(lam, "task_arithmetic")
     check_stack(base, deltas)
-    return base.to(torch.float32) + lam * deltas.sum(dim=0)
+    weight = check_weights(weight, deltas.shape[0], "task_arithmetic")
+    if not isinstance(normalize, bool):
+        raise ConfigError(f"task_arithmetic: normalize must be true or false, got {normalize!r}")
+    if not normalize:  # one expression, so the sum is freed as soon as it is scaled (2 temporaries, not 3)
+        if weight is None:
+            return base.to(torch.float32) + lam * deltas.sum(dim=0)
+        return base.to(torch.float32) + lam * (deltas * _column(weight, deltas)).sum(dim=0)
+    weights = torch.tensor(weight if weight is not None else [1.0] * deltas.shape[0], dtype=torch.float32)
+    divisor = float(weights.sum())
+    total = (deltas * _column(weights.tolist(), deltas)).sum(dim=0) / (divisor if abs(divisor) >= 1e-8 else 1.0)
+    return base.to(torch.float32) + lam * total

@@ -72,8 +72,8 @@ def test_merged_model_can_be_merged_again_with_its_heads(tiny_base_dir, vectors,
 
 
 def test_grid_search_picks_the_best_lambda_on_validation(tiny_base_dir, vectors, val):
-    result = merge(tiny_base_dir, vectors, "task_arithmetic", val=val)
-    assert len(result.search) > 1
+    result = merge(tiny_base_dir, vectors, "task_arithmetic", params={"search": True}, val=val)
+    assert len(result.search) == 10
     best = max(result.search, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
     assert result.params["lam"] == best["lam"]
     assert result.val_accuracy and set(result.val_accuracy) == set(TASKS)
@@ -91,8 +91,8 @@ def test_integer_buffers_are_copied_from_the_base(tiny_base_dir, vectors):
 @pytest.mark.parametrize(("method", "grid"), [
     ("task_arithmetic", {"lam": [0.3, 0.7]}),
     ("ties", {"density": [0.2, 0.5], "lam": [0.8, 1.5]}),
-    ("dare_ta", {"p": [0.5, 0.9], "lam": [0.3, 1.0]}),
-    ("dare_ties", {"p": [0.5], "lam": [0.5, 1.0]}),
+    ("dare_ta", {"density": [0.5, 0.1], "lam": [0.3, 1.0]}),
+    ("dare_ties", {"density": [0.5], "lam": [0.5, 1.0]}),
 ])
 def test_grid_search_result_is_bit_identical_to_merging_with_the_chosen_parameters(
     tiny_base_dir, vectors, val, method, grid
@@ -104,3 +104,11 @@ def test_grid_search_result_is_bit_identical_to_merging_with_the_chosen_paramete
     fixed = merge(tiny_base_dir, vectors, method, params=searched.params, seed=3)
     for name, tensor in fixed.tensors.items():
         assert torch.equal(searched.tensors[name], tensor), name
+
+
+def test_a_left_out_parameter_takes_the_default_and_never_searches(tiny_base_dir, vectors, val):
+    # no silent grid search: TIES with only density takes lambda = 1 (as mergekit), even with validation data
+    result = merge(tiny_base_dir, vectors, "ties", params={"density": 0.5}, val=val)
+    assert result.search == [] and result.params == {"density": 0.5, "lam": 1.0}
+    listed = merge(tiny_base_dir, vectors, "ties", params={"density": 0.5, "lambda": [0.5, 1.0]}, val=val)
+    assert [c["lam"] for c in listed.search] == [0.5, 1.0]

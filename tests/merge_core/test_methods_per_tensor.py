@@ -115,6 +115,61 @@ def test_task_arithmetic_matches_peft(shape: tuple[int, ...]) -> None:
     torch.testing.assert_close(ours, peft_merge.task_arithmetic(list(taus), torch.full((3,), 0.3)))
 
 
+WEIGHTS = (0.9, 0.35, 1.6, 0.5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("density", [0.2, 0.5])
+def test_ties_with_unequal_weights_matches_peft(shape: tuple[int, ...], density: float) -> None:
+    # PEFT's semantics are our default ("paper") weighting: elect on the unweighted trimmed tensors, then
+    # sum the weighted agreeing entries and divide by their count. Continuous random values: no ties.
+    taus = torch.randn(4, *shape)
+    base = torch.randn(shape)
+    ours = ties.merge(base, taus, density=density, weight=list(WEIGHTS)) - base
+    theirs = peft_merge.ties(list(taus), torch.tensor(WEIGHTS), density, majority_sign_method="total")
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("combine", ["ta", "ties"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dare_with_unequal_weights_matches_peft(combine: str, shape: tuple[int, ...]) -> None:
+    taus = torch.randn(4, *shape)
+    ours = dare.merge(torch.zeros(shape), taus, combine=combine, seed=99, density=0.3, weight=list(WEIGHTS))
+    torch.manual_seed(99)
+    reference = peft_merge.dare_linear if combine == "ta" else peft_merge.dare_ties
+    torch.testing.assert_close(ours, reference(list(taus), torch.tensor(WEIGHTS), 0.3))
+
+
+def test_task_arithmetic_with_unequal_weights_matches_peft() -> None:
+    taus = torch.randn(4, 33, 7)
+    ours = task_arithmetic.merge(torch.zeros(33, 7), taus, weight=list(WEIGHTS))
+    torch.testing.assert_close(ours, peft_merge.task_arithmetic(list(taus), torch.tensor(WEIGHTS)))
+
+
+def test_ties_mergekit_weighting_by_hand() -> None:
+    # one position, three models, no trim; weights 2, 1, 1:
+    #   tau = (+1, -1.5, -1): paper elects sign(1 - 1.5 - 1) = -1, mean of the weighted agreeing
+    #   (-1.5 - 1) / 2 = -1.25; mergekit weights first: 2*1 - 1.5 - 1 = -0.5 -> -1 too, sum -2.5 over the
+    #   agreeing weights 1 + 1 = -1.25; with weights 4, 1, 1 mergekit elects +1 (4 - 2.5 > 0): 4 / 4 = 1,
+    #   the paper still -1.25 (its election ignores weights); normalize: false gives the sum 4.
+    taus = torch.tensor([[1.0], [-1.5], [-1.0]])
+    zero = torch.zeros(1)
+    assert ties.merge(zero, taus, density=1.0, weight=[2, 1, 1]).item() == -1.25
+    assert ties.merge(zero, taus, density=1.0, weight=[2, 1, 1], weighting="mergekit").item() == -1.25
+    assert ties.merge(zero, taus, density=1.0, weight=[4, 1, 1]).item() == -1.25
+    assert ties.merge(zero, taus, density=1.0, weight=[4, 1, 1], weighting="mergekit").item() == 1.0
+    assert ties.merge(zero, taus, density=1.0, weight=[4, 1, 1], weighting="mergekit", normalize=False).item() == 4.0
+
+
+def test_per_model_density_trims_each_task_vector_to_its_own_count() -> None:
+    taus = torch.tensor([[4.0, -3.0, 2.0, 1.0], [1.0, 2.0, -3.0, 4.0]])
+    kept = ties.trim(taus, [0.25, 0.75])
+    assert kept.tolist() == [[4.0, 0.0, 0.0, 0.0], [0.0, 2.0, -3.0, 4.0]]
+    base = torch.zeros(4)
+    # the chunked merge equals trim -> elect -> mean with the per-model counts
+    assert torch.equal(ties.merge(base, taus, density=[0.25, 0.75]), ties.disjoint_mean(kept, ties.elect_sign(kept)))
+
+
 @pytest.mark.parametrize("combine", ["ta", "ties"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_dare_matches_peft_with_the_same_seed(combine: str, shape: tuple[int, ...]) -> None:
@@ -122,22 +177,22 @@ def test_dare_matches_peft_with_the_same_seed(combine: str, shape: tuple[int, ..
     # from a private generator with the same seed, so after torch.manual_seed(seed) the masks, and
     # hence the results, are the same (exactly the masks; the arithmetic to float tolerance).
     taus = torch.randn(3, *shape)
-    p, lam, seed = 0.6, 0.8, 1234
-    ours = dare.merge(torch.zeros(shape), taus, combine=combine, seed=seed, p=p, lam=lam)
+    density, lam, seed = 0.4, 0.8, 1234
+    ours = dare.merge(torch.zeros(shape), taus, combine=combine, seed=seed, density=density, lam=lam)
     torch.manual_seed(seed)
     reference = peft_merge.dare_linear if combine == "ta" else peft_merge.dare_ties
-    theirs = reference(list(taus), torch.full((3,), lam), 1 - p)
+    theirs = reference(list(taus), torch.full((3,), lam), density)
     torch.testing.assert_close(ours, theirs)
 
 
-def test_dare_with_p_zero_is_task_arithmetic_or_ties() -> None:
+def test_dare_keeping_everything_is_task_arithmetic_or_ties() -> None:
     taus = torch.randn(3, 10, 8)
     base = torch.randn(10, 8)
     assert torch.equal(
-        dare.merge(base, taus, combine="ta", p=0.0, lam=0.7), task_arithmetic.merge(base, taus, lam=0.7)
+        dare.merge(base, taus, combine="ta", density=1.0, lam=0.7), task_arithmetic.merge(base, taus, lam=0.7)
     )
     assert torch.equal(
-        dare.merge(base, taus, combine="ties", p=0.0, lam=1.3, density=0.3),
+        dare.merge(base, taus, combine="ties", density=1.0, lam=1.3, trim_density=0.3),
         ties.merge(base, taus, density=0.3, lam=1.3),
     )
 
@@ -145,7 +200,7 @@ def test_dare_with_p_zero_is_task_arithmetic_or_ties() -> None:
 def test_dare_mask_statistics() -> None:
     taus = torch.randn(3, 200_000)
     p = 0.7
-    dropped = dare.drop_and_rescale(taus, p, seed=5)
+    dropped = dare.drop_and_rescale(taus, 1 - p, seed=5)
     kept = dropped != 0
     # 600k Bernoulli(0.3) draws: standard error 0.0006
     assert abs(kept.float().mean().item() - (1 - p)) < 0.005
@@ -162,15 +217,15 @@ def test_dare_seed_determines_the_result() -> None:
     taus = torch.randn(3, 50, 20)
     base = torch.randn(50, 20)
     for combine in ("ta", "ties"):
-        first = dare.merge(base, taus, combine=combine, seed=7, p=0.5)
-        assert torch.equal(first, dare.merge(base, taus, combine=combine, seed=7, p=0.5))
-        assert not torch.equal(first, dare.merge(base, taus, combine=combine, seed=8, p=0.5))
+        first = dare.merge(base, taus, combine=combine, seed=7, density=0.5)
+        assert torch.equal(first, dare.merge(base, taus, combine=combine, seed=7, density=0.5))
+        assert not torch.equal(first, dare.merge(base, taus, combine=combine, seed=8, density=0.5))
 
 
 def test_dare_does_not_touch_the_global_rng() -> None:
     base, taus = torch.zeros(30), torch.randn(2, 30)
     state = torch.get_rng_state()
-    dare.merge(base, taus, combine="ties", seed=1, p=0.5)
+    dare.merge(base, taus, combine="ties", seed=1, density=0.5)
     assert torch.equal(torch.get_rng_state(), state)
 
 
@@ -181,7 +236,7 @@ def test_dare_ta_is_task_arithmetic_in_expectation() -> None:
     # be half of TA, off by about 0.8 on a typical entry.
     taus = torch.randn(3, 40)
     base = torch.zeros(40)
-    mean = sum(dare.merge(base, taus, combine="ta", seed=s, p=0.5) for s in range(3000)) / 3000
+    mean = sum(dare.merge(base, taus, combine="ta", seed=s, density=0.5) for s in range(3000)) / 3000
     torch.testing.assert_close(mean, task_arithmetic.merge(base, taus), rtol=0, atol=0.2)
 
 
@@ -222,10 +277,15 @@ def test_shapes_and_dtypes(name: str, shape: tuple[int, ...], dtype: torch.dtype
         (ties.merge, {"lam": math.inf}),
         (task_arithmetic.merge, {"lam": math.nan}),
         (task_arithmetic.merge, {"lam": "0.3"}),
-        (dare.merge, {"combine": "ta", "p": 1.0}),
-        (dare.merge, {"combine": "ta", "p": -0.1}),
-        (dare.merge, {"combine": "ta", "density": 0.5}),
-        (dare.merge, {"combine": "ties", "density": 0.0}),
+        (dare.merge, {"combine": "ta", "density": 0.0}),
+        (dare.merge, {"combine": "ta", "density": 1.1}),
+        (dare.merge, {"combine": "ta", "trim_density": 0.5}),
+        (dare.merge, {"combine": "ties", "trim_density": 0.0}),
+        (ties.merge, {"weight": [1.0]}),  # one weight for two models
+        (ties.merge, {"weight": [1.0, math.nan]}),
+        (ties.merge, {"weighting": "fusionbench"}),
+        (ties.merge, {"normalize": False}),  # mergekit's option, not the paper's
+        (ties.merge, {"density": [0.5, 0.5, 0.5]}),
         (dare.merge, {"combine": "mean"}),
         (dare.merge, {"combine": "ties", "lam": math.inf}),
     ],

@@ -33,8 +33,8 @@ FIXED = {
     "average": {},
     "task_arithmetic": {"lam": 0.7},
     "ties": {"density": 0.3, "lam": 1.2},
-    "dare_ta": {"p": 0.5, "lam": 0.8},
-    "dare_ties": {"p": 0.5, "lam": 1.0},
+    "dare_ta": {"density": 0.5, "lam": 0.8},
+    "dare_ties": {"density": 0.5, "lam": 1.0},
     "tsv": {"alpha": 1.2},
     "iso_c": {"alpha": 1.0},
     "iso_cts": {"alpha": 1.0, "common_space_fraction": 0.8},
@@ -180,10 +180,11 @@ def test_failure_mid_way_leaves_nothing_and_keeps_the_old_output(tiny_base_dir, 
 def test_what_cannot_stream_is_refused_before_any_work(tiny_base_dir, tiny_finetuned, tmp_path):
     models = [(t, tiny_finetuned[t]) for t in TASKS[:2]]
     assert streamable("ties", {"lam": 1.0}) and streamable("average")
-    assert not streamable("ties") and not streamable("task_arithmetic", {"lam": [0.3, 0.5]})
+    assert streamable("ties")  # a parameter left out takes its default: nothing to search
+    assert not streamable("ties", {"search": True}) and not streamable("task_arithmetic", {"lam": [0.3, 0.5]})
     assert not streamable("supermerge", {"steps": 5})
     with pytest.raises(ConfigError, match=r"\['lam'\] have several values"):
-        stream_merge(tiny_base_dir, models, "ties", None, tmp_path / "o")
+        stream_merge(tiny_base_dir, models, "ties", {"search": True}, tmp_path / "o")
     with pytest.raises(ConfigError, match="cannot stream"):
         stream_merge(tiny_base_dir, models, "supermerge", {"steps": 5}, tmp_path / "o")
     with pytest.raises(ConfigError, match="at least 2"):

@@ -145,7 +145,7 @@ def test_a_bf16_stack_halves_the_stacked_task_vectors(tiny_base_dir, family_mode
 
 
 def test_fixed_parameters_need_no_validation_data_and_a_grid_does(tiny_base_dir, family_models, tmp_path):
-    """TIES with one value per parameter merges without data (streamed); its default grid needs some."""
+    """TIES with one value per parameter merges without data (streamed); a search (asked for) needs some."""
     raw = config_dict(tiny_base_dir, family_models, tmp_path / "out" / "merged", ["pa", "pb"],
                       method="ties", parameters={"density": 0.2, "lam": 1.0})
     for m in raw["models"]:
@@ -153,4 +153,17 @@ def test_fixed_parameters_need_no_validation_data_and_a_grid_does(tiny_base_dir,
     p = plan(parse_config(raw), inventory=PLENTY)
     assert p.root.validation == {} and p.root.predicted["model_weights"] == 0
     with pytest.raises(DataError, match="have no 'validation:' file"):
-        plan(parse_config({**raw, "parameters": {}}), inventory=PLENTY)
+        plan(parse_config({**raw, "parameters": {"search": True}}), inventory=PLENTY)
+    # a parameter left out takes its default: no search, no data needed (no silent grid search)
+    assert plan(parse_config({**raw, "parameters": {"density": 0.2}}), inventory=PLENTY).root.validation == {}
+
+
+def test_fixed_per_tensor_merges_run_flat_and_the_plan_says_why(tiny_base_dir, family_models, tmp_path):
+    """A tree would apply TA's lambda at every level (0.7 at fan-in 2 gives base + 0.49 * sum): the
+    formula is the root's, whatever the tree config asks."""
+    raw = config_dict(tiny_base_dir, family_models, tmp_path / "out" / "merged", ["pa", "pb", "qa", "qb"],
+                      method="task_arithmetic", parameters={"lambda": 0.7})
+    raw["tree"] = {"max_fan_in": 2}
+    p = plan(parse_config(raw), inventory=PLENTY)
+    assert len(p.nodes) == 1 and p.fan_in == 4 and "a tree would apply its formula again" in p.render()
+    assert p.root.parameters == {"lam": 0.7}
