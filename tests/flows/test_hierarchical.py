@@ -303,3 +303,36 @@ def test_a_node_out_of_memory_fails_alone_and_its_independent_sibling_completes(
     store = CheckpointStore(default_store_dir(output))
     finished = [p.name for p in store.root.iterdir() if not p.name.startswith(".") and store.is_finished(p.name)]
     assert len(finished) == 1 and store.record(finished[0])["tasks"] == ["pa", "pb"]
+
+
+def test_versioned_runs_publish_v1_then_up_to_date_then_v2_and_keep_the_newest(
+    first_run: tuple[dict[str, Any], UUID, float], workspace: Path, tmp_path: Path,
+    family_models: dict[str, dict[str, Path]],
+) -> None:
+    """What the deployment does (versions=N): a new version per run with something new, ``current``
+    switched to it, the oldest beyond N deleted; a run with nothing new publishes nothing, in seconds."""
+    from orchestrator.versions import CURRENT
+
+    config = _copy(workspace, tmp_path)
+    versioned = str(config.parent / "out" / "versioned")
+    one, _, _ = _run(config, output=versioned, versions=1)
+    out = Path(versioned)
+    assert one["version"] == "v1" and (out / CURRENT).resolve() == (out / "v1").resolve()
+    assert one["merged"] == 0 and one["from_store"] == 4  # the module's run left every node in the store
+
+    again, flow_run_id, wall = _run(config, output=versioned, versions=1)
+    assert again["up_to_date"] and again["version"] == "v1" and not (out / "v2").exists()
+    assert wall < 30 and _merge_task_runs(flow_run_id) == []
+    assert "up to date" in {a.key: a for a in _artifacts(flow_run_id)}[REPORT_KEY].data
+    print(f"\nup-to-date run: {wall:.1f} s wall")
+
+    m = family_models[ARRIVING]
+    register(m["path"], ARRIVING, m["validation"], config.parent / "registry")
+    two, _, _ = _run(config, output=versioned, versions=1)
+    assert two["version"] == "v2" and two["merged"] == len(path_to_root(MergeTree.from_nested(
+        _report(two)["plan"]["groups"]), ARRIVING))
+    assert (out / CURRENT).resolve() == (out / "v2").resolve() and not (out / "v1").exists()  # kept 1
+    assert sorted(p.name for p in out.iterdir()) == [CURRENT, "v2"]
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(out / CURRENT)
