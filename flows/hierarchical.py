@@ -49,7 +49,7 @@ from prefect.tasks import Task
 from prefect.utilities.annotations import quote
 
 from flows.cli import _load_merge_config
-from flows.live import CRASHED, FROM_STORE, MERGED, NOT_RUN, RUNNING, LiveTree
+from flows.live import FROM_STORE, MERGED, NOT_RUN, RUNNING, LiveTree, close_crashed_runs
 from merge_core.config import MergeConfig
 from merge_core.errors import CheckpointError
 from merge_core.evaluate import results_table
@@ -157,9 +157,22 @@ def outcomes(futures: dict[str, PrefectFuture[Any]]) -> tuple[dict[str, NodeReco
             {n: _state_name(futures[n], raw[n]) for n in futures})
 
 
-def _flow_run_id() -> Any:
+def _flow_run() -> Any:
     context = FlowRunContext.get()
-    return context.flow_run.id if context is not None and context.flow_run is not None else None
+    return context.flow_run if context is not None else None
+
+
+def close_crashed(deployment_id: Any) -> None:
+    """Mark the unfinished task runs and tree of this deployment's crashed runs as crashed
+    (flows.live.close_crashed_runs); a failure to do so is logged, and this run goes on."""
+    logger = get_run_logger()
+    try:
+        closed = close_crashed_runs(deployment_id, REPORT_KEY, PROGRESS_KEY)
+    except Exception as e:  # the record of an earlier run must not stop this merge
+        logger.warning("could not mark the task runs of earlier crashed runs as crashed: %s", e)
+        return
+    if closed:
+        logger.info("earlier run(s) %s had crashed: their unfinished task runs and tree now say so", closed)
 
 
 @flow(name=FLOW_NAME)
@@ -188,7 +201,10 @@ def hierarchical_merge(
     show_library_logs()
     logger = get_run_logger()
     started = time.perf_counter()
-    with LiveTree(_flow_run_id(), REPORT_KEY, PROGRESS_KEY) as live:
+    run = _flow_run()
+    if run is not None and run.deployment_id is not None:
+        close_crashed(run.deployment_id)
+    with LiveTree(run.id if run is not None else None, REPORT_KEY, PROGRESS_KEY) as live:
         live.planning(f"reading {config} and planning the merge tree")
         merge_config = _load_merge_config(Path(config), output=Path(output) if output else None, method=method,
                                           device=device, memory_budget=memory_budget, max_fan_in=max_fan_in,

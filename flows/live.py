@@ -27,7 +27,10 @@ from orchestrator.plan import MergePlan
 PENDING, RUNNING, MERGED, FROM_STORE = "pending", "running", "merged", "from store"
 NOT_RUN = "not run (an input failed)"
 CRASHED = "crashed (the flow run stopped before the node finished)"
+NOT_RUN_CRASH = "not run (the flow run crashed)"
 UNFINISHED = (PENDING, RUNNING)
+IN_FLIGHT = "_in flight"
+"""How an artifact version posted while the run goes on begins (a last version begins otherwise)."""
 
 
 class LiveTree:
@@ -77,8 +80,10 @@ class LiveTree:
             if self.plan is None:
                 return
             for n, s in self.states.items():
-                if s in UNFINISHED or s.startswith(RUNNING):
+                if s.startswith(RUNNING):
                     self.states[n] = CRASHED
+                elif s == PENDING:
+                    self.states[n] = NOT_RUN_CRASH
             self._post_all()
 
     def finish(self, note: str, extra: str = "") -> None:
@@ -98,7 +103,7 @@ class LiveTree:
         done = sum(s in (MERGED, FROM_STORE) for s in self.states.values())
         total = len(self.states)
         stamp = time.strftime("%H:%M:%S", time.gmtime())
-        head = f"**{note}**" if note else f"_in flight; updated {stamp} UTC_"
+        head = f"**{note}**" if note else f"{IN_FLIGHT}; updated {stamp} UTC_"
         body = run_summary(self.plan, self.records, self.states)
         self._post(f"{head}\n\n{self._counts()}\n\n{body}{self.extra}",
                    f"{self.plan.config.output}: {done} of {total} merge nodes done")
@@ -120,3 +125,56 @@ class LiveTree:
             self._progress_id = created.id
         else:
             self._client.update_artifact(self._progress_id, ArtifactUpdate(data=percent, description=description))
+
+
+
+def close_crashed_runs(deployment_id: UUID, report_key: str, progress_key: str) -> list[str]:
+    """Make the record of this deployment's crashed runs true: a run killed with its host (SIGKILL)
+    cannot say it stopped, and once the zombie-run automation (flows.automations) has marked it
+    Crashed its task runs still read Running and its tree artifact still reads "in flight". Marks
+    those task runs Crashed and posts a last tree version with the unfinished nodes as crashed. Run
+    at the start of each deployment run; the names of the runs closed."""
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                                FlowRunFilterId, FlowRunFilterState, FlowRunFilterStateType,
+                                                TaskRunFilter, TaskRunFilterStateType, TaskRunFilterState)
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
+    from prefect.states import Crashed
+
+    closed = []
+    with get_client(sync_client=True) as client:
+        crashed = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED]))),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=20)
+        for run in crashed:
+            response = client.request("POST", "/artifacts/filter", json={
+                "artifacts": {"flow_run_id": {"any_": [str(run.id)]}, "key": {"any_": [report_key]}},
+                "sort": "CREATED_DESC", "limit": 1})
+            latest = response.json()
+            if not latest or IN_FLIGHT not in (latest[0]["data"] or ""):
+                continue
+            why = (run.state.message if run.state else None) or "the flow run crashed"
+            unfinished = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+                task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
+                    any_=[StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED]))),
+                sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
+            for task_run in unfinished:
+                client.set_task_run_state(task_run.id, Crashed(message=f"its flow run crashed: {why}"), force=True)
+            data = latest[0]["data"]
+            head, rest = data.split("\n\n", 1)
+            rest = rest.replace(f"| {RUNNING} |", f"| {CRASHED} |").replace(f"| {PENDING} |", f"| {NOT_RUN_CRASH} |")
+            rest = rest.replace(f"] {RUNNING}\n", f"] {CRASHED}\n").replace(f"] {PENDING}\n", f"] {NOT_RUN_CRASH}\n")
+            progress = client.request("POST", "/artifacts/filter", json={
+                "artifacts": {"flow_run_id": {"any_": [str(run.id)]}, "key": {"any_": [progress_key]}},
+                "sort": "CREATED_DESC", "limit": 1}).json()
+            for bar in progress:
+                client.update_artifact(bar["id"], ArtifactUpdate(
+                    description=f"{bar['description'].split(' (')[0]}; then the flow run crashed"))
+            client.create_artifact(ArtifactCreate(
+                key=report_key, type="markdown", flow_run_id=run.id, description=f"{run.name}: crashed",
+                data=f"**crashed: {why}; closed by a later run. Nodes merged before the crash are in the store "
+                     f"and were reused by the next run.**\n\n{rest}"))
+            closed.append(run.name)
+    return closed
