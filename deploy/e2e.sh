@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# End to end through a real Prefect server, offline, on tiny models built here (about 2 minutes on 2 cores):
-#   1. a server on 127.0.0.1 (a free port, its own PREFECT_HOME in a temp dir, no telemetry);
-#   2. the process work pool supermerge-local and the deployment hierarchical-merge/local (deploy/prefect.yaml);
-#   3. a worker; `prefect deployment run 'hierarchical-merge/local' --watch`; the merged model must load
-#      with transformers;
-#   4. `supermerge register` of one more task model: its event must trigger a second run by itself, which
-#      merges only the new model's path to the root.
+# End to end through a real Prefect server, offline, on tiny models built here (a few minutes on 2 cores),
+# checking what a user sees through the REST API (deploy/e2e_check.py):
+#   1. a server on 127.0.0.1 (a free port, its own PREFECT_HOME in a temp dir, no telemetry), the process
+#      work pool, the deployment hierarchical-merge/local (deploy/prefect.yaml), the zombie-run automation
+#      (flows/automations.py), a worker;
+#   2. run 1: one task run per merge node named after it, edges exactly the tree's (task_inputs), the live
+#      tree artifact seen while the run is in flight and right at the end; v1 published and loads;
+#   3. rb registered with no server in reach, then a run with no parameters (what the nightly schedule
+#      sends): v2, only rb's path merged; again: "up to date", nothing published;
+#   4. `supermerge register` of sa: its event triggers a run by itself, v3;
+#   5. SIGKILL of the worker and the flow run's process mid-run, a new worker and the next run: the
+#      automation marks the killed run Crashed, the next run is Running within 60 s of the kill and
+#      reuses every node finished before it.
+# SCREENSHOTS=1 also screenshots the UI mid-run and at the end into deploy/img (deploy/screenshots.py:
+# Playwright and Debian's chromium, see deploy/README.md).
 # Everything started here is stopped on exit, failure or Ctrl-C (each in its own process group).
 # KEEP=1 keeps the temp dir (logs, models) for a look afterwards.
 set -euo pipefail
@@ -46,14 +54,18 @@ background() {  # background LOG CMD...: start CMD in its own process group, rem
 
 export PREFECT_HOME=$WORK/prefect-home DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_WORKER_QUERY_SECONDS=2 PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120
+# a run refused the deployment's concurrency slot asks again after 5 s (Prefect's default: 30 s)
+export PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS=5
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+PORT=${E2E_PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 export PREFECT_API_URL=http://127.0.0.1:$PORT/api
+ZOMBIE_WITHIN=${ZOMBIE_WITHIN:-40}  # seconds without a heartbeat (one each 30 s) before a run is marked Crashed
+CHECK=("$PY" deploy/e2e_check.py)
 
 say "server on 127.0.0.1:$PORT (PREFECT_HOME $PREFECT_HOME)"
 background "$WORK/server.log" prefect server start --host 127.0.0.1 --port "$PORT"
 say "building tiny models in $WORK/ws"
-CONFIG=$("$PY" deploy/e2e_models.py "$WORK/ws")
+CONFIG=$("$PY" deploy/e2e_models.py "$WORK/ws" 2>"$WORK/models.log")
 for _ in $(seq 1 240); do
   curl -fsS "$PREFECT_API_URL/health" >/dev/null 2>&1 && break
   sleep 0.5
@@ -62,80 +74,81 @@ curl -fsS "$PREFECT_API_URL/health" >/dev/null || { echo "server did not answer 
 say "server healthy"
 
 prefect --no-prompt work-pool create supermerge-local --type process >"$WORK/pool.log" 2>&1
-# Prefect 3.8.8 with fastapi 0.154: after creating the deployment and its trigger, `prefect deploy` lists the
-# pool's workers sending `"limit": null`, which this server refuses (422), and exits 1. Only that failure,
-# after "successfully created", is let through (deploy/README.md, "Known problems").
-if ! SUPERMERGE_ROOT=$ROOT SUPERMERGE_CONFIG=$CONFIG \
-    prefect --no-prompt deploy --prefect-file deploy/prefect.yaml --name local >"$WORK/deploy.log" 2>&1; then
-  grep -q "successfully created" "$WORK/deploy.log" && grep -q "workers/filter' - Response" "$WORK/deploy.log" \
-    || { echo "prefect deploy failed" >&2; exit 1; }
-  say "prefect deploy: deployment created; its closing worker listing hit Prefect 3.8.8's 422 (known, ignored)"
-fi
-say "pool supermerge-local and deployment hierarchical-merge/local created"
-background "$WORK/worker.log" prefect worker start --pool supermerge-local --type process
+SUPERMERGE_ROOT=$ROOT SUPERMERGE_CONFIG=$CONFIG \
+  prefect --no-prompt deploy --prefect-file deploy/prefect.yaml --name local >"$WORK/deploy.log" 2>&1 \
+  || { echo "prefect deploy failed" >&2; exit 1; }
+"$PY" -m flows.automations --within "$ZOMBIE_WITHIN" >"$WORK/automation.log" 2>&1
+say "pool, deployment and zombie-run automation (within $ZOMBIE_WITHIN s) created"
+start_worker() { background "$WORK/worker$1.log" prefect worker start --pool supermerge-local --type process; }
+start_worker 1
+WORKER_PGID=${PGIDS[-1]}
 
-say "run 1: prefect deployment run 'hierarchical-merge/local' --watch"
-prefect deployment run 'hierarchical-merge/local' --param evaluate=true --watch --watch-timeout 400 \
-  | tee "$WORK/run1.log" | grep -E "Flow run|state|Completed|Failed" || true
-grep -q "Completed" "$WORK/run1.log" || { echo "run 1 did not complete" >&2; exit 1; }
+register() {  # register NAME [no-event]: list an arriving model (deploy/e2e_models.py) in the registry
+  local path val
+  read -r path val < <("$PY" -c 'import sys, yaml; m = yaml.safe_load(open(sys.argv[1]))[sys.argv[2]]; print(m["path"], m["validation"])' \
+    "$WORK/ws/arriving.yaml" "$1")
+  if [ "${2:-}" = no-event ]; then
+    env -u PREFECT_API_URL supermerge register "$path" --task "$1" --val "$val" --registry "$WORK/ws/registry" --base "$WORK/ws/base" >/dev/null
+  else
+    supermerge register "$path" --task "$1" --val "$val" --registry "$WORK/ws/registry" --base "$WORK/ws/base" >/dev/null
+  fi
+}
 
-"$PY" - "$WORK/ws/out/merged" <<'EOF'
-import json, sys
-from pathlib import Path
-from transformers import AutoModel
-out = Path(sys.argv[1])
-model = AutoModel.from_pretrained(out)
-report = json.loads((out / "merge_report.json").read_text())
-nodes = report["nodes"]
-assert len(nodes) == 4 and not any(n["cached"] for n in nodes), nodes
-print(f"[e2e] run 1: {type(model).__name__} loads from {out}; {len(nodes)} nodes merged; tree {report['plan']['groups']}; "
-      f"test accuracy {report['test_accuracy']}")
-EOF
+SHOTS=()
+screenshots() {  # screenshots RUN_ID NAME: the flow run page and its tree artifact (SCREENSHOTS=1 only)
+  [ "${SCREENSHOTS:-0}" = 1 ] || return 0
+  "${SCREENSHOT_PYTHON:-/work/venvs/playwright/bin/python}" deploy/screenshots.py "http://127.0.0.1:$PORT" "$1" "$2" \
+    deploy/img >>"$WORK/screenshots.log" 2>&1 &
+  SHOTS+=("$!")
+}
+wait_screenshots() { local p; for p in "${SHOTS[@]}"; do wait "$p" || { echo "screenshots failed" >&2; exit 1; }; done; SHOTS=(); }
 
-say "registering rb: its event should trigger run 2"
-read -r RB_NAME RB_PATH RB_VAL BASE < <("$PY" - "$WORK/ws" <<'EOF'
-import sys
-from pathlib import Path
-import yaml
-ws = Path(sys.argv[1])
-m = yaml.safe_load((ws / "arriving.yaml").read_text())
-print(m["name"], m["path"], m["validation"], yaml.safe_load((ws / "config.yaml").read_text())["base"])
-EOF
-)
-supermerge register "$RB_PATH" --task "$RB_NAME" --val "$RB_VAL" --registry "$WORK/ws/registry" --base "$BASE"
+say "run 1: the first merge (evaluate=true)"
+RUN1=$("${CHECK[@]}" run '{"evaluate": true}')
+screenshots "$RUN1" mid-run
+R1=$("${CHECK[@]}" watch "$RUN1")
+say "run 1: $R1"
+wait_screenshots
+screenshots "$RUN1" end
+"$PY" -c 'import sys; from transformers import AutoModel; AutoModel.from_pretrained(sys.argv[1]); print("[e2e] the merged model loads from", sys.argv[1])' \
+  "$WORK/ws/out/merged/current" 2>/dev/null
 
-"$PY" - "$WORK/ws/out/merged" <<'EOF'
-import asyncio, json, sys, time
-from pathlib import Path
-from prefect import get_client
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-from prefect.client.schemas.sorting import FlowRunSort
-from transformers import AutoModel
-from orchestrator.incremental import path_to_root
-from orchestrator.tree import MergeTree
+register rb no-event
+say "rb registered with no server in reach; run 2 with no parameters (what the nightly schedule sends)"
+R2=$("${CHECK[@]}" watch "$("${CHECK[@]}" run)")
+say "run 2: $R2"
+"$PY" -c 'import json, sys; r = json.loads(sys.argv[1]); assert r["version"] == "v2" and r["merged"] == ["merge-pa+pb+qa+qb+2 more", "merge-ra+rb"], r' \
+  "$R2" || { echo "run 2 did not publish v2 merging only rb's path" >&2; exit 1; }
+R3=$("${CHECK[@]}" up-to-date "$("${CHECK[@]}" run)")
+say "run 3, nothing new: $R3"
+[ "$(readlink "$WORK/ws/out/merged/current")" = v2 ] && [ ! -e "$WORK/ws/out/merged/v3" ] \
+  || { echo "run 3 published a version though nothing was new" >&2; exit 1; }
 
-async def runs():
-    async with get_client() as client:
-        # sort and limit given: this server refuses the null the client sends by default (see above)
-        return await client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["local"])),
-                                           sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=20)
+register sa
+say "sa registered; its event should trigger run 4"
+RUN4=$("${CHECK[@]}" triggered 4)
+R4=$("${CHECK[@]}" watch "$RUN4")
+say "run 4 (triggered by the event): $R4"
+[ "$(readlink "$WORK/ws/out/merged/current")" = v3 ] || { echo "run 4 did not publish v3" >&2; exit 1; }
 
-deadline = time.monotonic() + 400
-while True:
-    done = [r for r in asyncio.run(runs()) if r.state is not None and r.state.is_final()]
-    if len(done) >= 2 or time.monotonic() > deadline:
-        break
-    time.sleep(2)
-assert len(done) >= 2, f"the registration did not trigger a second run in time: {[(r.name, r.state_name) for r in done]}"
-assert all(r.state.is_completed() for r in done), [(r.name, r.state_name, r.state.message) for r in done]
-out = Path(sys.argv[1])
-AutoModel.from_pretrained(out)
-report = json.loads((out / "merge_report.json").read_text())
-merged = sorted(n["id"] for n in report["nodes"] if not n["cached"])
-reused = sorted(n["id"] for n in report["nodes"] if n["cached"])
-path = path_to_root(MergeTree.from_nested(report["plan"]["groups"]), "rb")
-assert merged == sorted(path) and len(reused) == len(report["nodes"]) - len(path) > 0, report["nodes"]
-print(f"[e2e] run 2 (triggered by the event): tree {report['plan']['groups']}; merged {merged}, from the store {reused}")
-EOF
-
+say "run 5: SIGKILL of the worker and the flow run's process once a node is merged"
+RUN5=$("${CHECK[@]}" run "{\"config\": \"$WORK/ws/crash.yaml\"}")
+screenshots "$RUN5" crash-mid-run
+KILL=$("${CHECK[@]}" kill "$RUN5" "$WORKER_PGID")
+say "killed the worker's process group and the flow run's processes: $KILL" | cut -c1-200
+start_worker 2
+RUN6=$("${CHECK[@]}" run "{\"config\": \"$WORK/ws/crash.yaml\"}")
+C5=$("${CHECK[@]}" crashed "$RUN5")
+say "run 5, by the automation: $C5"
+S6=$("${CHECK[@]}" started "$RUN6" "$KILL")
+say "run 6: $S6"
+R6=$("${CHECK[@]}" watch "$RUN6")
+say "run 6: $R6"
+RESUMED=$("${CHECK[@]}" resumed "$R6" "$KILL")
+say "run 6 resumed from the store: $RESUMED"
+CLOSED=$("${CHECK[@]}" closed "$RUN5")
+say "run 5, closed by run 6: $CLOSED"
+wait_screenshots
+screenshots "$RUN6" crash-resumed
+wait_screenshots
 say "passed; stopping server and worker"

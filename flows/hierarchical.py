@@ -1,80 +1,88 @@
 """The ``hierarchical-merge`` Prefect flow: a merge tree with one Prefect task per merge node.
 
 The flow plans (orchestrator.plan, or the previous run's tree grown by newly registered models,
-orchestrator.incremental), then submits one task per merge node with its merged children's futures
-as arguments, so the UI draws the tree's edges and independent subtrees run at once, and publishes
-the root as ``supermerge merge`` does. Each task runs ``orchestrator.node.run_node`` and returns its
-small ``NodeRecord`` dict: models move through the checkpoint store on disk, never through Prefect
-(a tensor result or parameter would be pickled into Prefect's result storage). The store is also
-the cache: a node finished there, by this flow or by ``supermerge merge``, is not merged again, so a
-re-run after a crash resumes, and Prefect's own caching is off.
+orchestrator.incremental), then submits one task per merge node, named after the node
+(``merge-pa+pb``), with its merged children's futures as arguments, so the UI draws the tree's edges
+and independent subtrees run at once, and publishes the root as ``supermerge merge`` does. Each task
+runs ``orchestrator.node.run_node`` and returns its small ``NodeRecord`` dict: models move through the
+checkpoint store on disk, never through Prefect (a tensor result or parameter would be pickled into
+Prefect's result storage). The store is also the cache: a node finished there, by this flow or by
+``supermerge merge``, is not merged again (its task run ends in the state ``From store``, tagged
+``from-store``), so a re-run after a crash resumes, and Prefect's own caching is off. The node dict
+and the store path are passed ``quote``d: Prefect links a task's inputs to earlier results by object
+identity, and a string shared with an earlier node's record would draw a false edge.
+
+Versions (``versions=N``, what the deployment passes): each run publishes ``<output>/v<N>`` and
+switches ``<output>/current`` to it, keeping the newest N (orchestrator.versions), so a schedule or a
+trigger never collides with an earlier output; a run whose tree's root is the one ``current``
+already holds publishes nothing and ends at once, "up to date". ``versions=0`` (the CLI) publishes
+at ``output`` itself and refuses an existing one without ``overwrite``.
 
 Concurrency: one thread pool per device the plan uses, sized by ``orchestrator.parallel.device_slots``
 (one node per GPU; on the CPU as many nodes as the memory budget holds at once, at most one per core),
 each node submitted to its own device's pool. Pools in the flow's process need no concurrency limits
 on the server (which poll, about a second per hand-off).
 
-Retries come from the config's ``retry:`` section. Artifacts: a progress bar updated as nodes finish,
-a markdown report (the tree, each node's state, predicted vs measured memory, seconds) and, with
-``evaluate``, the per-task test accuracy and rank table.
+Retries come from the config's ``retry:`` section. Artifacts (flows.live): the report (the tree,
+each node's state, predicted vs measured memory, seconds and, with ``evaluate``, the test accuracy
+and rank table) and a progress bar, both posted from the run's first second and at every change.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
-from prefect.runtime import task_run
+from prefect.settings import PREFECT_LOGGING_EXTRA_LOGGERS
+from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import Task
+from prefect.utilities.annotations import quote
 
 from flows.cli import _load_merge_config
+from flows.live import FROM_STORE, MERGED, NOT_RUN, RUNNING, LiveTree, close_crashed_runs
 from merge_core.config import MergeConfig
 from merge_core.errors import CheckpointError
 from merge_core.evaluate import results_table
 from merge_core.job import score_models
 from orchestrator.executor import default_store_dir
 from orchestrator.incremental import plan_with_previous
-from orchestrator.node import NodeRecord, NodeTask, run_node
-from orchestrator.parallel import device_slots, finish, run_summary, submission_order
+from orchestrator.memory import format_bytes
+from orchestrator.node import NodeRecord, NodeTask, cached_record, run_node
+from orchestrator.parallel import device_slots, finish, submission_order
 from orchestrator.plan import MergePlan
 from orchestrator.store import CheckpointStore
+from orchestrator.versions import check_versioned, current, next_version, prune, published_root_key, switch_current
 
 FLOW_NAME = "hierarchical-merge"
 PROGRESS_KEY = "hierarchical-merge-progress"
 REPORT_KEY = "hierarchical-merge-report"
-SHOWN_TASKS = 4
-"""Task names spelled out in a task run's name; a bigger subtree says how many more."""
+FROM_STORE_STATE = "From store"
+FROM_STORE_TAG = "from-store"
 
 
-def node_label(node: dict[str, Any]) -> str:
-    """``merge[merge-3: sentiment+verb_sense]``: a node's id and the tasks of its subtree."""
-    tasks = list(node["tasks"])
-    shown = "+".join(tasks[:SHOWN_TASKS])
-    more = f"+{len(tasks) - SHOWN_TASKS} more" if len(tasks) > SHOWN_TASKS else ""
-    return f"merge[{node['id']}: {shown}{more}]"
-
-
-def node_run_name() -> str:
-    """The running merge task's name (see ``node_label``)."""
-    return node_label(task_run.parameters["node"])
-
-
-@task(name="merge-node", task_run_name=node_run_name, cache_policy=NO_CACHE, persist_result=False)
-def merge_node(node: dict[str, Any], store_dir: str, children: list[dict[str, Any]]) -> dict[str, Any]:
-    """Merge one node into the store (returned from the store when finished there already).
+@task(name="merge-node", cache_policy=NO_CACHE, persist_result=False)
+def merge_node(node: dict[str, Any], store_dir: str, children: list[dict[str, Any]]) -> Any:
+    """Merge one node into the store (returned from the store when finished there already, in the
+    state ``From store``).
 
     ``children``: the merged children's records; the argument only orders the node after them and
     draws the edges, the inputs themselves are read from the store."""
     record = run_node(NodeTask.from_dict(node), CheckpointStore(Path(store_dir)))
     what = "finished in the store, not merged again; it had merged" if record.cached else "merged"
-    get_run_logger().info("%s: %s in %.2f s, peak %.1f MB (predicted %.1f MB)", record.id, what, record.seconds,
-                          record.measured_peak_bytes / 2**20, record.predicted_peak_bytes / 2**20)
+    get_run_logger().info("%s: %s in %.2f s, peak %s (predicted %s)", record.id, what, record.seconds,
+                          format_bytes(record.measured_peak_bytes), format_bytes(record.predicted_peak_bytes))
+    if record.cached:
+        return Completed(data=record.to_dict(), name=FROM_STORE_STATE, message="finished in the store earlier")
     return record.to_dict()
 
 
@@ -89,37 +97,56 @@ def evaluate_merge(config: MergeConfig, model_dir: str) -> tuple[dict[str, float
     return scores[row], table
 
 
+def show_library_logs() -> None:
+    """Give the loggers named in PREFECT_LOGGING_EXTRA_LOGGERS (orchestrator, merge_core) Prefect's own
+    level for them (``prefect.extra``'s, INFO by default) unless they have one: Prefect attaches its
+    API handler to them but leaves their level at the root's WARNING, which drops INFO lines."""
+    level = logging.getLogger("prefect.extra").getEffectiveLevel()
+    for name in PREFECT_LOGGING_EXTRA_LOGGERS.value():
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(level)
+
+
 def _state_name(future: PrefectFuture[Any], record: dict[str, Any] | None) -> str:
     state = future.state
     if state.is_completed() and record is not None:
-        return "from store" if record["cached"] else "merged"
+        return FROM_STORE if record["cached"] else MERGED
     if state.is_failed() or state.is_crashed():
         return f"{state.name.lower()}: {state.message or ''}".strip()
-    return "not run (an input failed)"
+    return NOT_RUN
 
 
-def run_tree(plan: MergePlan, store: CheckpointStore, slots: dict[str, int],
-             config: MergeConfig) -> dict[str, PrefectFuture[Any]]:
+def _node_task(node: NodeTask, stored: bool, config: MergeConfig, live: LiveTree) -> Task[..., Any]:
+    """The node's task: named after the node from its creation, the config's retries, tagged when
+    the store holds it already, and marked running in the live tree when it starts."""
+
+    def running(_task: Task[..., Any], task_run: TaskRun, _state: State) -> None:
+        live.set(node.id, RUNNING if task_run.run_count <= 1 else f"{RUNNING} (attempt {task_run.run_count})")
+
+    return merge_node.with_options(task_run_name=node.id, retries=config.retry.retries,
+                                   retry_delay_seconds=config.retry.retry_delay_seconds,
+                                   tags=[FROM_STORE_TAG] if stored else None, on_running=[running])
+
+
+def run_tree(plan: MergePlan, store: CheckpointStore, slots: dict[str, int], live: LiveTree) -> dict[str, PrefectFuture[Any]]:
     """Submit one merge task per node, lowest first, to its device's pool (``slots`` threads), each
-    with its merged children's futures as arguments; return once all are done, the progress artifact
-    updated as each finishes. Retries are the config's."""
-    progress = create_progress_artifact(0.0, key=PROGRESS_KEY, description=f"0 of {len(plan.nodes)} merge nodes")
-    node_task = merge_node.with_options(retries=config.retry.retries,
-                                        retry_delay_seconds=config.retry.retry_delay_seconds)
+    with its merged children's futures as arguments; return once all are done, the live tree
+    updated as each starts and ends."""
     futures: dict[str, PrefectFuture[Any]] = {}
     with ExitStack() as stack:
         pools = {d: stack.enter_context(ThreadPoolTaskRunner(max_workers=n)) for d, n in slots.items()}
         for node in submission_order(plan):
             children = [futures[c.name] for c in node.children if c.path is None]
+            node_task = _node_task(node, cached_record(node, store) is not None, plan.config, live)
             futures[node.id] = pools[node.device].submit(
-                node_task, {"node": node.to_dict(), "store_dir": str(store.root), "children": children}
+                node_task, {"node": quote(node.to_dict()), "store_dir": quote(str(store.root)), "children": children}
             )
         node_of = {id(f): n for n, f in futures.items()}
-        for done, future in enumerate(as_completed(list(futures.values())), start=1):
-            update_progress_artifact(progress, 100.0 * done / len(futures),
-                                     description=f"{done} of {len(futures)} merge nodes; last {node_of[id(future)]}")
-    for future in futures.values():
-        future.wait()  # keeps the final state on the future (the API's copy may lag behind)
+        for future in as_completed(list(futures.values())):
+            future.wait()  # keeps the final state on the future (the API's copy may lag behind)
+            record = future.result(raise_on_failure=False) if future.state.is_completed() else None
+            live.set(node_of[id(future)], _state_name(future, record), NodeRecord(**record) if record else None)
     return futures
 
 
@@ -128,6 +155,24 @@ def outcomes(futures: dict[str, PrefectFuture[Any]]) -> tuple[dict[str, NodeReco
     raw = {n: f.result(raise_on_failure=False) if f.state.is_completed() else None for n, f in futures.items()}
     return ({n: NodeRecord(**r) if r is not None else None for n, r in raw.items()},
             {n: _state_name(futures[n], raw[n]) for n in futures})
+
+
+def _flow_run() -> Any:
+    context = FlowRunContext.get()
+    return context.flow_run if context is not None else None
+
+
+def close_crashed(deployment_id: Any) -> None:
+    """Mark the unfinished task runs and tree of this deployment's crashed runs as crashed
+    (flows.live.close_crashed_runs); a failure to do so is logged, and this run goes on."""
+    logger = get_run_logger()
+    try:
+        closed = close_crashed_runs(deployment_id, REPORT_KEY, PROGRESS_KEY)
+    except Exception as e:  # the record of an earlier run must not stop this merge
+        logger.warning("could not mark the task runs of earlier crashed runs as crashed: %s", e)
+        return
+    if closed:
+        logger.info("earlier run(s) %s had crashed: their unfinished task runs and tree now say so", closed)
 
 
 @flow(name=FLOW_NAME)
@@ -143,58 +188,90 @@ def hierarchical_merge(
     evaluate: bool = False,
     replan: bool = False,
     max_parallel: int | None = None,
+    versions: int = 0,
 ) -> dict[str, Any]:
     """Merge the models a YAML config names as a tree of merges; publish the root to its output.
 
     ``output``, ``method``, ``max_fan_in``, ``memory_budget``, ``flat``, ``device`` override the config as
     the ``supermerge merge`` options do. ``replan``: cluster from scratch instead of growing the tree
-    published at the output; ``max_parallel``: at most this many CPU nodes at once.
+    published at the output; ``max_parallel``: at most this many CPU nodes at once. ``versions``: publish
+    each run as ``<output>/v<N>`` with ``<output>/current`` pointing at it, keeping this many (0: publish
+    at ``output`` itself, refusing an existing one unless ``overwrite``).
     """
+    show_library_logs()
     logger = get_run_logger()
     started = time.perf_counter()
-    merge_config = _load_merge_config(Path(config), output=Path(output) if output else None, method=method,
-                                      device=device, memory_budget=memory_budget, max_fan_in=max_fan_in, flat=flat)
-    if merge_config.output.exists() and not overwrite:
-        raise CheckpointError(f"{merge_config.output} already exists; choose another output or pass overwrite=True")
-    plan = plan_with_previous(merge_config, replan=replan)
-    store = CheckpointStore(default_store_dir(merge_config.output))
-    slots = device_slots(plan, max_parallel=max_parallel)
-    logger.info("%s\nslots per device: %s", plan.render(), slots)
-    planned = time.perf_counter()
+    run = _flow_run()
+    if run is not None and run.deployment_id is not None:
+        close_crashed(run.deployment_id)
+    with LiveTree(run.id if run is not None else None, REPORT_KEY, PROGRESS_KEY) as live:
+        live.planning(f"reading {config} and planning the merge tree")
+        merge_config = _load_merge_config(Path(config), output=Path(output) if output else None, method=method,
+                                          device=device, memory_budget=memory_budget, max_fan_in=max_fan_in,
+                                          flat=flat)
+        published = None
+        if versions:
+            check_versioned(merge_config.output)
+            published = current(merge_config.output)
+        elif merge_config.output.exists() and not overwrite:
+            raise CheckpointError(f"{merge_config.output} already exists; choose another output or pass overwrite=True")
+        plan = plan_with_previous(merge_config, replan=replan, published=published)
+        store = CheckpointStore(default_store_dir(merge_config.output))
+        planned = time.perf_counter()
+        if published is not None and published_root_key(published) == plan.root.key:
+            live.start(plan, {n.id: FROM_STORE for n in plan.nodes})
+            note = f"up to date: {published} already holds this merge tree's root; nothing merged or published"
+            live.finish(note)
+            logger.info("%s (%.1f s)", note, time.perf_counter() - started)
+            return {"output": str(published), "version": published.name, "up_to_date": True,
+                    "store": str(store.root), "seconds": round(time.perf_counter() - started, 3),
+                    "merged": 0, "from_store": 0, "nodes": [], "test_accuracy": {}}
+        slots = device_slots(plan, max_parallel=max_parallel)
+        logger.info("%s\nslots per device: %s", plan.render(), slots)
+        live.start(plan, {})
+        try:
+            futures = run_tree(plan, store, slots, live)
+        except BaseException:
+            live.crashed()
+            raise
+        ran = time.perf_counter()
+        records, states = outcomes(futures)
+        failed = [n for n, f in futures.items() if f.state.is_failed() or f.state.is_crashed()]
+        if failed:
+            live.finish(f"failed: node {failed[0]} failed; nothing published (finished nodes stay in the store)")
+            futures[failed[0]].result()  # raises that node's own error
 
-    futures = run_tree(plan, store, slots, merge_config)
-    ran = time.perf_counter()
-    records, states = outcomes(futures)
-    summary = run_summary(plan, records, states)
-    failed = [n for n, f in futures.items() if f.state.is_failed() or f.state.is_crashed()]
-    if failed:
-        create_markdown_artifact(summary, key=REPORT_KEY, description=f"{plan.config.output}: failed")
-        futures[failed[0]].result()  # raises that node's own error
-
-    test_accuracy: dict[str, float] = {}
-    table = ""
-    if evaluate and any(m.test is not None for m in merge_config.models):
-        test_accuracy, table = evaluate_merge(merge_config, str(store.path(plan.root.key)))
-    elif evaluate:
-        logger.warning("evaluate: no model in %s has test data; nothing to score", config)
-    ordered = [r for r in records.values() if r is not None]
-    report = finish(plan, store, ordered, time.perf_counter() - started, overwrite=overwrite,
-                    test_accuracy=test_accuracy)
-    create_markdown_artifact(summary + (f"\n\n## Test accuracy (rank)\n\n{table}" if table else ""),
-                             key=REPORT_KEY, description=f"{plan.config.output}")
-    finished = time.perf_counter()
-    logger.info("published %s: %d node(s) merged, %d from the store, in %.1f s", report.output,
-                sum(not r.cached for r in ordered), sum(r.cached for r in ordered), finished - started)
+        target = next_version(merge_config.output) if versions else merge_config.output
+        plan = dataclasses.replace(plan, config=merge_config.model_copy(update={"output": target}))
+        test_accuracy: dict[str, float] = {}
+        table = ""
+        if evaluate and any(m.test is not None for m in merge_config.models):
+            test_accuracy, table = evaluate_merge(plan.config, str(store.path(plan.root.key)))
+        elif evaluate:
+            logger.warning("evaluate: no model in %s has test data; nothing to score", config)
+        ordered = [r for r in records.values() if r is not None]
+        report = finish(plan, store, ordered, time.perf_counter() - started, overwrite=overwrite and not versions,
+                        test_accuracy=test_accuracy)
+        if versions:
+            switch_current(merge_config.output, target)
+            prune(merge_config.output, versions)
+        finished = time.perf_counter()
+        merged, reused = sum(not r.cached for r in ordered), sum(r.cached for r in ordered)
+        note = f"published {report.output}: {merged} node(s) merged, {reused} from the store, in {finished - started:.1f} s"
+        live.finish(note, f"\n\n## Test accuracy (rank)\n\n{table}" if table else "")
+        logger.info(note)
     return {
         "output": str(report.output),
+        "version": target.name if versions else None,
+        "up_to_date": False,
         "store": str(store.root),
         "seconds": round(finished - started, 3),
         "plan_seconds": round(planned - started, 3),
         "nodes_seconds": round(ran - planned, 3),
         "finish_seconds": round(finished - ran, 3),
         "slots": slots,
-        "merged": sum(not r.cached for r in ordered),
-        "from_store": sum(r.cached for r in ordered),
+        "merged": merged,
+        "from_store": reused,
         "nodes": [r.to_dict() for r in ordered],
         "test_accuracy": test_accuracy,
     }

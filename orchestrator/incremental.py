@@ -175,9 +175,11 @@ def incremental_plan(
     return dataclasses.replace(result, config=config, fan_in_reason=reason)
 
 
-def plan_with_previous(config: MergeConfig, *, replan: bool = False, progress: bool = False) -> MergePlan:
-    """The plan a re-run should follow: the tree published at ``config.output`` (grown by any new
-    models) when it can be reused, else ``plan(config)`` from scratch (always with ``replan``)."""
-    previous = None if replan else read_previous_tree(config.output)
+def plan_with_previous(config: MergeConfig, *, replan: bool = False, progress: bool = False,
+                       published: Path | None = None) -> MergePlan:
+    """The plan a re-run should follow: the tree published at ``published`` (default
+    ``config.output``; a versioned output's current version) grown by any new models, when it can be
+    reused, else ``plan(config)`` from scratch (always with ``replan``)."""
+    previous = None if replan else read_previous_tree(published if published is not None else config.output)
     grown = incremental_plan(config, previous, progress=progress) if previous is not None else None
     return grown if grown is not None else plan(config, progress=progress)

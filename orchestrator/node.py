@@ -242,7 +242,9 @@ def _merge_node(node: NodeTask, store: CheckpointStore, progress: bool) -> NodeR
                         "run the nodes in dependency order (children first): a damaged input is merged again "
                         "by the next run"
                     )
-        entries = [ModelEntry(name=c.name, path=child_path(c, store)) for c in node.children]
+        # not validated as a user's entry: a merged child is named after its node (merge-a+b), which
+        # a model name may not be
+        entries = [ModelEntry.model_construct(name=c.name, path=child_path(c, store)) for c in node.children]
         if streamable(node.method, node.parameters):
             return_large_blocks_promptly(STREAM_MMAP_THRESHOLD_BYTES)
             return _stream_node(node, store, entries, progress)

@@ -13,8 +13,9 @@ through the same nested-list form (a list is a merge of its items; a string is a
 - ``tree_from_groups``: the user's nested lists (YAML), checked all at once.
 - ``flat_tree``: one merge of everything.
 
-Merge nodes are named ``merge-0``, ``merge-1``, ... in bottom-up (post-)order, children ordered by
-where their first model appears in the input, so the same inputs always give the same ids.
+Children are ordered by where their first model appears in the input. A merge node is named after
+the task models beneath it (``node_id``: ``merge-pa+pb``, ``merge-pa+pb+qa+qb+3 more``), so a subtree
+keeps its name from run to run and in a tree grown by new models, whatever else changed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import numpy as np
 from orchestrator.errors import TreeError
 
 MERGE_PREFIX = "merge-"
+SHOWN_TASKS = 4
+"""Task names spelled out in a node id; a bigger subtree says how many more."""
 
 OPEN_RATIO = 0.5
 """A dendrogram branch is folded into the node above it only if it joined at no less than this share
@@ -50,25 +53,24 @@ class MergeTree:
         """Build from nested lists (already checked). ``order`` ranks models for ordering children."""
         rank = {name: i for i, name in enumerate(order or _names_in(nested))}
         graph = nx.DiGraph()
-        counter = 0
 
         def first(item: Any) -> int:
             return rank[item] if isinstance(item, str) else min(first(x) for x in item)
 
-        def build(item: Any) -> str:
-            nonlocal counter
+        def build(item: Any) -> tuple[str, list[str]]:
             if isinstance(item, str):
                 graph.add_node(item, kind="model")
-                return item
-            children = [build(x) for x in sorted(item, key=first)]
-            node = f"{MERGE_PREFIX}{counter}"
-            counter += 1
+                return item, [item]
+            built = [build(x) for x in sorted(item, key=first)]
+            children = [c for c, _ in built]
+            tasks = [t for _, ts in built for t in ts]
+            node = node_id(tasks)
             graph.add_node(node, kind="merge", children=children)
             for c in children:
                 graph.add_edge(node, c)
-            return node
+            return node, tasks
 
-        root = build(_collapse(nested))
+        root, _ = build(_collapse(nested))
         return cls(graph, root)
 
     def is_model(self, node: str) -> bool:
@@ -151,6 +153,14 @@ class MergeTree:
         return "\n".join(lines)
 
 
+def node_id(tasks: Sequence[str]) -> str:
+    """A merge node's name from the task models beneath it, in tree order. Unique in a tree: two
+    nodes that share their first task are nested, so they differ in how many tasks they hold."""
+    shown = "+".join(tasks[:SHOWN_TASKS])
+    more = f"+{len(tasks) - SHOWN_TASKS} more" if len(tasks) > SHOWN_TASKS else ""
+    return f"{MERGE_PREFIX}{shown}{more}"
+
+
 def _names_in(nested: Any) -> list[str]:
     if isinstance(nested, str):
         return [nested]
@@ -166,9 +176,9 @@ def _collapse(item: Any) -> Any:
 
 
 def _check_names(names: Sequence[str]) -> None:
-    clash = sorted(n for n in names if n.startswith(MERGE_PREFIX) and n[len(MERGE_PREFIX):].isdigit())
+    clash = sorted(n for n in names if n.startswith(MERGE_PREFIX) and "+" in n)
     if clash:
-        raise TreeError(f"model name(s) {clash} look like merge node ids ({MERGE_PREFIX}N); rename them")
+        raise TreeError(f"model name(s) {clash} look like merge node ids ({MERGE_PREFIX}a+b); rename them")
     dupes = sorted({n for n in names if list(names).count(n) > 1})
     if dupes:
         raise TreeError(f"model names must be unique; repeated: {dupes}")

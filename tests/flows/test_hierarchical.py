@@ -18,7 +18,7 @@ from uuid import UUID
 import pytest
 import yaml
 
-from flows.hierarchical import PROGRESS_KEY, REPORT_KEY, hierarchical_merge, node_label
+from flows.hierarchical import FROM_STORE_STATE, FROM_STORE_TAG, PROGRESS_KEY, REPORT_KEY, hierarchical_merge
 from flows.registry import register
 from orchestrator.executor import REPORT_FILE
 from orchestrator.incremental import path_to_root
@@ -79,19 +79,26 @@ def _merge_task_runs(flow_run_id: UUID) -> list[Any]:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
                                      sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
-    return [r for r in runs if r.name.startswith("merge[")]
+    return [r for r in runs if r.name.startswith("merge-")]
 
 
-def _artifacts(flow_run_id: UUID) -> list[Any]:
-    """The flow run's artifacts (by a plain filter request: the sync client's read_artifacts sends
-    null filters this server refuses, and an empty task-run filter would drop the flow's own)."""
+def _artifact_versions(flow_run_id: UUID) -> list[Any]:
+    """Every version of the flow run's artifacts, oldest first (by a plain filter request: the sync
+    client's read_artifacts sends null filters this server refuses, and an empty task-run filter would
+    drop the flow's own)."""
     from prefect import get_client
     from prefect.client.schemas.objects import Artifact
 
     with get_client(sync_client=True) as client:
         response = client.request("POST", "/artifacts/filter",
-                                  json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "limit": 50})
-    return [Artifact.model_validate(a) for a in response.json()]
+                                  json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "limit": 200,
+                                        "sort": "CREATED_DESC"})
+    return [Artifact.model_validate(a) for a in reversed(response.json())]
+
+
+def _artifacts(flow_run_id: UUID) -> list[Any]:
+    """The latest version of each of the flow run's artifacts."""
+    return list({a.key: a for a in _artifact_versions(flow_run_id)}.values())
 
 
 def _overhead(result: dict[str, Any], wall: float) -> str:
@@ -137,23 +144,27 @@ def test_one_completed_task_run_per_node_with_the_tree_as_edges(first_run: tuple
     assert ["pa", "pb"] in _groups(tree) and ["qa", "qb"] in _groups(tree)  # families merge first
 
     runs = _merge_task_runs(flow_run_id)
-    assert sorted(r.name for r in runs) == sorted(node_label(n) for n in nodes)
-    root = tree.root
-    assert f"merge[{root}: pa+pb+qa+qb+1 more]" in {r.name for r in runs}
-    assert {f"merge[{tree.parent('pa')}: pa+pb]", f"merge[{tree.parent('qa')}: qa+qb]"} <= {r.name for r in runs}
+    assert sorted(r.name for r in runs) == sorted(n["id"] for n in nodes)
+    assert tree.root in {r.name for r in runs} and tree.root.startswith("merge-pa+pb+qa+qb+1 more")
+    assert {"merge-pa+pb", "merge-qa+qb"} <= {r.name for r in runs}
     assert all(r.state is not None and r.state.is_completed() for r in runs)
     assert all(r.empirical_policy.retries == 1 for r in runs)  # the config's retry policy
-    node_of_run = {r.id: r.name.split("[")[1].split(":")[0] for r in runs}
+    node_of_run = {r.id: r.name for r in runs}
     for n in nodes:
-        run = next(r for r in runs if r.name.startswith(f"merge[{n['id']}:"))
+        run = next(r for r in runs if r.name == n["id"])
         upstream = {node_of_run[i.id] for i in run.task_inputs["children"]}
         assert upstream == {c["name"] for c in n["children"] if c["path"] is None}, n["id"]
+        assert run.task_inputs["node"] == [] and run.task_inputs["store_dir"] == [], run.task_inputs  # no false edges
 
-    artifacts = _artifacts(flow_run_id)
-    by_key = {a.key: a for a in artifacts}
+    by_key = {a.key: a for a in _artifacts(flow_run_id)}
     assert by_key[PROGRESS_KEY].type == "progress" and float(by_key[PROGRESS_KEY].data) == 100.0
     markdown = by_key[REPORT_KEY].data
-    assert all(f"| {n['id']} |" in markdown for n in nodes) and "merged" in markdown
+    assert all(f"| {n['id']} |" in markdown for n in nodes) and "4 merged" in markdown
+    assert "published" in markdown and "pending" not in markdown and "running" not in markdown
+    # live: planning first, then the whole tree pending, then every start and end (4 nodes: 8 changes)
+    live = [a.data for a in _artifact_versions(flow_run_id) if a.key == REPORT_KEY]
+    assert live[0].startswith("## planning") and "4 pending" in live[1] and len(live) >= 2 + 2 * len(nodes)
+    assert any("1 running" in m and "3 pending" in m for m in live)
     assert "Test accuracy" in markdown and "individual" in markdown
     assert set(result["test_accuracy"]) == set(IN_CONFIG)  # ra was registered without test data
     print("\n" + markdown)
@@ -172,6 +183,7 @@ def test_rerun_merges_nothing(first_run: tuple[dict[str, Any], UUID, float], wor
     assert result["merged"] == 0 and result["from_store"] == 4
     runs = _merge_task_runs(flow_run_id)
     assert len(runs) == 4 and all(r.state.is_completed() for r in runs)
+    assert all(r.state.name == FROM_STORE_STATE and FROM_STORE_TAG in r.tags for r in runs)
     assert _report(result)["plan"]["groups"] == _report(first_run[0])["plan"]["groups"]
     print(f"\nre-run, every node from the store: wall {wall:.1f} s; Prefect overhead {_overhead(result, wall)}")
 
@@ -196,8 +208,10 @@ def test_registered_model_merges_only_its_path_to_the_root(
     merged = {n["id"] for n in result["nodes"] if not n["cached"]}
     assert merged == set(path) and len(merged) == len(path)
     assert result["from_store"] == len(new_tree.merges()) - len(path) == len(old_tree.merges()) - len(path) + 1
-    old_keys = {n["key"] for n in before["plan"]["nodes"]}
-    assert {n["key"] for n in after["plan"]["nodes"] if n["id"] not in path} <= old_keys
+    old_nodes = {(n["id"], n["key"]) for n in before["plan"]["nodes"]}
+    kept = {(n["id"], n["key"]) for n in after["plan"]["nodes"] if n["id"] not in path}
+    assert kept and kept <= old_nodes  # the same subtrees, under the same names
+    assert "merge-qa+qb" in {n for n, _ in kept} and "merge-ra+rb" in path
     print(f"\nregistered {ARRIVING}: Prefect overhead {_overhead(result, wall)}")
     print(f"registered {ARRIVING}: {len(merged)} of {len(new_tree.merges())} nodes merged ({sorted(merged)}), "
           f"{result['from_store']} from the store")
@@ -223,9 +237,9 @@ def test_a_failing_node_is_retried_then_fails_the_flow_and_its_parent_never_runs
     assert state.is_failed() and "No space left" in (state.message or "")
     assert calls == [("pa", "pb"), ("pa", "pb")]  # tried twice (retries: 1); the root never ran
     runs = {r.name: r for r in _merge_task_runs(state.state_details.flow_run_id)}
-    failed = next(r for name, r in runs.items() if name.endswith(": pa+pb]"))
+    failed = runs["merge-pa+pb"]
     assert failed.state.is_failed() and failed.run_count == 2
-    assert not any(name.endswith(": pa+pb+qa]") and r.state.is_completed() for name, r in runs.items())
+    assert "merge-pa+pb+qa" not in runs or not runs["merge-pa+pb+qa"].state.is_completed()
     markdown = {a.key: a for a in _artifacts(state.state_details.flow_run_id)}[REPORT_KEY].data
     assert "failed: " in markdown and "not run (an input failed)" in markdown
     assert not (tmp_path / "out" / "merged").exists()
@@ -254,7 +268,7 @@ def test_cli_prefect_option_runs_the_flow_and_gives_the_plain_executors_bytes(
     with get_client(sync_client=True) as client:
         [latest] = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
     assert latest.state is not None and latest.state.is_completed()
-    assert sorted(r.name for r in _merge_task_runs(latest.id)) == sorted(node_label(n) for n in report["plan"]["nodes"])
+    assert sorted(r.name for r in _merge_task_runs(latest.id)) == sorted(n["id"] for n in report["plan"]["nodes"])
 
 
 def test_a_node_out_of_memory_fails_alone_and_its_independent_sibling_completes(
@@ -278,7 +292,7 @@ def test_a_node_out_of_memory_fails_alone_and_its_independent_sibling_completes(
     monkeypatch.setattr(orchestrator.node, "merge", qa_qb_runs_out)
     state = hierarchical_merge(config=str(config), return_state=True)
     assert state.is_failed() and "(2 inputs, 2 tasks) ran out of memory on cpu (MemoryError)" in (state.message or "")
-    runs = {r.name.split(": ")[1].rstrip("]"): r for r in _merge_task_runs(state.state_details.flow_run_id)}
+    runs = {r.name.removeprefix("merge-"): r for r in _merge_task_runs(state.state_details.flow_run_id)}
     assert runs["pa+pb"].state.is_completed()
     assert runs["qa+qb"].state.is_failed() and runs["qa+qb"].run_count == 2
     assert "pa+pb+qa+qb" not in runs or not runs["pa+pb+qa+qb"].state.is_completed()
@@ -289,3 +303,36 @@ def test_a_node_out_of_memory_fails_alone_and_its_independent_sibling_completes(
     store = CheckpointStore(default_store_dir(output))
     finished = [p.name for p in store.root.iterdir() if not p.name.startswith(".") and store.is_finished(p.name)]
     assert len(finished) == 1 and store.record(finished[0])["tasks"] == ["pa", "pb"]
+
+
+def test_versioned_runs_publish_v1_then_up_to_date_then_v2_and_keep_the_newest(
+    first_run: tuple[dict[str, Any], UUID, float], workspace: Path, tmp_path: Path,
+    family_models: dict[str, dict[str, Path]],
+) -> None:
+    """What the deployment does (versions=N): a new version per run with something new, ``current``
+    switched to it, the oldest beyond N deleted; a run with nothing new publishes nothing, in seconds."""
+    from orchestrator.versions import CURRENT
+
+    config = _copy(workspace, tmp_path)
+    versioned = str(config.parent / "out" / "versioned")
+    one, _, _ = _run(config, output=versioned, versions=1)
+    out = Path(versioned)
+    assert one["version"] == "v1" and (out / CURRENT).resolve() == (out / "v1").resolve()
+    assert one["merged"] == 0 and one["from_store"] == 4  # the module's run left every node in the store
+
+    again, flow_run_id, wall = _run(config, output=versioned, versions=1)
+    assert again["up_to_date"] and again["version"] == "v1" and not (out / "v2").exists()
+    assert wall < 30 and _merge_task_runs(flow_run_id) == []
+    assert "up to date" in {a.key: a for a in _artifacts(flow_run_id)}[REPORT_KEY].data
+    print(f"\nup-to-date run: {wall:.1f} s wall")
+
+    m = family_models[ARRIVING]
+    register(m["path"], ARRIVING, m["validation"], config.parent / "registry")
+    two, _, _ = _run(config, output=versioned, versions=1)
+    assert two["version"] == "v2" and two["merged"] == len(path_to_root(MergeTree.from_nested(
+        _report(two)["plan"]["groups"]), ARRIVING))
+    assert (out / CURRENT).resolve() == (out / "v2").resolve() and not (out / "v1").exists()  # kept 1
+    assert sorted(p.name for p in out.iterdir()) == [CURRENT, "v2"]
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(out / CURRENT)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from orchestrator.errors import TreeError
 from orchestrator.similarity import task_vector_similarity
-from orchestrator.tree import MergeTree, cluster_tree, flat_tree, tree_from_groups
+from orchestrator.tree import MergeTree, cluster_tree, flat_tree, node_id, tree_from_groups
 from tests.orchestrator.families import FAMILIES, NAMES
 
 
@@ -22,10 +22,10 @@ def family_cosine(tiny_base_dir, family_models) -> np.ndarray:
 
 def _check_shape(tree: MergeTree, names: list[str], max_fan_in: int) -> None:
     """What every tree must be: each model once as a leaf, 2..max_fan_in children per merge, merges
-    listed children first, the root last, ids merge-0.. in that order."""
+    listed children first, the root last, each named after the tasks beneath it."""
     assert sorted(tree.models()) == sorted(names)
     merges = tree.merges()
-    assert merges == [f"merge-{i}" for i in range(len(merges))]
+    assert merges == [node_id(tree.tasks(n)) for n in merges] and len(set(merges)) == len(merges)
     assert merges[-1] == tree.root and tree.parent(tree.root) is None
     position = {n: i for i, n in enumerate(merges)}
     for node in merges:
@@ -94,12 +94,12 @@ def test_hand_given_groups_are_used_as_given():
     names = ["pa", "pb", "qa", "qb", "ra", "rb"]
     tree = tree_from_groups(groups, names)
     assert tree.nested() == groups
-    assert tree.merges() == ["merge-0", "merge-1", "merge-2", "merge-3"]
-    assert tree.children("merge-0") == ["pa", "pb"]
-    assert tree.children("merge-1") == ["qb", "ra"]
-    assert tree.children("merge-2") == ["qa", "merge-1"]
-    assert tree.children("merge-3") == ["merge-0", "merge-2", "rb"]
-    assert tree.tasks("merge-2") == ["qa", "qb", "ra"]
+    assert tree.merges() == ["merge-pa+pb", "merge-qb+ra", "merge-qa+qb+ra", "merge-pa+pb+qa+qb+2 more"]
+    assert tree.children("merge-pa+pb") == ["pa", "pb"]
+    assert tree.children("merge-qb+ra") == ["qb", "ra"]
+    assert tree.children("merge-qa+qb+ra") == ["qa", "merge-qb+ra"]
+    assert tree.children("merge-pa+pb+qa+qb+2 more") == ["merge-pa+pb", "merge-qa+qb+ra", "rb"]
+    assert tree.tasks("merge-qa+qb+ra") == ["qa", "qb", "ra"]
     assert tree.depth == 3 and tree.fan_in == 3
     # one-item lists collapse: [["a", "b"]] is the merge of a and b
     assert tree_from_groups([["pa", ["pb"]]], ["pa", "pb"]).nested() == ["pa", "pb"]
@@ -107,7 +107,8 @@ def test_hand_given_groups_are_used_as_given():
 
 def test_flat_tree_is_one_merge_of_every_model():
     tree = flat_tree(NAMES)
-    assert tree.merges() == ["merge-0"] and tree.children("merge-0") == NAMES
+    [root] = tree.merges()
+    assert root == tree.root and tree.children(root) == NAMES
     assert tree.depth == 1 and tree.fan_in == len(NAMES)
     with pytest.raises(TreeError, match="at least 2 models"):
         flat_tree(["pa"])
@@ -143,7 +144,7 @@ def test_single_model_groups_and_clashing_names_are_refused():
     with pytest.raises(TreeError, match="single model"):
         tree_from_groups([["pa"]], ["pa"])
     with pytest.raises(TreeError, match="look like merge node ids"):
-        flat_tree(["merge-0", "pa"])
+        flat_tree(["merge-pa+pb", "pa"])
     with pytest.raises(TreeError, match="repeated"):
         cluster_tree(["pa", "pa"], np.eye(2), 2)
     with pytest.raises(TreeError, match="expected \\(3, 3\\)"):
@@ -156,11 +157,11 @@ def test_render_draws_every_node_with_its_annotation():
     tree = tree_from_groups([["pa", "pb"], ["qa", "qb"]], ["pa", "pb", "qa", "qb"])
     picture = tree.render(lambda n: f"<{len(tree.tasks(n))} tasks>")
     assert picture.splitlines() == [
-        "merge-2  <4 tasks>",
-        "├── merge-0  <2 tasks>",
+        "merge-pa+pb+qa+qb  <4 tasks>",
+        "├── merge-pa+pb  <2 tasks>",
         "│   ├── pa",
         "│   └── pb",
-        "└── merge-1  <2 tasks>",
+        "└── merge-qa+qb  <2 tasks>",
         "    ├── qa",
         "    └── qb",
     ]
