@@ -10,7 +10,7 @@ from typing import Literal
 from torch import Tensor
 
 from merge_core.errors import ConfigError
-from merge_core.methods import adamerging, average, dare, supermerge, task_arithmetic, ties
+from merge_core.methods import adamerging, average, dare, iso, supermerge, task_arithmetic, ties, tsv, wudi
 from merge_core.methods.learned import LearnedMergeConfig
 
 MergeOp = Callable[..., Tensor]
@@ -78,6 +78,29 @@ METHODS: dict[str, MethodSpec] = {
             "random drop p, rescale 1/(1-p), then TIES sign election and disjoint mean",
             functools.partial(dare.merge, combine="ties"), dare.PARAM_GRID, scale="lam",
             temporaries=Temporaries(per_model=1, constant=3, chunked_per_model=2.25),
+        ),
+        # Matrix methods: Temporaries measured on square matrices, their worst case (tests/merge_core/
+        # test_methods_spectral.py); tall ones (embeddings) need less. WUDI on a wide (out, in) matrix
+        # holds 2 * min(in, k * out)^2 values more (its Gram matrix and Cholesky factor).
+        MethodSpec(
+            "tsv", tsv.PAPER, "per_tensor",
+            "TSV-M: each task's top 1/k singular vectors, decorrelated (orthogonalised), alpha-scaled",
+            tsv.merge, tsv.PARAM_GRID, scale="alpha", temporaries=Temporaries(constant=6.1),
+        ),
+        MethodSpec(
+            "iso_c", iso.PAPER, "per_tensor",
+            "Iso-C: SVD of the task-vector sum with every singular value set to their mean",
+            iso.merge_iso_c, iso.ISO_C_GRID, scale="alpha", temporaries=Temporaries(constant=4.1),
+        ),
+        MethodSpec(
+            "iso_cts", iso.PAPER, "per_tensor",
+            "Iso-CTS: common subspace of the sum + each task's own directions, isotropic spectrum",
+            iso.merge_iso_cts, iso.ISO_CTS_GRID, scale="alpha", temporaries=Temporaries(constant=6.1),
+        ),
+        MethodSpec(
+            "wudi", wudi.PAPER, "per_tensor",
+            "WUDI: per matrix, the minimiser of each task's interference on its own input subspace",
+            wudi.merge, wudi.PARAM_GRID, scale="alpha", temporaries=Temporaries(constant=5.1),
         ),
         MethodSpec(
             "adamerging", adamerging.PAPER, "learned",
