@@ -24,7 +24,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,15 @@ LORA_METHODS = ("average", "task_arithmetic", "ties", "tsv", "iso_c", "iso_cts",
 SEEDED = frozenset({"dare_ta", "dare_ties", *LEARNED})
 """Methods whose result depends on the seed (DARE's masks, the learned merges' batches): run once per
 seed; every other method runs once, reported with no spread."""
+
+
+RUN_FIRST = ("supermerge", "tsv", "iso_c", "iso_cts", "wudi", "task_arithmetic", "ties", "adamerging",
+             "supermerge_no_tanh")
+"""Run order (seed by seed): the merges the targets compare first, so a run cut short keeps them."""
+
+
+def run_order(method: str) -> int:
+    return RUN_FIRST.index(method) if method in RUN_FIRST else len(RUN_FIRST)
 
 
 def registered(methods: Sequence[str]) -> tuple[str, ...]:
@@ -177,6 +186,7 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "processor": platform.processor() or platform.machine(),
+        "load_average": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
     }
 
 
@@ -233,7 +243,7 @@ def _base_params(base_dir: Path) -> dict[str, torch.Tensor]:
 def run_variant(
     variant: str, tasks: Sequence[TaskModel], methods: Sequence[str], config: BenchConfig, workdir: Path,
     model: FunctionalModel, ood: Mapping[str, tuple[TaskData, TaskData]], results: BenchResults, *, progress: bool,
-    partial: Path | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> None:
     """Every method (x seeds) on one set of task models; appends Runs and reference rows to ``results``."""
     merge_config = load_config(write_merge_config(workdir / f"bench-{variant}.yaml", list(tasks), method="average",
@@ -246,8 +256,8 @@ def run_variant(
     with open_checkpoint(merge_config.base) as base:
         vectors = load_task_vectors(base, merge_config.models, head_prefixes=merge_config.head_prefixes)
     done = {(r.method, r.seed) for r in results.runs if r.variant == variant}
-    jobs = [(m, s) for m in methods for s in (config.seeds if m in SEEDED else config.seeds[:1])
-            if (m, s) not in done]
+    jobs = [(m, s) for s in config.seeds for m in sorted(methods, key=run_order)
+            if (m in SEEDED or s == config.seeds[0]) and (m, s) not in done]
     for method, seed in tqdm(jobs, desc=f"merging ({variant})", disable=not progress, unit="merge"):
         with measure() as cost:
             result = merge(merge_config.base, vectors, method, params=method_params(method, config), val=val,
@@ -263,8 +273,8 @@ def run_variant(
             holdout_losses=[] if result.learned is None else list(result.learned.holdout_losses),
         )
         results.runs.append(run)
-        if partial is not None:
-            save_results(results, partial)
+        if checkpoint is not None:
+            checkpoint()
         if method == "supermerge" and seed == config.seeds[0] and variant == "full" and result.learned is not None:
             results.weights = {"rows": [v.name for v in vectors], "groups": result.learned.groups,
                                "coefficients": result.learned.coefficients.tolist()}
@@ -375,8 +385,9 @@ def score_curve(curve: Sequence[TaskModel], model: FunctionalModel, max_length: 
     return out
 
 
-RESUMABLE = frozenset({"methods", "lora_methods"})
-"""Settings a resumed run may change: it adds the methods it was missing (say, ones registered since)."""
+RESUMABLE = frozenset({"methods", "lora_methods", "seeds", "lora_rank", "curve_task", "curve_sizes"})
+"""Settings a resumed run may change: each only adds merges (methods registered since, more seeds, the
+LoRA variant, the learning curve) to what was measured, which the resumed run keeps."""
 
 
 def run_benchmark(
@@ -399,6 +410,16 @@ def run_benchmark(
         results = BenchResults(config=dataclasses.asdict(config), machine=machine_info(), command=command,
                                started=now)
     before = len(results.runs)
+    segment = {"started": now, "seconds": 0.0, "runs": 0}
+    results.segments.append(segment)
+
+    def checkpoint() -> None:
+        """Bring this invocation's time and run count up to date; save the partial results."""
+        segment.update(seconds=time.perf_counter() - started, runs=len(results.runs) - before)
+        results.seconds = sum(seg["seconds"] for seg in results.segments)
+        if partial is not None:
+            save_results(results, partial)
+
     workdir.mkdir(parents=True, exist_ok=True)
     variants, curve = prepare_finetunes(config, workdir, cache, progress=progress)
     results.finetunes = {v: finetune_records(ts) for v, ts in variants.items()}
@@ -409,10 +430,9 @@ def run_benchmark(
     results.ood_references = {"pretrained": {t: probe_accuracy(model, base, tr, te) for t, (tr, te) in ood.items()}}
     for variant, tasks in variants.items():
         methods = config.methods if variant == "full" else config.lora_methods
-        run_variant(variant, tasks, methods, config, workdir, model, ood, results, progress=progress, partial=partial)
-    seconds = time.perf_counter() - started
-    results.segments.append({"started": now, "seconds": seconds, "runs": len(results.runs) - before})
-    results.seconds = sum(seg["seconds"] for seg in results.segments)
+        run_variant(variant, tasks, methods, config, workdir, model, ood, results, progress=progress,
+                    checkpoint=checkpoint)
+    checkpoint()
     return results
 
 
@@ -446,6 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="build the fine-tunes (fill the cache) and stop")
     parser.add_argument("--resume", action="store_true",
                         help="keep the merges of WORKDIR/benchmark_results.partial.json and run only the rest")
+    parser.add_argument("--no-lora", action="store_true", help="skip the LoRA variant (a later --resume can add it)")
+    parser.add_argument("--no-curve", action="store_true",
+                        help="skip the learning curve (a later --resume can add it)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default torch's: one per core); 1 is faster on a machine other "
                              "jobs share")
@@ -456,6 +479,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = QUICK if args.quick else BenchConfig()
     if args.seeds:
         config = dataclasses.replace(config, seeds=tuple(args.seeds))
+    if args.no_lora:
+        config = dataclasses.replace(config, lora_rank=None)
+    if args.no_curve:
+        config = dataclasses.replace(config, curve_task=None)
     if args.finetune_only:
         start = time.perf_counter()
         prepare_finetunes(config, args.workdir, args.cache, progress=True)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from bench.corpora import INSTALL_COMMAND, DataMissing, Subset, load_corpus, split
 from merge_core.data import tokenize
+from merge_core.errors import DataError
 from merge_core.finetune import FinetuneConfig, finetune_classifier
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,13 @@ def prepare_task(
     test = _write_jsonl(parts.test, data / f"{task}.test.jsonl")
     kind = "full" if config.lora_rank is None else f"lora{config.lora_rank}"
     model_dir = (cache or workdir / "models") / f"{task}-{kind}-{config.finetune_key(task)}"
+    record = model_dir / "finetune_seconds.json"
     if model_dir.exists():
+        made = json.loads(record.read_text()) if record.is_file() else {}
+        moved = {k: (made[k], getattr(config, k)) for k in ("n_test", "n_val") if k in made and made[k] != getattr(config, k)}
+        if moved:
+            raise DataError(f"{model_dir} was fine-tuned with other test/validation sizes {moved} (made, asked), so "
+                            "its training split overlaps this run's test or validation data: use another cache")
         log.info("reusing fine-tuned %s", model_dir)
     else:
         train = tokenize(parts.train.texts, parts.train.labels, tokenizer, config.max_length)
@@ -118,8 +125,8 @@ def prepare_task(
                             lora_rank=config.lora_rank)
         start = time.perf_counter()
         finetune_classifier(minilm_dir(), train, len(corpus.label_names), model_dir, ft, progress=progress)
-        (model_dir / "finetune_seconds.json").write_text(json.dumps(
-            {"seconds": time.perf_counter() - start, "n_train": len(parts.train)}))
+        record.write_text(json.dumps({"seconds": time.perf_counter() - start, "n_train": len(parts.train),
+                                      "n_test": config.n_test, "n_val": config.n_val}))
     return TaskModel(task, model_dir, val, test, len(corpus.label_names), corpus.label_names, len(parts.train))
 
 
