@@ -8,6 +8,8 @@ function; argparse only maps flags onto it. Errors supermerge raises on purpose 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import logging
 import sys
 from collections.abc import Sequence
@@ -94,10 +96,16 @@ def cmd_merge(
 
     config = _load_merge_config(config_path, output=output, method=method, device=device,
                                 memory_budget=memory_budget, max_fan_in=max_fan_in, flat=flat)
-    if config.output.exists() and not overwrite:
-        raise CheckpointError(f"{config.output} already exists; choose another output or pass --overwrite")
+    check_output(config.output, overwrite=overwrite)
     merge_plan = plan(config, progress=True)
-    report = execute(merge_plan, overwrite=overwrite, progress=True)
+    created = _missing_folders(config.output.parent)
+    try:
+        report = execute(merge_plan, overwrite=overwrite, progress=True)
+    except BaseException:
+        for folder in created:  # the run made them (for the store and the output): leave none behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty: a store entry or another run's output keeps it
+        raise
     method_name = merge_plan.root.method
     print(f"merged {len(config.models)} models with {method_name} in {report.seconds:.1f} s -> {report.output}")
     reused = sum(r.cached for r in report.nodes)
@@ -115,8 +123,50 @@ def cmd_merge(
     return 0
 
 
+def check_output(output: Path, *, overwrite: bool) -> None:
+    """Refuse, before any work, an output that cannot be written (``output_problem``) or that is the
+    checkpoint store beside it, or inside it (the store would be replaced by the merged model)."""
+    from merge_core.checkpoint import output_problem
+    from orchestrator.executor import STORE_DIR
+
+    problem = output_problem(output, overwrite=overwrite)
+    if problem is None and STORE_DIR in output.parts:
+        problem = (f"{output} is the checkpoint store beside it ({STORE_DIR}) or inside one, which holds the merge's intermediate "
+                   "models; choose an output outside it")
+    if problem is not None:
+        raise CheckpointError(problem)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and the folders above it that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError as one line naming the path and what to do."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    advice = {
+        errno.ENOSPC: "free space there, or choose an output on another filesystem",
+        errno.EFBIG: "the file is larger than this filesystem or a limit on this process allows",
+        errno.EROFS: "the filesystem is read-only: choose another output",
+        errno.EACCES: "permission denied: choose a path this user may write, or fix its permissions",
+        errno.EPERM: "not permitted: choose a path this user may write",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.ELOOP: "a symbolic link on the path leads back to itself",
+        errno.EEXIST: "something is already there",
+    }.get(e.errno or 0, "check the path and the filesystem")
+    return f"{where or 'a file'}: {e.strerror or e} ({advice})"
+
+
 def _merge_with_prefect(config_path: Path, *, output: Path | None, **options) -> int:
     from flows.local import run_flow
+
+    shown = {k: options[k] for k in ("method", "device", "memory_budget", "max_fan_in", "flat")}
+    check_output(_load_merge_config(config_path, output=output, **shown).output, overwrite=options["overwrite"])
 
     result = run_flow(config_path, output=str(output.resolve()) if output else None, evaluate=True, **options)
     print(f"merged with the hierarchical-merge flow in {result['seconds']:.1f} s -> {result['output']}")
@@ -223,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("register", help="check a new task model and add it to a registry; emits the Prefect event "
                    "that re-merges (`supermerge register --help`)", add_help=False)
+    sub.add_parser("unregister", help="take a task model off a registry (`supermerge unregister --help`)",
+                   add_help=False)
 
     p = sub.add_parser("demo", help="fine-tune the packaged MiniLM on four real tasks, merge them as a Prefect flow")
     p.add_argument("--workdir", type=Path, default=Path("supermerge-demo"),
@@ -241,6 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from flows.registry import register_command  # its own flags (flows/registry.py)
 
         return register_command(argv[1:])
+    if argv[:1] == ["unregister"]:
+        from flows.registry import unregister_command
+
+        return unregister_command(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -260,6 +316,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SupermergeError as e:
         print(f"supermerge: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"supermerge: error: {os_error_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+
+
+INTERRUPTED = ("supermerge: interrupted; nothing was published (merge nodes finished before the interrupt stay "
+               "in the store and are reused by the next run)")
 
 
 if __name__ == "__main__":

@@ -45,29 +45,29 @@ def check_model(
     base: Path, model_dir: Path, task: str, val: Path, test: Path | None, *,
     head_prefixes: Sequence[str] = DEFAULT_HEAD_PREFIXES, max_length: int = 64,
 ) -> None:
-    """Refuse a model the next merge could not use: tensors that do not fit ``base``, no task head,
-    validation or test data that is unreadable, empty or unlabelled (one error per kind of problem)."""
-    from merge_core.adapters import is_adapter_dir, load_adapter_task_vector
+    """Refuse a model the next merge would refuse, with the checks ``supermerge merge`` runs while it
+    plans (merge_core.preflight): a base that is unreadable or not finite, tensors that do not fit it
+    or hold NaN/Inf, a config.json of another architecture, no task head, and validation or test data
+    that is unreadable, empty, unlabelled, or labelled outside the head's classes."""
     from merge_core.checkpoint import open_checkpoint
     from merge_core.data import load_task_data, require_labelled
     from merge_core.job import load_tokenizer
-    from merge_core.task_vectors import load_stored_heads, match_names
+    from merge_core.preflight import check_base, check_model_config, check_task_data, task_heads
 
+    base_config = check_base(base, max_length=max_length)
     with open_checkpoint(base) as base_ckpt:
-        if is_adapter_dir(model_dir):
-            has_head = bool(load_adapter_task_vector(model_dir, base_ckpt).head)
-        else:
-            with open_checkpoint(model_dir) as tuned:
-                has_head = bool(match_names(base_ckpt, tuned, head_prefixes).head)
-            has_head = has_head or bool(load_stored_heads(model_dir))
-    if not has_head:
-        raise DataError(f"{model_dir} carries no task head ({', '.join(head_prefixes)}*), so task {task!r} "
+        heads = task_heads(base_ckpt, model_dir, task, head_prefixes)
+    check_model_config(base_config, model_dir)
+    head = heads.get(task, next(iter(heads.values())) if len(heads) == 1 else None)
+    if head is None:
+        raise DataError(f"{model_dir} carries no task head ({', '.join(head_prefixes)}*) for task {task!r}, so it "
                         "cannot be scored or merged on its data; register a *ForSequenceClassification "
                         "fine-tune or an adapter with modules_to_save=['classifier']")
     tokenizer = load_tokenizer(base)
     for split, path in (("validation", val), ("test", test)):
         if path is not None:
-            require_labelled(task, load_task_data(path, tokenizer, max_length), split)
+            data = require_labelled(task, load_task_data(path, tokenizer, max_length), split)
+            check_task_data(task, data, head, str(path), base_config)
 
 
 def register(
@@ -127,6 +127,18 @@ def register(
     return Registration(entry, written, event_id)
 
 
+def unregister(task: str, registry: str | os.PathLike[str] = DEFAULT_REGISTRY) -> Path:
+    """Take ``task`` off the registry (its files are left alone); the next merge leaves it out. The
+    registry file is replaced atomically. No event is emitted: removing a model re-merges nothing."""
+    folder = Path(registry).resolve()
+    current = read_registry(folder)
+    if task not in current.names():
+        raise ConfigError(f"task {task!r} is not registered in {current.file}; registered: {current.names() or 'none'}")
+    written = write_registry(TaskRegistry(folder, current.base, [m for m in current.models if m["name"] != task]))
+    log.info("unregistered %s from %s", task, written)
+    return written
+
+
 def emit_registered(entry: dict[str, Any], registry_file: Path) -> str | None:
     """Emit ``supermerge.task-model.registered`` for ``entry`` when ``PREFECT_API_URL`` is set; the
     event's id, or None when there is no API to tell."""
@@ -174,8 +186,32 @@ def register_command(argv: Sequence[str] | None = None) -> int:
     except SupermergeError as e:
         print(f"supermerge: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        from flows.cli import os_error_line
+
+        print(f"supermerge: error: {os_error_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("supermerge: interrupted; the registry is unchanged", file=sys.stderr)
+        return 130
     print(f"registered {args.task} in {done.registry_file}"
           + (f"; event {EVENT} {done.event_id}" if done.event_id else " (no Prefect API configured: no event)"))
+    return 0
+
+
+def unregister_command(argv: Sequence[str] | None = None) -> int:
+    """``supermerge unregister --task NAME [--registry DIR]``; exit 2 on a refusal."""
+    parser = argparse.ArgumentParser(prog="supermerge unregister", description="take a task model off a registry")
+    parser.add_argument("--task", required=True, help="the registered task's name")
+    parser.add_argument("--registry", type=Path, default=DEFAULT_REGISTRY,
+                        help=f"registry folder holding registry.yaml (default ./{DEFAULT_REGISTRY})")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        written = unregister(args.task, args.registry)
+    except SupermergeError as e:
+        print(f"supermerge: error: {e}", file=sys.stderr)
+        return 2
+    print(f"unregistered {args.task} from {written}")
     return 0
 
 

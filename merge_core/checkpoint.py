@@ -282,7 +282,10 @@ def _write_shards(
         nonlocal pending, pending_bytes
         if pending:
             tmp_name = f"shard-{len(shards):05d}.tmp"
-            save_file(_unshare(pending), str(folder / tmp_name), metadata={"format": "pt"})
+            try:
+                save_file(_unshare(pending), str(folder / tmp_name), metadata={"format": "pt"})
+            except SafetensorError as e:
+                raise os_error(e, folder / tmp_name) from None
             shards.append(list(pending))
             for n in pending:
                 weight_map[n] = tmp_name
@@ -560,7 +563,7 @@ def write_shards_streaming(
     bar = tqdm(total=len(metas), desc="writing tensors", disable=not progress, leave=False, unit="tensor")
     with bar:
         for shard, file in zip(shards, files, strict=True):
-            with open(folder / file, "wb") as f:
+            with _naming(folder / file), open(folder / file, "wb") as f:
                 f.write(_safetensors_header(shard))
                 for meta in shard:
                     name, tensor = next(incoming, (None, None))
@@ -583,6 +586,62 @@ def write_shards_streaming(
         }
         (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
     return [folder / f for f in files]
+
+
+def os_error(e: Exception, path: Path) -> OSError:
+    """An OSError naming ``path`` for a write that failed there (safetensors words a full disk as
+    ``SafetensorError: ... (os error 28)``; a failed ``write()`` names no file)."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return OSError(e.errno, e.strerror or str(e), str(path))
+    found = re.search(r"os error (\d+)", str(e))
+    code = int(found.group(1)) if found else errno.EIO
+    return OSError(code, os.strerror(code), str(path))
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Re-raise an OSError that names no file as one naming ``path``."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise os_error(e, path) from None
+
+
+def output_problem(out: Path, *, overwrite: bool) -> str | None:
+    """Why a model dir cannot be written at ``out``, seen before any work: it exists (without
+    ``overwrite``) or is not a directory, a folder above it is a file or a symlink loop, or the
+    filesystem there is read-only or not writable. None when it can be tried (a write may still fail:
+    a full disk, a permission root bypasses)."""
+    try:
+        st = os.stat(out)
+    except (FileNotFoundError, NotADirectoryError):
+        st = None
+    except OSError as e:
+        return f"cannot write {out}: {e.strerror} ({'a symbolic link on its path leads back to itself' if e.errno == errno.ELOOP else 'check the path'})"
+    if st is not None:
+        if not out.is_dir():
+            return (f"{out} exists and is not a directory; supermerge replaces only a model dir it wrote: remove it "
+                    "or choose another output")
+        if not overwrite:
+            return f"{out} already exists; choose another output or pass --overwrite"
+    folder = out.parent
+    while True:
+        try:
+            os.stat(folder)
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            folder = folder.parent
+        except OSError as e:
+            return f"cannot write {out}: {folder}: {e.strerror}"
+    if not folder.is_dir():
+        return f"cannot write {out}: {folder} is a file, not a folder; choose another output"
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        return f"cannot write {out}: {folder} is on a read-only filesystem; choose another output"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot write {out}: {folder} is not writable by this user; choose another output"
+    return None
 
 
 def read_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -6,14 +6,15 @@ weights are read. The resolved config is saved beside the output so a merge can 
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merge_core.errors import ConfigError
+from merge_core.safe_yaml import load_yaml
 from merge_core.task_registry import with_registry_models
 from merge_core.task_vectors import DEFAULT_HEAD_PREFIXES
 
@@ -42,7 +43,12 @@ class TreeConfig(_Strict):
     """A tree given by hand: nested lists of model names."""
     flat: bool = False
     memory_budget: str | None = None
-    """e.g. '8GB'; default: a safe fraction of what is free."""
+    """e.g. '8GB', or a number of bytes; default: a safe fraction of what is free."""
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _bytes_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class MergeConfig(_Strict):
@@ -94,8 +100,8 @@ class MergeConfig(_Strict):
             inputs.update({f"models[{m.name}].{what}": getattr(m, what) for what in ("path", "validation", "test")})
         clashes = []
         for what, p in inputs.items():
-            if p is None:
-                continue
+            if p is None or path_problem(p) is not None:
+                continue  # reported by missing_files
             folder = p.resolve()
             if folder.is_file() and (folder.parent / "config.json").is_file():
                 folder = folder.parent  # a model's weights file: its model dir is the input
@@ -110,17 +116,34 @@ class MergeConfig(_Strict):
 
     def missing_files(self) -> list[str]:
         problems = []
-        if not self.base.exists():
-            problems.append(f"base: {self.base} does not exist")
+        why = path_problem(self.base)
+        if why is not None:
+            problems.append(f"base: {self.base} {why}")
         for m in self.models:
             for what in ("path", "validation", "test"):
                 p = getattr(m, what)
-                if p is not None and not p.exists():
-                    problems.append(f"models[{m.name}].{what}: {p} does not exist")
+                why = path_problem(p) if p is not None else None
+                if why is not None:
+                    problems.append(f"models[{m.name}].{what}: {p} {why}")
         return problems
 
     def resolved(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def path_problem(p: Path) -> str | None:
+    """Why an input path cannot be read (it does not exist, is a symlink loop, ...), or None."""
+    try:
+        os.stat(p)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symbolic link loop (it leads back to itself); point to the model or file itself"
+        if e.errno == errno.ENOTDIR:
+            return "does not exist (a folder on its path is a file)"
+        if e.errno == errno.ENOENT:
+            return "does not exist"
+        return f"cannot be read ({e.strerror})"
+    return None
 
 
 def _resolve_paths(raw: dict[str, Any], root: Path) -> dict[str, Any]:
@@ -158,7 +181,9 @@ def parse_config(raw: Any, *, root: Path | None = None, source: str = "config") 
             f"  - {'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in e.errors()
         ]
         raise ConfigError(f"{source} has {len(lines)} problem(s):\n" + "\n".join(lines)) from None
-    missing = config.missing_files()
+    from merge_core.params import parameter_problems
+
+    missing = config.missing_files() + parameter_problems(config.method, config.parameters)
     if missing:
         raise ConfigError(
             f"{source} has {len(missing)} problem(s):\n" + "\n".join(f"  - {m}" for m in missing)
@@ -170,10 +195,7 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    raw = load_yaml(path)
     if isinstance(raw, dict) and overrides:
         raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
     return parse_config(raw, root=path.parent.resolve(), source=str(path))

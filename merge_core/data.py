@@ -94,12 +94,35 @@ def require_labelled(task: str, data: TaskData | None, split: str = "validation"
     return data
 
 
+CHARS_PER_TOKEN = 16
+"""Characters of a text kept per token of ``max_length`` before tokenising (see ``cut_text``)."""
+
+
+def cut_text(text: str, tokenizer, max_length: int) -> str:
+    """``text`` cut, at a space, to a prefix whose first ``max_length`` tokens are the whole text's.
+
+    A tokenizer holds every token of its input before truncating, so an 11 MB line held more than a
+    GB while it was tokenised, for 64 tokens kept. Words before the cut tokenise as they do in the whole
+    text; the prefix is grown until it has ``max_length`` tokens, or is the whole text."""
+    keep = max_length * CHARS_PER_TOKEN
+    while len(text) > keep:
+        cut = text[:keep]
+        at = max(cut.rfind(" "), cut.rfind("\n"), cut.rfind("\t"))
+        cut = cut[:at] if at > 0 else cut
+        if len(tokenizer(cut, add_special_tokens=False)["input_ids"]) >= max_length:
+            return cut
+        keep *= 4
+    return text
+
+
 def tokenize(texts: Sequence[str], labels: Sequence[int], tokenizer, max_length: int = 64) -> TaskData:
-    """Tokenize to fixed-length tensors (padding to the longest, truncating at ``max_length``)."""
+    """Tokenize to fixed-length tensors (padding to the longest, truncating at ``max_length``); long
+    texts are cut before they are tokenised (``cut_text``)."""
     if len(texts) != len(labels):
         raise DataError(f"{len(texts)} texts but {len(labels)} labels")
     enc = tokenizer(
-        list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        [cut_text(t, tokenizer, max_length) for t in texts], padding=True, truncation=True, max_length=max_length,
+        return_tensors="pt",
     )
     inputs = {k: enc[k] for k in MODEL_INPUTS if k in enc}
     return TaskData(inputs, torch.as_tensor(list(labels), dtype=torch.long))
@@ -108,6 +131,11 @@ def tokenize(texts: Sequence[str], labels: Sequence[int], tokenizer, max_length:
 def load_task_data(path: str | os.PathLike[str], tokenizer=None, max_length: int = 64) -> TaskData:
     """Read JSONL (``text`` + ``label`` per line) or a safetensors file (``labels`` + inputs)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data file {path} is a directory; give the .jsonl or .safetensors file in it")
+    if path.exists() and not path.is_file():
+        raise DataError(f"data file {path} is not a regular file (a pipe or device?); give a .jsonl or "
+                        ".safetensors file")
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     if path.suffix == ".safetensors":
@@ -124,7 +152,9 @@ def load_task_data(path: str | os.PathLike[str], tokenizer=None, max_length: int
         if "labels" not in tensors:
             raise DataError(f"{path}: no 'labels' tensor; supervised merges need labels")
         labels = tensors.pop("labels")
-        return TaskData(tensors, labels)
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dtype.is_complex:
+            raise DataError(f"{path}: 'labels' is {labels.dtype}; labels are integer class ids (int64)")
+        return TaskData(tensors, labels.long())
     if path.suffix not in (".jsonl", ".json"):
         raise DataError(f"{path}: expected .jsonl (text, label per line) or .safetensors")
     try:
@@ -139,18 +169,53 @@ def load_task_data(path: str | os.PathLike[str], tokenizer=None, max_length: int
             continue
         try:
             row = json.loads(line)
-            texts.append(str(row["text"]))
-            labels.append(int(row["label"]))
+            texts.append(row["text"])
+            labels.append(row["label"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise DataError(
                 f"{path}:{lineno}: each line must be a JSON object with 'text' and an integer "
                 f"'label' ({e})"
             ) from e
+        if not isinstance(texts[-1], str) or not texts[-1].strip():
+            raise DataError(f"{path}:{lineno}: 'text' is {texts[-1]!r}; each example needs a non-empty string")
+        if isinstance(labels[-1], bool) or not isinstance(labels[-1], int):
+            raise DataError(f"{path}:{lineno}: 'label' is {labels[-1]!r}; labels are integer class ids (0, 1, ...)")
     if not texts:
         raise DataError(f"{path} holds no examples")
     if tokenizer is None:
-        raise DataError(f"{path} is text: the base model dir needs a tokenizer to read it")
+        raise DataError(f"{path} is text, and reading it needs the base model's tokenizer; the base has none "
+                        "(a model dir with config.json and tokenizer files, e.g. vocab.txt or tokenizer.json)")
     return tokenize(texts, labels, tokenizer, max_length)
+
+
+def check_labels(data: TaskData, classes: int, source: str) -> None:
+    """Every class label of ``data`` (1-D labels) is a class of a head with ``classes`` outputs; DataError
+    naming ``source``, the first bad label and its row otherwise (-100, ignored by the loss, is no
+    class either: a classification example without a class teaches nothing)."""
+    labels = data.labels
+    if labels.ndim != 1 or len(labels) == 0:
+        return
+    bad = torch.nonzero((labels < 0) | (labels >= classes)).flatten()
+    if len(bad):
+        row = int(bad[0])
+        raise DataError(f"{source}: label {int(labels[row])} (example {row + 1}, {len(bad)} of {len(labels)} bad) "
+                        f"is not a class of the task's head, which has {classes} classes (labels 0..{classes - 1})")
+
+
+def check_inputs(data: TaskData, *, vocab_size: int | None, max_positions: int | None, source: str) -> None:
+    """Ready-made token ids (a .safetensors data file) fit the model: ids below its vocabulary size,
+    rows no longer than its position embeddings; DataError naming ``source`` otherwise."""
+    ids = data.inputs.get("input_ids")
+    if ids is None or ids.numel() == 0:
+        return
+    if ids.dtype.is_floating_point:
+        raise DataError(f"{source}: input_ids is {ids.dtype}; token ids are integers")
+    if vocab_size is not None and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
+        raise DataError(f"{source}: token id {int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())} "
+                        f"is outside the model's vocabulary (0..{vocab_size - 1}); tokenise with the base's tokenizer")
+    if max_positions is not None and ids.ndim == 2 and ids.shape[1] > max_positions:
+        raise DataError(f"{source}: rows of {ids.shape[1]} tokens are longer than the model's {max_positions} "
+                        "positions (max_position_embeddings); cut them to at most that")
 
 
 def save_task_data(data: TaskData, path: str | os.PathLike[str]) -> None:

@@ -23,3 +23,8 @@ class ConfigError(SupermergeError):
 
 class DataError(SupermergeError):
     """Validation or test data is missing, empty, or unlabelled where labels are needed."""
+
+
+class NonFiniteError(SupermergeError):
+    """A merged result holds NaN or Inf (an overflow, or a scale too large): it is neither stored nor
+    published."""

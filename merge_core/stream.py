@@ -46,6 +46,7 @@ from merge_core.task_vectors import (
     DEFAULT_HEAD_PREFIXES,
     NameMap,
     TaskVector,
+    check_finite_result,
     load_stored_heads,
     load_task_vector,
     match_names,
@@ -150,6 +151,7 @@ def _merged_tensors(
     sources: Sequence[_Source],
     seed: int,
     progress: bool,
+    label: str = "the merge",
 ) -> Iterator[tuple[str, Tensor]]:
     """Every base tensor in order, merged where mergeable, in the base's dtype.
 
@@ -168,7 +170,9 @@ def _merged_tensors(
             deltas = _stacked_deltas(b, name, sources, buffer)
             merged = spec.op(b, deltas, seed=tensor_seed(seed, name), **chosen)
             del deltas
-            yield name, merged.to(base.dtype(name))
+            merged = merged.to(base.dtype(name))
+            check_finite_result([(name, merged)], label)
+            yield name, merged
             del merged
         else:
             yield name, b
@@ -193,6 +197,7 @@ def stream_merge(
     overwrite: bool = False,
     extra_record: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
     progress: bool = False,
+    label: str = "the merge",
 ) -> Path:
     """Merge ``models`` ((name, path) of full fine-tunes or adapters of ``base_path``) with a per-tensor
     ``method`` whose ``params`` each have one value, straight into the model dir ``output``.
@@ -201,7 +206,8 @@ def stream_merge(
     ``supermerge.json`` plus ``extra_record``), atomically: on any error nothing appears at ``output``.
     ``extra_record`` may be a function, called once every tensor is written: what it returns (say,
     the merge's measured cost) goes into the record.
-    ``shard_bytes``: the largest output shard (bytes). Validation data is never read: to score the
+    ``label``: what a NonFiniteError calls this merge (a merged tensor that is NaN or Inf stops it,
+    and nothing appears at ``output``). ``shard_bytes``: the largest output shard (bytes). Validation data is never read: to score the
     result, load it afterwards. Returns ``output``.
     """
     started = time.perf_counter()
@@ -216,7 +222,7 @@ def stream_merge(
         heads = _heads([s.vector for s in sources])
         with atomic_model_dir(output, overwrite=overwrite) as tmp:
             write_shards_streaming(
-                tmp, metas, _merged_tensors(spec, chosen, base, sources, seed, progress),
+                tmp, metas, _merged_tensors(spec, chosen, base, sources, seed, progress, label),
                 max_shard_bytes=shard_bytes, progress=False,
             )
             result = MergeResult(spec.name, {}, heads, dict(chosen), seconds=time.perf_counter() - started)

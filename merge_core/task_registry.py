@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from merge_core.errors import ConfigError
+from merge_core.safe_yaml import load_yaml
 
 REGISTRY_FILE = "registry.yaml"
 PATH_FIELDS = ("path", "validation", "test")
@@ -61,16 +62,22 @@ def read_registry(folder: str | os.PathLike[str], *, missing_ok: bool = False) -
             return TaskRegistry(folder)
         raise ConfigError(f"registry {folder} has no {REGISTRY_FILE}; register a model first "
                           "(supermerge register MODEL_DIR --task NAME --val DATA --registry DIR)")
-    try:
-        raw = yaml.safe_load(f.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{f} is not valid YAML: {e}") from None
+    raw = load_yaml(f)
     if not isinstance(raw, dict) or not isinstance(raw.get("models", []), list):
-        raise ConfigError(f"{f}: expected a mapping with 'base' and a list 'models'")
+        raise ConfigError(f"{f}: expected a mapping with 'base' and a list 'models' (got {type(raw).__name__}); "
+                          "it is not a registry file: restore it, or remove it and register the models again")
+    unknown = sorted(set(raw) - {"base", "models"})
+    if unknown:
+        raise ConfigError(f"{f}: unknown key(s) {unknown}; a registry file holds 'base' and 'models'")
+    if raw.get("base") is not None and not isinstance(raw["base"], str):
+        raise ConfigError(f"{f}: 'base' must be the path of the base model, got {raw['base']!r}")
     models = []
     for i, m in enumerate(raw.get("models", [])):
         if not isinstance(m, dict) or "name" not in m or "path" not in m:
             raise ConfigError(f"{f}: models[{i}] must be a mapping with at least 'name' and 'path'")
+        bad = [k for k in ("name", *PATH_FIELDS) if k in m and not isinstance(m[k], str)]
+        if bad:
+            raise ConfigError(f"{f}: models[{i}].{bad[0]} must be a string (a name or a path), got {m[bad[0]]!r}")
         models.append({k: _absolute(v, folder) if k in PATH_FIELDS else v for k, v in m.items()})
     base = raw.get("base")
     return TaskRegistry(folder, Path(_absolute(str(base), folder)) if base else None, models)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from merge_core.checkpoint import Checkpoint, open_checkpoint
 from merge_core.deltas import Delta, dense_delta
-from merge_core.errors import TaskVectorError
+from merge_core.errors import NonFiniteError, TaskVectorError
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,25 @@ def check_finite(checkpoint: Checkpoint) -> None:
             # (or holds +Inf and -Inf) is checked value by value.
             if not torch.isfinite(tensor.sum(dtype=torch.float32)):
                 _finite(tensor, name, checkpoint.path)
+
+
+def check_finite_result(tensors: Iterable[tuple[str, Tensor]], what: str) -> None:
+    """Every floating-point tensor of a merge result is finite; a NonFiniteError naming ``what`` (the
+    node) and the first tensor that is not, before the result is stored or published."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not torch.isfinite(tensor.sum(dtype=torch.float32)):
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise NonFiniteError(
+                    f"{what}: the merged tensor {name!r} holds NaN or Inf ({bad} of {tensor.numel()} values); "
+                    "nothing was stored or published: lower the method's scale (parameters.lam) or its learning "
+                    "rate, or check the inputs")
+
+
+def check_finite_model(path: str | os.PathLike[str], what: str) -> None:
+    """``check_finite_result`` over every tensor of the model at ``path`` (read one at a time)."""
+    with open_checkpoint(path) as model:
+        check_finite_result(((n, model.get(n)) for n in model.keys()), what)
 
 
 def read_delta(base: Checkpoint, finetuned: Checkpoint, names: NameMap, name: str) -> Tensor:

@@ -34,7 +34,7 @@ from merge_core.errors import CheckpointError, DataError
 from merge_core.evaluate import evaluate
 from merge_core.job import load_split, load_tokenizer
 from merge_core.model import FunctionalModel
-from merge_core.task_vectors import load_stored_heads, mergeable_names
+from merge_core.task_vectors import check_finite_model, load_stored_heads, mergeable_names
 from orchestrator.errors import StoreError
 from orchestrator.node import NodeRecord, NodeTask, cached_record, run_node
 from orchestrator.plan import MergePlan
@@ -159,6 +159,7 @@ def publish(
     new dir over it), so hard links are safe; the files written here are new files, not links."""
     if output.exists() and not overwrite:
         raise CheckpointError(f"{output} already exists; choose another output or pass --overwrite")
+    check_finite_model(root_dir, f"the merged model {root_dir}")  # a store entry written before the checks
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:

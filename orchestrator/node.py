@@ -33,6 +33,7 @@ from merge_core.data import TaskData, load_task_data
 from merge_core.job import load_task_vectors, load_tokenizer
 from merge_core.merge import merge, save_result
 from merge_core.stream import stream_merge, streamable
+from merge_core.task_vectors import check_finite_result
 from orchestrator.errors import NodeOutOfMemoryError, StoreError
 from orchestrator.measure import STREAM_MMAP_THRESHOLD_BYTES, PeakMeter, PeakReading, return_large_blocks_promptly
 from orchestrator.memory import exceeds_prediction, format_bytes, prediction_margin
@@ -254,6 +255,9 @@ def _merge_node(node: NodeTask, store: CheckpointStore, progress: bool) -> NodeR
                 release_task_vectors=True,
             )
             del vectors
+    check_finite_result(result.tensors.items(), f"node {node.id}")
+    for task, head in result.heads.items():
+        check_finite_result(head.items(), f"node {node.id} (head of {task})")
     reading = meter.reading
     assert reading is not None
     record = _node_record(node, store, time.perf_counter() - started, reading, dict(result.val_accuracy))
@@ -281,7 +285,7 @@ def _stream_node(node: NodeTask, store: CheckpointStore, entries: list[ModelEntr
         stream_merge(
             node.base, [(e.name, e.path) for e in entries], node.method, node.parameters, store.path(node.key),
             seed=node.seed, head_prefixes=node.head_prefixes, overwrite=store.occupied(node.key),
-            extra_record=measured, progress=progress,
+            extra_record=measured, progress=progress, label=f"node {node.id}",
         )
     record = records[-1]
     log.info("%s: streamed %d inputs in %.1f s, peak %.0f MB (predicted %.0f MB)", node.id, len(entries),

@@ -20,7 +20,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from merge_core.adapters import check_adapter, is_adapter_dir
 from merge_core.checkpoint import open_checkpoint
 from merge_core.config import MergeConfig
 from merge_core.data import TaskData
@@ -30,7 +29,7 @@ from merge_core.job import load_split, load_tokenizer
 from merge_core.methods.learned import STORAGE_DTYPES, LearnedMergeConfig, weight_groups
 from merge_core.methods.registry import MethodSpec, Temporaries, get_method
 from merge_core.stream import streamable
-from merge_core.task_vectors import check_finite, load_stored_heads, match_names
+from merge_core.preflight import check_base, check_model_config, check_task_data, model_config, task_heads
 from orchestrator.errors import MemoryBudgetError, TreeError
 from orchestrator.memory import (
     FP32,
@@ -262,21 +261,20 @@ def _node_tasks(inputs: _Inputs, tree: MergeTree, placements: Mapping[str, Place
     return nodes
 
 
-def _check_models(config: MergeConfig, *, needs_heads: bool, progress: bool) -> None:
+def _check_models(config: MergeConfig, *, needs_heads: bool, progress: bool) -> dict[str, dict[str, Any]]:
     """Every model against the base, and, where data is scored, that it carries a task head: seen now,
     not after hours of merging. A full fine-tune's header must fit the base (one error per model listing
-    its problems) and its values be finite (every tensor is read once, one at a time: about the time to
-    read the models from disk); an adapter must be of a supported kind, fit the base, and be finite."""
-    headless = []
+    its problems), its config.json the base's architecture, and its values be finite (every tensor is
+    read once, one at a time: about the time to read the models from disk); an adapter must be of a
+    supported kind, fit the base, and be finite. Returns each task's head (tensor -> shape)."""
+    headless, heads = [], {}
+    base_config = model_config(config.base)
     with open_checkpoint(config.base) as base:
         for m in tqdm(config.models, desc="checking models", disable=not progress, leave=False, unit="model"):
-            if is_adapter_dir(m.path):
-                check_adapter(m.path, base)  # an adapter's head is its modules_to_save
-                continue
-            with open_checkpoint(m.path) as tuned:
-                names = match_names(base, tuned, config.head_prefixes)
-                check_finite(tuned)
-            if not names.head and not load_stored_heads(Path(m.path)):
+            found = task_heads(base, Path(m.path), m.name, config.head_prefixes)
+            check_model_config(base_config, Path(m.path))
+            heads.update(found)
+            if not found:
                 headless.append(m.name)
     if headless and needs_heads:
         raise DataError(
@@ -284,10 +282,21 @@ def _check_models(config: MergeConfig, *, needs_heads: bool, progress: bool) -> 
             "scored on their data; give fine-tuned *ForSequenceClassification models or adapters with "
             "modules_to_save=['classifier']"
         )
+    return heads
+
+
+def _check_data(config: MergeConfig, heads: Mapping[str, Mapping[str, Any]], splits: Mapping[str, Mapping[str, TaskData]]) -> None:
+    """Each task's validation and test data against its head and the model (merge_core.preflight)."""
+    base_config = model_config(config.base)
+    for m in config.models:
+        for split, data in splits.items():
+            if m.name in data:
+                check_task_data(m.name, data[m.name], heads.get(m.name), str(getattr(m, split)), base_config)
 
 
 def _read_inputs(config: MergeConfig, spec: MethodSpec, progress: bool) -> _Inputs:
     learned = _learned_config(spec, config.parameters)
+    check_base(config.base, max_length=config.max_length)
     tokenizer = load_tokenizer(config.base)
     val = load_split(config.models, "validation", tokenizer, config.max_length)
     if spec.kind == "learned" or _candidate_count(spec, config.parameters) > 1:
@@ -297,8 +306,9 @@ def _read_inputs(config: MergeConfig, spec: MethodSpec, progress: bool) -> _Inpu
                 f"method {spec.name!r} trains or searches on validation data, but model(s) {missing} have no "
                 "'validation:' file; add one per model (the paper uses 32 examples a task)"
             )
-    load_split(config.models, "test", tokenizer, config.max_length)  # read now: scored only at the end
-    _check_models(config, needs_heads=bool(val) or any(m.test is not None for m in config.models), progress=progress)
+    test = load_split(config.models, "test", tokenizer, config.max_length)  # read now: scored only at the end
+    heads = _check_models(config, needs_heads=bool(val) or bool(test), progress=progress)
+    _check_data(config, heads, {"validation": val, "test": test})
     shape = model_shape(config.base, config.kind)
     n_groups = len(weight_groups(list(shape.tensor_names), learned.granularity)[0]) if learned else 0
     keys = {m.name: model_key(m.path) for m in config.models}

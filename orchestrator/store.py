@@ -2,9 +2,12 @@
 
 A node's key hashes everything its merged model depends on: its children's keys (in order), the base,
 the method with its parameters and seed, the task kind, the head prefixes, and the bytes of the
-validation data it trains on. A model's key hashes its path and a fingerprint of its files (size,
-mtime, and the safetensors header, which lists every tensor's dtype, shape and offsets). Change any
-input and the key changes, so a stale model is never reused.
+validation data it trains on. A model's key hashes its path and the sha256 of every one of its files'
+bytes (each file is read once per process, streamed; the digest is remembered only while the file's
+device, inode, size, mtime and ctime are unchanged, and ctime cannot be set back by ``touch -r``,
+``cp -p``, ``tar x`` or ``rsync -t``). Change any byte of any input and the key changes, so a stale
+model is never reused. A model supermerge wrote (a store entry, a published merge) keeps its key
+in ``supermerge.json``; that key is used only while every file still has the recorded checksum.
 
 Each node is written with merge_core's atomic ``write_model_dir`` (a temporary sibling renamed into
 place) to ``<root>/<key>/``, with its key and the sha256 of each of its files in ``supermerge.json``.
@@ -17,7 +20,9 @@ Several runs may share a store at once (two merges of overlapping trees, a flow'
 ``lock`` is a per-key ``fcntl.flock`` on ``<root>/.locks/<key>.lock``, held exclusively while a node
 is computed and written and shared while it is read back as an input, so a node is merged once, the
 second run waits for it and then reuses it, and no entry is replaced while another run reads it.
-Lock files are left in place (removing a lock file others may hold is itself a race); they are empty.
+The last holder removes the lock file (and the store folders when the store holds nothing else), so a
+run that fails leaves nothing behind; a run that finds its lock file replaced while it waited locks
+the new one instead.
 """
 
 from __future__ import annotations
@@ -34,13 +39,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from merge_core.checkpoint import RECORD_FILE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, read_record, verify_checksums
+from merge_core.checkpoint import (
+    RECORD_FILE,
+    SAFETENSORS_INDEX,
+    SAFETENSORS_SINGLE,
+    file_sha256,
+    read_record,
+    verify_checksums,
+)
 from merge_core.data import TaskData
 from orchestrator.errors import StoreError
 
 log = logging.getLogger(__name__)
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2
 """Bumped whenever what a key covers changes, so old entries are not mistaken for new ones."""
 
 KEY_FIELD = "store_key"
@@ -57,22 +69,9 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _safetensors_header(f: Path) -> str:
-    """sha256 of a safetensors file's JSON header (names, dtypes, shapes, offsets); cheap to read."""
-    with f.open("rb") as fh:
-        size_bytes = fh.read(8)
-        if len(size_bytes) < 8:
-            return "truncated"
-        (n,) = struct.unpack("<Q", size_bytes)
-        return hashlib.sha256(fh.read(min(n, 100 * 1024**2))).hexdigest()
-
-
 def file_fingerprint(f: Path) -> dict[str, Any]:
-    st = f.stat()
-    out: dict[str, Any] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    if f.suffix == ".safetensors":
-        out["header"] = _safetensors_header(f)
-    return out
+    """Size and sha256 of a file's bytes (``merge_core.checkpoint.file_sha256``: once per process)."""
+    return {"size": f.stat().st_size, "sha256": file_sha256(f)}
 
 
 def model_key(path: str | os.PathLike[str]) -> str:
@@ -81,7 +80,7 @@ def model_key(path: str | os.PathLike[str]) -> str:
     if not path.exists():
         raise StoreError(f"{path} does not exist; cannot fingerprint it")
     record = read_record(path) if path.is_dir() else None
-    if record is not None and KEY_FIELD in record:
+    if record is not None and KEY_FIELD in record and verify_checksums(path, record) is None:
         return record[KEY_FIELD]
     if path.is_file():
         files = {path.name: file_fingerprint(path)}
@@ -187,19 +186,59 @@ class CheckpointStore:
         as an input). Waits while another process or thread holds it in a conflicting mode."""
         self.path(key)  # a key that is not a digest names no file
         folder = self.root / LOCKS_DIR
-        folder.mkdir(parents=True, exist_ok=True)
+        lock_file = folder / f"{key}.lock"
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-        with open(folder / f"{key}.lock", "a+b") as fh:
+        while True:
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                fh = open(lock_file, "a+b")  # noqa: SIM115 - closed below, after the lock is released
+            except FileNotFoundError:
+                continue  # the last holder of another key removed the folder meanwhile
             try:
                 fcntl.flock(fh, mode | fcntl.LOCK_NB)
             except BlockingIOError:
                 log.info("waiting for %s: another run is %s it", self.path(key),
                          "writing" if shared else "writing or reading")
                 fcntl.flock(fh, mode)
+            if _same_file(fh, lock_file):
+                break
+            fh.close()  # its last holder removed it while this run waited: lock the file there now
+        try:
+            yield
+        finally:
             try:
-                yield
+                if not shared or _last_holder(fh):
+                    lock_file.unlink(missing_ok=True)
+                    self._remove_if_empty()
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
+                fh.close()
+
+    def _remove_if_empty(self) -> None:
+        """Remove the locks folder and the store folder when the store holds no entry: a failed
+        first run leaves nothing. A folder another run writes into is never empty (its lock is there)."""
+        with contextlib.suppress(OSError):
+            if all(p.name == LOCKS_DIR for p in self.root.iterdir()):
+                (self.root / LOCKS_DIR).rmdir()
+                self.root.rmdir()
+
+
+def _same_file(fh: Any, path: Path) -> bool:
+    """The open lock file is still the one at ``path`` (not unlinked by its last holder)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _last_holder(fh: Any) -> bool:
+    """Whether this shared holder is the lock's only holder (it takes the lock exclusively, without
+    waiting; flock drops the shared lock either way, and the caller releases it next)."""
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _weights_problem(folder: Path) -> str | None:

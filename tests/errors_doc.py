@@ -5,8 +5,8 @@ case renders its row from the exception it caught (paths and sizes made generic 
 ``check_row`` compares it with the doc's row of that case, so the doc cannot drift from the code.
 After changing a message on purpose, rewrite the rows with
 
-    SUPERMERGE_UPDATE_ERRORS_DOC=1 python -m pytest -q tests/flows/test_cli.py tests/orchestrator/test_node.py \
-        tests/orchestrator/test_executor.py
+    SUPERMERGE_UPDATE_ERRORS_DOC=1 python -m pytest -q tests/flows/test_cli.py tests/flows/test_faults.py \
+        tests/orchestrator/test_node.py tests/orchestrator/test_executor.py
 """
 
 from __future__ import annotations

@@ -402,7 +402,9 @@ RUNNING = ["data-changed-since-plan", "node-out-of-memory", "damaged-store-entry
 
 
 def test_the_errors_doc_lists_every_case_in_order_and_nothing_else():
-    assert documented_cases() == [*BAD_INPUTS, *RUNNING]
+    from tests.flows.test_faults import FAULTS, FAULTS_RUNNING, FAULTS_WARNINGS
+
+    assert documented_cases() == [*BAD_INPUTS, *FAULTS, *RUNNING[:2], *FAULTS_RUNNING, *RUNNING[2:], *FAULTS_WARNINGS]
 
 
 # --- planning and hierarchical merges (family_models: tests/flows/conftest.py, built by

@@ -131,3 +131,86 @@ def _server_event(event_id: str, timeout: float = 20.0) -> dict:
                 assert found, f"event {event_id} never reached the server"
                 return found[0]
             time.sleep(0.5)
+
+
+def _damaged_copy(models: FamilyModels, task: str, tmp_path: Path, edit) -> Path:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / f"{task}-damaged"
+    shutil.copytree(models[task]["path"], copy)
+    tensors = load_file(copy / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    return copy
+
+
+def test_register_refuses_what_the_next_merge_would_refuse(
+    tiny_base_dir: Path, family_models: FamilyModels, tmp_path: Path
+) -> None:
+    """The merge's own checks (merge_core.preflight): a NaN bias, labels outside the head's classes,
+    a null text, another architecture's config.json; nothing is listed."""
+    registry = tmp_path / "registry"
+    val = family_models["pa"]["validation"]
+
+    def nan_bias(t):
+        t["bert.encoder.layer.1.output.dense.bias"][0] = float("nan")
+
+    with pytest.raises(TaskVectorError, match="'bert.encoder.layer.1.output.dense.bias' holds NaN or Inf"):
+        register(_damaged_copy(family_models, "pa", tmp_path, nan_bias), "pa", val, registry, base=tiny_base_dir)
+    out_of_range = tmp_path / "seven.jsonl"
+    out_of_range.write_text(json.dumps({"text": "w1 w2", "label": 7}) + "\n")
+    with pytest.raises(DataError, match="label 7 .* which has 2 classes"):
+        register(family_models["pa"]["path"], "pa", out_of_range, registry, base=tiny_base_dir)
+    with pytest.raises(DataError, match="label 7"):
+        register(family_models["pa"]["path"], "pa", val, registry, base=tiny_base_dir, test=out_of_range)
+    null = tmp_path / "null.jsonl"
+    null.write_text(json.dumps({"text": None, "label": 0}) + "\n")
+    with pytest.raises(DataError, match="'text' is None"):
+        register(family_models["pa"]["path"], "pa", null, registry, base=tiny_base_dir)
+    import shutil
+
+    relu = tmp_path / "relu"
+    shutil.copytree(family_models["pa"]["path"], relu)
+    cfg = json.loads((relu / "config.json").read_text())
+    (relu / "config.json").write_text(json.dumps({**cfg, "hidden_act": "relu"}))
+    with pytest.raises(TaskVectorError, match="differs from the base's in hidden_act"):
+        register(relu, "pa", val, registry, base=tiny_base_dir)
+    with pytest.raises(ConfigError, match="max_length 512 is more than the base's 64 positions"):
+        register(family_models["pa"]["path"], "pa", val, registry, base=tiny_base_dir, max_length=512)
+    assert not registry.exists() or not (registry / REGISTRY_FILE).exists()
+
+
+def test_unregister_takes_a_model_off_and_refuses_an_unknown_name(
+    tiny_base_dir: Path, family_models: FamilyModels, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.registry import unregister
+
+    registry = tmp_path / "registry"
+    _register(family_models, "pa", registry, base=tiny_base_dir)
+    _register(family_models, "qa", registry)
+    assert main(["unregister", "--task", "pa", "--registry", str(registry)]) == 0
+    assert f"unregistered pa from {registry.resolve() / REGISTRY_FILE}" in capsys.readouterr().out
+    assert read_registry(registry).names() == ["qa"] and read_registry(registry).base == tiny_base_dir.resolve()
+    assert main(["unregister", "--task", "pa", "--registry", str(registry)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"supermerge: error: task 'pa' is not registered in {registry.resolve() / REGISTRY_FILE}; registered: ['qa']"
+    with pytest.raises(ConfigError, match="has no registry.yaml"):
+        unregister("qa", tmp_path / "elsewhere")
+    assert sorted(p.name for p in registry.iterdir()) == [REGISTRY_FILE]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("[]\n", "expected a mapping with 'base' and a list 'models' (got list)"),
+    ("", "expected a mapping with 'base' and a list 'models' (got NoneType)"),
+    ("base: /b\nmodels: []\nmodels: []\n", "key 'models' is given twice"),
+    ("base: 3\nmodels: []\n", "'base' must be the path of the base model, got 3"),
+    ("base: /b\nmodels:\n  - {name: a, path: [1]}\n", "models[0].path must be a string"),
+    ("base: /b\nextra: 1\n", "unknown key(s) ['extra']"),
+])
+def test_a_malformed_registry_is_an_error(tmp_path: Path, text: str, expected: str) -> None:
+    (tmp_path / REGISTRY_FILE).write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        read_registry(tmp_path)
+    assert expected in str(refused.value)

@@ -53,3 +53,28 @@ def test_batches_by_length_cover_every_row_once_and_score_like_unpadded(tiny_bas
     whole = task_scores(model, params, head, data, batch_size=10)
     assert sorted_trimmed[0] == whole[0]
     assert abs(sorted_trimmed[1] - whole[1]) < 1e-5
+
+
+def test_a_long_line_is_cut_before_it_is_tokenised_and_gives_the_same_tokens(tiny_base_dir):
+    """An 11 MB line held over a GB while tokenised whole, for the 64 tokens kept; cut first, it
+    tokenises to the very ids the whole text truncated gives."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    from merge_core.data import cut_text, tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base_dir)
+    words = [f"w{i % 59}" for i in range(400)]
+    long_text = " ".join(words) + " " + "w7 " * 3_000_000  # ~9 MB
+    cut = cut_text(long_text, tokenizer, 64)
+    assert len(cut) < 64 * 16 and long_text.startswith(cut)
+    started = time.perf_counter()
+    data = tokenize([long_text, "w1 w2"], [0, 1], tokenizer, max_length=64)
+    assert time.perf_counter() - started < 2
+    whole = tokenizer(long_text[:100_000], truncation=True, max_length=64)["input_ids"]
+    assert data.inputs["input_ids"][0].tolist() == whole
+    short = "w1 " * 10
+    assert cut_text(short, tokenizer, 64) == short  # a short text is kept whole
+    spaced = "w1" + " " * 5000 + "w2 w3"  # few tokens in many characters: grown until whole
+    assert cut_text(spaced, tokenizer, 64) == spaced

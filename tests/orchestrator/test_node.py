@@ -87,7 +87,7 @@ def test_out_of_memory_in_a_node_is_one_clear_error_and_nothing_is_stored(
     assert f"predicted a peak of {format_bytes(node.predicted_peak_bytes)}" in message
     assert "--max-fan-in 2" in message
     assert failed.value.__context__ is None and failed.value.__cause__ is None  # the failed frames are freed
-    assert not store.path(node.key).exists() and [p.name for p in store.root.iterdir()] == [".locks"]
+    assert not store.root.exists()  # no entry, no lock file: the failed node left nothing
     with store.lock(node.key):  # released: the next run (or a sibling) can take it at once
         pass
     if raised == "cpu-allocator":

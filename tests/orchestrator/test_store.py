@@ -172,10 +172,41 @@ def test_the_exclusive_lock_makes_a_second_holder_wait_and_a_shared_one_does_not
     for t in readers:
         t.join()
     assert events[:2] in (["r0 in", "r1 in"], ["r1 in", "r0 in"])  # both held it at once
-    assert sorted(p.name for p in (store.root / ".locks").iterdir()) == [f"{key}.lock"]
+    assert not store.root.exists()  # the last holder removed the lock file, and the store held nothing else
     with pytest.raises(StoreError, match="not a hex digest"):
         with store.lock("../../etc/passwd"):
             pass
+
+
+def test_lock_files_are_removed_by_their_last_holder_and_writers_still_exclude_each_other(tmp_path):
+    """Many threads take one key's lock, exclusive and shared, while each last holder removes the
+    lock file: never two writers at once, never a writer beside a reader; nothing is left after."""
+    store = CheckpointStore(tmp_path / "store")
+    (store.root / "entry").mkdir(parents=True)  # a store holding an entry keeps its folders
+    key = "cd" * 32
+    inside = {"writers": 0, "readers": 0}
+    overlaps: list[str] = []
+    guard = threading.Lock()
+
+    def take(shared: bool) -> None:
+        for _ in range(20):
+            with store.lock(key, shared=shared):
+                with guard:
+                    inside["readers" if shared else "writers"] += 1
+                    if inside["writers"] > 1 or (inside["writers"] and inside["readers"]):
+                        overlaps.append(str(inside))
+                time.sleep(0.001)
+                with guard:
+                    inside["readers" if shared else "writers"] -= 1
+
+    threads = [threading.Thread(target=take, args=(i % 3 == 0,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == []
+    assert sorted(p.name for p in store.root.iterdir()) == [".locks", "entry"]
+    assert list((store.root / ".locks").iterdir()) == []
 
 
 def test_an_interrupted_write_leaves_nothing_finished(tmp_path):
