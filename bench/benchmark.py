@@ -24,7 +24,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +35,12 @@ from tqdm.auto import tqdm
 
 from bench.corpora import load_corpus, split
 from bench.measure import measure
-from bench.workload import TaskModel, WorkloadConfig, minilm_dir, prepare_workload, write_merge_config
+from bench.workload import (
+    TaskModel, WorkloadConfig, finetune_seconds, minilm_dir, prepare_task, prepare_workload, write_merge_config,
+)
 from merge_core.checkpoint import open_checkpoint
 from merge_core.config import MergeConfig, TreeConfig, load_config
-from merge_core.data import TaskData, tokenize
+from merge_core.data import TaskData, load_task_data, tokenize
 from merge_core.evaluate import evaluate
 from merge_core.job import load_split, load_task_vectors, model_params, score_models, score_result
 from merge_core.merge import MergeResult, merge
@@ -48,52 +50,91 @@ from merge_core.task_vectors import load_task_vector, mergeable_names
 log = logging.getLogger(__name__)
 
 ALL_METHODS = (
-    "average", "task_arithmetic", "ties", "dare_ta", "dare_ties", "adamerging", "supermerge", "supermerge_no_tanh",
+    "average", "task_arithmetic", "ties", "dare_ta", "dare_ties", "tsv", "iso_c", "iso_cts", "wudi",
+    "adamerging", "supermerge", "supermerge_no_tanh",
 )
-DETERMINISTIC = frozenset({"average", "task_arithmetic", "ties"})
-"""Methods whose result does not depend on the seed: run once, reported with no spread."""
+"""Every method the benchmark compares, in report order; those the registry lacks are skipped."""
+LEARNED = ("adamerging", "supermerge", "supermerge_no_tanh")
+LORA_METHODS = ("average", "task_arithmetic", "ties", "tsv", "iso_c", "iso_cts", "wudi", "supermerge")
+"""Methods run on the LoRA adapters: the training-free ones that take no random masks, and SuperMerge."""
+SEEDED = frozenset({"dare_ta", "dare_ties", *LEARNED})
+"""Methods whose result depends on the seed (DARE's masks, the learned merges' batches): run once per
+seed; every other method runs once, reported with no spread."""
+
+
+RUN_FIRST = ("supermerge", "tsv", "iso_c", "iso_cts", "wudi", "task_arithmetic", "ties", "adamerging",
+             "supermerge_no_tanh")
+"""Run order (seed by seed): the merges the targets compare first, so a run cut short keeps them."""
+
+
+def run_order(method: str) -> int:
+    return RUN_FIRST.index(method) if method in RUN_FIRST else len(RUN_FIRST)
+
+
+def registered(methods: Sequence[str]) -> tuple[str, ...]:
+    """``methods`` that the registry holds (the 2025 training-free merges may be absent)."""
+    from merge_core.methods.registry import METHODS
+
+    return tuple(m for m in methods if m in METHODS)
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """Everything that determines the benchmark's numbers (saved with them)."""
 
-    tasks: tuple[str, ...] = ("language", "sentiment", "quote_topic", "news_outlet", "verb_sense", "subjectivity")
+    tasks: tuple[str, ...] = ("language", "sentiment", "quote_topic", "news_outlet", "verb_sense", "subjectivity",
+                              "package_section", "man_section")
     ood_tasks: tuple[str, ...] = ("health_source", "noun_sense")
     """Never merged: scored by a linear probe on each merged encoder's features (the paper's table 2)."""
-    n_train: int = 1000
+    n_train: int = 2000
     n_val: int = 32
     n_test: int = 300
     max_length: int = 48
-    epochs: float = 1.0
+    epochs: float = 2.0
     lr: float = 1e-4
+    lora_lr: float = 1e-3
+    lora_epochs: float = 1.0
+    """LoRA adapters get one epoch: they feed one table of their own, and the cache must build in an hour."""
     seeds: tuple[int, ...] = (0, 1, 2)
-    steps: int = 60
-    """Training steps of the learned merges (SuperMerge, its ablation, AdaMerging): the same budget."""
+    steps: int = 150
+    """The most training steps a learned merge (SuperMerge, its ablation, AdaMerging) may take."""
+    holdout: int = 8
+    """Early stopping, the same rule for every learned merge: this many of each task's validation
+    examples are held out, W trains on the rest, and the step with the lowest held-out loss (checked
+    every ``eval_every`` steps, stopping after ``patience`` checks without a new best) is kept."""
+    eval_every: int = 10
+    patience: int = 3
     batch_size: int = 8
     """Validation examples per task per step of the learned merges."""
     learned_lr: float = 5e-2
-    methods: tuple[str, ...] = ALL_METHODS
+    methods: tuple[str, ...] = field(default_factory=lambda: registered(ALL_METHODS))
     lora_rank: int | None = 8
     """Also fine-tune LoRA adapters of this rank and merge them with ``lora_methods`` (None: skip)."""
-    lora_methods: tuple[str, ...] = ("average", "task_arithmetic", "ties", "supermerge")
-    ood_train: int = 400
-    ood_test: int = 300
-    hierarchical_fan_in: int | None = 2
+    lora_methods: tuple[str, ...] = field(default_factory=lambda: registered(LORA_METHODS))
+    ood_train: int = 300
+    ood_test: int = 200
+    curve_task: str | None = "verb_sense"
+    """One task fine-tuned on more and fewer examples: is the individual model near what more data gives?"""
+    curve_sizes: tuple[int, ...] = (500, 1000, 3000)
+    """Training-set sizes of the learning curve, besides ``n_train``."""
+    hierarchical_fan_in: int | None = None
     """Also run hierarchical SuperMerge (the orchestrator's clustered tree, this fan-in) on the full
     fine-tunes, with the learned merges' budget at every node (None: skip)."""
     hierarchical_seeds: tuple[int, ...] = (0,)
     """Fewer seeds than the flat methods: a fan-in-2 tree over 6 tasks trains on 2.7x the task-steps."""
 
-    def workload(self, lora_rank: int | None) -> WorkloadConfig:
-        return WorkloadConfig(tasks=self.tasks, n_train=self.n_train, n_val=self.n_val, n_test=self.n_test,
-                              max_length=self.max_length, epochs=self.epochs, lr=self.lr if lora_rank is None else 1e-3,
+    def workload(self, lora_rank: int | None, n_train: int | None = None) -> WorkloadConfig:
+        full = lora_rank is None
+        return WorkloadConfig(tasks=self.tasks, n_train=n_train or self.n_train, n_val=self.n_val,
+                              n_test=self.n_test, max_length=self.max_length,
+                              epochs=self.epochs if full else self.lora_epochs, lr=self.lr if full else self.lora_lr,
                               lora_rank=lora_rank)
 
 
 QUICK = BenchConfig(
     tasks=("language", "sentiment"), ood_tasks=("quote_topic",), n_train=48, n_test=32, max_length=32,
-    seeds=(0,), steps=3, lora_rank=4, ood_train=40, ood_test=32,
+    seeds=(0,), steps=4, eval_every=2, patience=1, holdout=4, lora_rank=4, ood_train=40, ood_test=32,
+    curve_task="language", curve_sizes=(24,),
 )
 
 
@@ -110,6 +151,9 @@ class Run:
     params: dict[str, Any]
     seconds: float
     peak_increase_bytes: int
+    steps_used: int | None = None
+    """The learned merges' step chosen by early stopping."""
+    holdout_losses: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -125,6 +169,12 @@ class BenchResults:
     runs: list[Run] = field(default_factory=list)
     weights: dict[str, Any] = field(default_factory=dict)
     """SuperMerge's learned coefficients tanh(W) (seed 0, full fine-tunes): rows = tasks, cols = tensors."""
+    finetunes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """variant -> task -> {n_train, seconds (None when made before times were recorded), path}."""
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    """The learning curve: {n_train, test_accuracy, seconds} per fine-tune of ``curve_task``."""
+    segments: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per invocation that added runs ({started, seconds, runs}): a resumed benchmark's time is their sum."""
 
 
 def machine_info() -> dict[str, Any]:
@@ -136,6 +186,7 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "processor": platform.processor() or platform.machine(),
+        "load_average": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
     }
 
 
@@ -144,8 +195,9 @@ def method_params(method: str, config: BenchConfig) -> dict[str, Any]:
 
     AdaMerging's paper uses lr 1e-3 for 500 steps; at this benchmark's budget that barely moves its
     coefficients off 0.3, so it gets SuperMerge's lr (documented in the report)."""
-    if method in ("supermerge", "supermerge_no_tanh", "adamerging"):
-        return {"steps": config.steps, "batch_size": config.batch_size, "lr": config.learned_lr}
+    if method in LEARNED:
+        return {"steps": config.steps, "batch_size": config.batch_size, "lr": config.learned_lr,
+                "holdout": config.holdout, "eval_every": config.eval_every, "patience": config.patience}
     return {"search": True}  # a grid runs only when asked (issue 20)
 
 
@@ -191,6 +243,7 @@ def _base_params(base_dir: Path) -> dict[str, torch.Tensor]:
 def run_variant(
     variant: str, tasks: Sequence[TaskModel], methods: Sequence[str], config: BenchConfig, workdir: Path,
     model: FunctionalModel, ood: Mapping[str, tuple[TaskData, TaskData]], results: BenchResults, *, progress: bool,
+    checkpoint: Callable[[], None] | None = None,
 ) -> None:
     """Every method (x seeds) on one set of task models; appends Runs and reference rows to ``results``."""
     merge_config = load_config(write_merge_config(workdir / f"bench-{variant}.yaml", list(tasks), method="average",
@@ -202,7 +255,9 @@ def run_variant(
     results.references[variant] = {**scores, "majority": majority}
     with open_checkpoint(merge_config.base) as base:
         vectors = load_task_vectors(base, merge_config.models, head_prefixes=merge_config.head_prefixes)
-    jobs = [(m, s) for m in methods for s in (config.seeds[:1] if m in DETERMINISTIC else config.seeds)]
+    done = {(r.method, r.seed) for r in results.runs if r.variant == variant}
+    jobs = [(m, s) for s in config.seeds for m in sorted(methods, key=run_order)
+            if (m in SEEDED or s == config.seeds[0]) and (m, s) not in done]
     for method, seed in tqdm(jobs, desc=f"merging ({variant})", disable=not progress, unit="merge"):
         with measure() as cost:
             result = merge(merge_config.base, vectors, method, params=method_params(method, config), val=val,
@@ -214,8 +269,12 @@ def run_variant(
             ood_accuracy={t: probe_accuracy(model, params, tr, te) for t, (tr, te) in ood.items()},
             val_accuracy=result.val_accuracy, params=_jsonable(result.params), seconds=cost.seconds,
             peak_increase_bytes=cost.peak_increase_bytes,
+            steps_used=None if result.learned is None else result.learned.steps_used,
+            holdout_losses=[] if result.learned is None else list(result.learned.holdout_losses),
         )
         results.runs.append(run)
+        if checkpoint is not None:
+            checkpoint()
         if method == "supermerge" and seed == config.seeds[0] and variant == "full" and result.learned is not None:
             results.weights = {"rows": [v.name for v in vectors], "groups": result.learned.groups,
                                "coefficients": result.learned.coefficients.tolist()}
@@ -223,7 +282,8 @@ def run_variant(
     if variant == "full" and config.hierarchical_fan_in is not None:
         for seed in tqdm(config.hierarchical_seeds, desc="hierarchical supermerge", disable=not progress,
                          unit="tree"):
-            results.runs.append(run_hierarchical(merge_config, config, workdir, seed, model, test, ood))
+            if ("supermerge_hierarchical", seed) not in done:
+                results.runs.append(run_hierarchical(merge_config, config, workdir, seed, model, test, ood))
 
 
 def run_hierarchical(
@@ -254,7 +314,7 @@ def run_hierarchical(
         tensors = {n: t.to(model.device) for n, t in model_params(base, merged, names).items()}
     heads = {t: {n: x.to(model.device) for n, x in h.items()} for t, h in merged.heads.items()}
     return Run(
-        variant="full", method="supermerge_hierarchical", seed=seed,
+        variant="full", method="supermerge_hierarchical", seed=seed, steps_used=None,
         test_accuracy=evaluate(model, tensors, heads, {t: d for t, d in test.items() if t in heads}),
         ood_accuracy={t: probe_accuracy(model, tensors, tr, te) for t, (tr, te) in ood.items()},
         val_accuracy=execute_root_val(tree_config.output),
@@ -286,30 +346,101 @@ def _jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in params.items()}
 
 
+def prepare_finetunes(
+    config: BenchConfig, workdir: Path, cache: Path | None, *, progress: bool,
+) -> tuple[dict[str, list[TaskModel]], list[TaskModel]]:
+    """Every fine-tune the benchmark merges (per variant) and the learning curve's (built when not in
+    ``cache``, default ``workdir/models``): run alone first, this builds the cache."""
+    variants = {"full": prepare_workload(workdir, config.workload(None), progress=progress, cache=cache)}
+    if config.lora_rank is not None:
+        variants[f"lora{config.lora_rank}"] = prepare_workload(workdir, config.workload(config.lora_rank),
+                                                               progress=progress, cache=cache)
+    curve = []
+    if config.curve_task is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+        for n in sorted({*config.curve_sizes, config.n_train}):
+            workload = dataclasses.replace(config.workload(None, n), tasks=(config.curve_task,))
+            curve.append(prepare_task(workdir / "curve", config.curve_task, workload, tokenizer, progress=progress,
+                                      cache=cache))
+    return variants, curve
+
+
+def finetune_records(tasks: Sequence[TaskModel]) -> dict[str, dict[str, Any]]:
+    return {t.name: {"n_train": t.n_train, "seconds": finetune_seconds(t), "path": t.path.name} for t in tasks}
+
+
+def score_curve(curve: Sequence[TaskModel], model: FunctionalModel, max_length: int) -> list[dict[str, Any]]:
+    """Test accuracy of each learning-curve fine-tune on its task's test split (the same for all)."""
+    out = []
+    with open_checkpoint(minilm_dir()) as base:
+        names = mergeable_names(base)
+        for t in curve:
+            test = load_task_data(t.test, _tokenizer(), max_length)
+            vector = load_task_vector(base, t.path, name=t.name)
+            tensors = {n: x.to(model.device) for n, x in model_params(base, vector, names).items()}
+            acc = evaluate(model, tensors, vector.heads, {t.name: test})[t.name]
+            out.append({"n_train": t.n_train, "test_accuracy": acc, "seconds": finetune_seconds(t)})
+    return out
+
+
+RESUMABLE = frozenset({"methods", "lora_methods", "seeds", "lora_rank", "curve_task", "curve_sizes"})
+"""Settings a resumed run may change: each only adds merges (methods registered since, more seeds, the
+LoRA variant, the learning curve) to what was measured, which the resumed run keeps."""
+
+
 def run_benchmark(
     config: BenchConfig, workdir: Path, *, command: str, progress: bool = True, partial: Path | None = None,
+    cache: Path | None = None, resume: BenchResults | None = None,
 ) -> BenchResults:
-    """Run everything; with ``partial``, the results so far are saved there after each variant, so a
-    crash late in the run keeps what was measured."""
+    """Run everything; with ``partial``, the results so far are saved there after each merge, so a
+    crash late in the run keeps what was measured, and ``resume`` (those results, same config) skips
+    the merges they hold: the total time is then the sum of the segments."""
     started = time.perf_counter()
-    results = BenchResults(config=dataclasses.asdict(config), machine=machine_info(), command=command,
-                           started=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    if resume is not None:
+        ours, theirs = dataclasses.asdict(config), dict(resume.config)
+        differ = sorted(k for k in ours if k not in RESUMABLE and ours[k] != theirs.get(k))
+        if differ:
+            raise ValueError(f"--resume: the partial results were made with other settings ({', '.join(differ)}); "
+                             "run without --resume")
+        results = dataclasses.replace(resume, config=ours)
+    else:
+        results = BenchResults(config=dataclasses.asdict(config), machine=machine_info(), command=command,
+                               started=now)
+    before = len(results.runs)
+    segment = {"started": now, "seconds": 0.0, "runs": 0}
+    results.segments.append(segment)
+
+    def checkpoint() -> None:
+        """Bring this invocation's time and run count up to date; save the partial results."""
+        segment.update(seconds=time.perf_counter() - started, runs=len(results.runs) - before)
+        results.seconds = sum(seg["seconds"] for seg in results.segments)
+        if partial is not None:
+            save_results(results, partial)
+
     workdir.mkdir(parents=True, exist_ok=True)
+    variants, curve = prepare_finetunes(config, workdir, cache, progress=progress)
+    results.finetunes = {v: finetune_records(ts) for v, ts in variants.items()}
     model = FunctionalModel(minilm_dir())
+    results.curve = score_curve(curve, model, config.max_length)
     ood = ood_data(config, _tokenizer())
     base = {n: p.to(model.device) for n, p in _base_params(minilm_dir()).items()}
     results.ood_references = {"pretrained": {t: probe_accuracy(model, base, tr, te) for t, (tr, te) in ood.items()}}
-    variants = [("full", None, config.methods)]
-    if config.lora_rank is not None:
-        variants.append((f"lora{config.lora_rank}", config.lora_rank, config.lora_methods))
-    for variant, rank, methods in variants:
-        tasks = prepare_workload(workdir, config.workload(rank), progress=progress)
-        run_variant("full" if rank is None else variant, tasks, methods, config, workdir, model, ood, results,
-                    progress=progress)
-        if partial is not None:
-            save_results(results, partial)
-    results.seconds = time.perf_counter() - started
+    for variant, tasks in variants.items():
+        methods = config.methods if variant == "full" else config.lora_methods
+        run_variant(variant, tasks, methods, config, workdir, model, ood, results, progress=progress,
+                    checkpoint=checkpoint)
+    checkpoint()
     return results
+
+
+def load_results(path: Path) -> BenchResults:
+    """Results saved by ``save_results``, as the dataclasses they were."""
+    raw = json.loads(path.read_text())
+    raw["runs"] = [Run(**r) for r in raw["runs"]]
+    return BenchResults(**raw)
 
 
 def save_results(results: BenchResults, path: Path) -> Path:
@@ -329,14 +460,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs"),
                         help="where benchmarks.md, benchmark_results.json and img/ go (default ./docs)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds (default 0 1 2)")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="fine-tuned models are kept and reused here (default WORKDIR/models)")
+    parser.add_argument("--finetune-only", action="store_true",
+                        help="build the fine-tunes (fill the cache) and stop")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the merges of WORKDIR/benchmark_results.partial.json and run only the rest")
+    parser.add_argument("--no-lora", action="store_true", help="skip the LoRA variant (a later --resume can add it)")
+    parser.add_argument("--no-curve", action="store_true",
+                        help="skip the learning curve (a later --resume can add it)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default torch's: one per core); 1 is faster on a machine other "
+                             "jobs share")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = QUICK if args.quick else BenchConfig()
     if args.seeds:
         config = dataclasses.replace(config, seeds=tuple(args.seeds))
-    command = "python -m bench.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
-    results = run_benchmark(config, args.workdir, command=command.strip(),
-                            partial=args.workdir / "benchmark_results.partial.json")
+    if args.no_lora:
+        config = dataclasses.replace(config, lora_rank=None)
+    if args.no_curve:
+        config = dataclasses.replace(config, curve_task=None)
+    if args.finetune_only:
+        start = time.perf_counter()
+        prepare_finetunes(config, args.workdir, args.cache, progress=True)
+        print(f"fine-tunes ready in {(time.perf_counter() - start) / 60:.1f} min")
+        return 0
+    command = "python -m bench.benchmark " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
+                                                      if a != "--resume")
+    partial = args.workdir / "benchmark_results.partial.json"
+    resume = load_results(partial) if args.resume and partial.exists() else None
+    results = run_benchmark(config, args.workdir, command=command.strip(), partial=partial, cache=args.cache,
+                            resume=resume)
     from bench.report import write_report
 
     save_results(results, args.out / "benchmark_results.json")

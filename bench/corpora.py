@@ -479,6 +479,146 @@ def load_verb_sense(root: Path = WORDNET_DIR) -> Corpus:
     return _load_wordnet("verb_sense", "verb", 300, root)
 
 
+# --- Debian's package index: section of a package from its description ---------------------------
+
+APT_LISTS = Path("/var/lib/apt/lists")
+PACKAGE_MIN_COUNT = 1900
+"""Sections with this many packages or more in bookworm main: the 11 largest (libs ... golang)."""
+PACKAGE_CAP = 1500
+"""Packages kept per section (seeded): libs has 3.5x golang's packages; capped, the largest is 10.6 %."""
+_NAME_SPLIT = re.compile(r"[-.+_]")
+_WORD = re.compile(r"\S+")
+
+
+def _package_lists(root: Path) -> list[Path]:
+    found = sorted(root.glob("*_main_binary-*_Packages*"))
+    if not found:
+        raise DataMissing(
+            f"no Debian package index (*_main_binary-*_Packages*) under {root}; run `apt-get update` "
+            f"(or `{INSTALL_COMMAND}`, which does)"
+        )
+    return found
+
+
+def _read_package_list(path: Path) -> str:
+    """An apt package index as text: apt keeps it plain or compressed (``.lz4`` needs ``lz4cat``)."""
+    import gzip
+    import lzma
+    import shutil
+    import subprocess
+
+    if path.suffix == ".lz4":
+        if shutil.which("lz4cat") is None:
+            raise DataMissing(f"{path} is lz4-compressed and lz4cat is missing; run `{INSTALL_COMMAND}` (Debian lz4)")
+        return subprocess.run(["lz4cat", str(path)], check=True, capture_output=True).stdout.decode("utf-8")
+    if path.suffix == ".gz":
+        return gzip.decompress(path.read_bytes()).decode("utf-8")
+    if path.suffix == ".xz":
+        return lzma.decompress(path.read_bytes()).decode("utf-8")
+    return _read_utf8(path)
+
+
+def package_stanzas(text: str) -> Iterator[dict[str, str]]:
+    """``{field: value}`` per package of an apt index (stanzas split by blank lines; continuation
+    lines, which start with a space, are appended to their field)."""
+    for block in text.split("\n\n"):
+        fields: dict[str, str] = {}
+        key = ""
+        for line in block.splitlines():
+            if line.startswith((" ", "\t")) and key:
+                fields[key] += "\n" + line.strip()
+            elif ":" in line:
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+        if fields:
+            yield fields
+
+
+def strip_package_name(description: str, package: str) -> str:
+    """The description without the package's name or any of its parts (``python3-requests``: the
+    name, ``python3`` and ``requests``), matched as whole words, any case, ignoring punctuation around
+    them: the name gives many sections away (``lib*-dev``, ``golang-*``, ``*-doc``)."""
+    parts = {package.lower(), *(p.lower() for p in _NAME_SPLIT.split(package) if len(p) >= 2)}
+    return _WORD.sub(lambda m: " " if m[0].lower().strip(".,;:()[]'\"") in parts else m[0], description)
+
+
+def load_package_section(
+    root: Path = APT_LISTS, *, max_per_class: int = PACKAGE_CAP, min_count: int = PACKAGE_MIN_COUNT,
+) -> Corpus:
+    paths = _package_lists(root)
+    items = [
+        (strip_package_name(fields["Description"].split("\n", 1)[0], fields["Package"]), fields["Section"])
+        for path in paths
+        for fields in package_stanzas(_read_package_list(path))
+        if "Package" in fields and "Section" in fields and "Description" in fields
+    ]
+    counts = Counter(section for _, section in items)
+    corpus = _assemble(
+        "package_section",
+        "Which Debian section (libs, python, doc, ...) a package is in, from its one-line description "
+        "with the package name and its parts removed; sections with >= "
+        f"{min_count} packages, at most {max_per_class} a section (seed {SUBSAMPLE_SEED})",
+        f"Debian package index: {', '.join(str(p) for p in paths)}",
+        items,
+        sorted(counts, key=lambda s: (-counts[s], s)),
+        min_count=min_count,
+    )
+    return cap_per_class(corpus, max_per_class)
+
+
+# --- man pages: section of a page from its NAME line ------------------------------------------
+
+MAN_SECTIONS = ("1", "2", "3", "5", "7", "8")
+"""Sections with >= 200 pages once manpages and manpages-dev are installed (4 and 6 have ~40)."""
+MAN_CAP = 500
+"""Pages kept per section (seeded): section 1 has 80x section 5's pages."""
+_WHATIS = re.compile(r"^(?P<names>.+?) \((?P<section>\d)[^)]*\)\s+- (?P<what>.*)$")
+_MAN_REF = re.compile(r"\b[\w.:+-]+ ?\(\d\w*\)")
+"""A reference to another page, ``adduser (8)``: its section number would give the label away."""
+
+
+def whatis_lines() -> tuple[list[str], str]:
+    """Every installed page's ``whatis`` line (``apropos --long .``, man-db's index, unshortened)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("apropos") is None:
+        raise DataMissing(f"apropos (Debian man-db) is not installed; run `{INSTALL_COMMAND}`")
+    out = subprocess.run(["apropos", "--long", "."], capture_output=True, check=False,
+                         env={"LC_ALL": "C.UTF-8", "PATH": "/usr/bin:/bin"})
+    lines = out.stdout.decode("utf-8", errors="replace").splitlines()
+    if not lines:
+        raise DataMissing(f"apropos found no manual pages (is the man-db index built? `mandb`); "
+                          f"run `{INSTALL_COMMAND}`")
+    return lines, "Debian man-db index (apropos --long .) of the installed manual pages (manpages, manpages-dev, ...)"
+
+
+def whatis_items(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """``(description, main section)`` per ``whatis`` line (``ls (1) - list directory contents``): the
+    page's names dropped, references to other pages removed, ``3perl`` counted as section 3."""
+    for line in lines:
+        match = _WHATIS.match(line)
+        if match:
+            yield _MAN_REF.sub(" ", match["what"]), match["section"]
+
+
+def load_man_section(*, max_per_class: int = MAN_CAP, lines: Sequence[str] | None = None) -> Corpus:
+    """``lines``: whatis lines to read instead of the installed pages' (for tests)."""
+    lines, source = (whatis_lines() if lines is None else (list(lines), "given whatis lines"))
+    items = list(whatis_items(lines))
+    corpus = _assemble(
+        "man_section",
+        "Which manual section (1 commands, 2 system calls, 3 library calls, 5 file formats, 7 overviews, "
+        "8 admin commands) a page is in, from its NAME line's description (the page's name and references "
+        f"like 'adduser (8)' removed); at most {max_per_class} a section (seed {SUBSAMPLE_SEED})",
+        source,
+        items,
+        MAN_SECTIONS,
+        min_count=min(100, max_per_class),
+    )
+    return cap_per_class(corpus, max_per_class)
+
+
 # --- registry and splits -------------------------------------------------------------------------
 
 CORPORA: dict[str, Callable[[], Corpus]] = {
@@ -490,6 +630,8 @@ CORPORA: dict[str, Callable[[], Corpus]] = {
     "quote_topic": load_quote_topic,
     "noun_sense": load_noun_sense,
     "verb_sense": load_verb_sense,
+    "package_section": load_package_section,
+    "man_section": load_man_section,
 }
 
 

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from bench.corpora import INSTALL_COMMAND, DataMissing, Subset, load_corpus, split
 from merge_core.data import tokenize
+from merge_core.errors import DataError
 from merge_core.finetune import FinetuneConfig, finetune_classifier
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,14 @@ class TaskModel:
     test: Path
     num_labels: int
     label_names: list[str]
+    n_train: int
+    """Examples it was fine-tuned on (fewer than asked where the corpus is small)."""
+
+
+def finetune_seconds(task: TaskModel) -> float | None:
+    """Wall time of the fine-tune that made ``task.path`` (None for one made before this was recorded)."""
+    record = task.path / "finetune_seconds.json"
+    return json.loads(record.read_text())["seconds"] if record.is_file() else None
 
 
 def _write_jsonl(subset: Subset, path: Path) -> Path:
@@ -80,33 +90,55 @@ def _write_jsonl(subset: Subset, path: Path) -> Path:
     return path
 
 
-def prepare_task(workdir: Path, task: str, config: WorkloadConfig, tokenizer, *, progress: bool) -> TaskModel:
-    """Split ``task``, write its val/test data, fine-tune the base on its train split (cached)."""
+def train_size(corpus_size: int, config: WorkloadConfig) -> int:
+    """``config.n_train``, or what a small corpus has left after its test and validation examples."""
+    return min(config.n_train, corpus_size - config.n_test - config.n_val)
+
+
+def prepare_task(
+    workdir: Path, task: str, config: WorkloadConfig, tokenizer, *, progress: bool, cache: Path | None = None,
+) -> TaskModel:
+    """Split ``task``, write its val/test data, fine-tune the base on its train split.
+
+    The fine-tune is kept under ``cache`` (default ``workdir/models``) by a name that hashes its settings,
+    so later runs, and other workdirs pointing at the same cache, reuse it."""
     corpus = load_corpus(task)
-    parts = split(corpus, n_train=config.n_train, n_val=config.n_val, n_test=config.n_test, seed=config.seed)
+    parts = split(corpus, n_train=train_size(len(corpus), config), n_val=config.n_val, n_test=config.n_test,
+                  seed=config.seed)
     data = workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
     val = _write_jsonl(parts.val, data / f"{task}.val.jsonl")
     test = _write_jsonl(parts.test, data / f"{task}.test.jsonl")
     kind = "full" if config.lora_rank is None else f"lora{config.lora_rank}"
-    model_dir = workdir / "models" / f"{task}-{kind}-{config.finetune_key(task)}"
+    model_dir = (cache or workdir / "models") / f"{task}-{kind}-{config.finetune_key(task)}"
+    record = model_dir / "finetune_seconds.json"
     if model_dir.exists():
+        made = json.loads(record.read_text()) if record.is_file() else {}
+        moved = {k: (made[k], getattr(config, k)) for k in ("n_test", "n_val") if k in made and made[k] != getattr(config, k)}
+        if moved:
+            raise DataError(f"{model_dir} was fine-tuned with other test/validation sizes {moved} (made, asked), so "
+                            "its training split overlaps this run's test or validation data: use another cache")
         log.info("reusing fine-tuned %s", model_dir)
     else:
         train = tokenize(parts.train.texts, parts.train.labels, tokenizer, config.max_length)
         ft = FinetuneConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=config.seed,
                             lora_rank=config.lora_rank)
+        start = time.perf_counter()
         finetune_classifier(minilm_dir(), train, len(corpus.label_names), model_dir, ft, progress=progress)
-    return TaskModel(task, model_dir, val, test, len(corpus.label_names), corpus.label_names)
+        record.write_text(json.dumps({"seconds": time.perf_counter() - start, "n_train": len(parts.train),
+                                      "n_test": config.n_test, "n_val": config.n_val}))
+    return TaskModel(task, model_dir, val, test, len(corpus.label_names), corpus.label_names, len(parts.train))
 
 
-def prepare_workload(workdir: Path, config: WorkloadConfig, *, progress: bool = False) -> list[TaskModel]:
-    """Every task of ``config`` prepared under ``workdir`` (fine-tunes reused when cached)."""
+def prepare_workload(
+    workdir: Path, config: WorkloadConfig, *, progress: bool = False, cache: Path | None = None,
+) -> list[TaskModel]:
+    """Every task of ``config`` prepared under ``workdir`` (fine-tunes reused from ``cache`` when there)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     bar = tqdm(config.tasks, desc="preparing tasks", disable=not progress, unit="task")
-    return [prepare_task(workdir, t, config, tokenizer, progress=progress) for t in bar]
+    return [prepare_task(workdir, t, config, tokenizer, progress=progress, cache=cache) for t in bar]
 
 
 def write_merge_config(

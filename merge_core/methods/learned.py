@@ -81,6 +81,14 @@ class LearnedMergeConfig:
     activations at a time (plus one model-sized gradient), so a node's memory follows its fan-in, not
     the number of tasks beneath it. joint: every task forward, one backward (holds all tasks'
     activations at once; cheaper only when they are smaller than one model). Same loss, same gradient."""
+    holdout: int = 0
+    """Early stopping: examples per task held out of the validation data (seeded) to pick the step;
+    W trains on the rest for at most ``steps``, its held-out loss (each task's own supervised loss,
+    whatever the objective, so every learned method is stopped by the same rule) is measured every
+    ``eval_every`` steps, training stops after ``patience`` checks without a new best and the W of the
+    best check is returned. 0: train all ``steps`` on all the data."""
+    eval_every: int = 10
+    patience: int = 3
 
     basis: Literal["task_vectors", "tsv"] = "task_vectors"
     """What W weights: the raw task vectors, or (tsv) each matrix's TSV-M decorrelated per-task pieces
@@ -105,6 +113,8 @@ class LearnedMergeConfig:
             problems.append(f"init {self.init} must lie in (-1, 1) under tanh")
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             problems.append("steps >= 0, batch_size >= 1 and lr > 0 are required")
+        if self.holdout < 0 or self.eval_every < 1 or self.patience < 1:
+            problems.append("holdout >= 0, eval_every >= 1 and patience >= 1 are required")
         if self.init_merged not in ("by_tasks", "same"):
             problems.append(f"init_merged must be by_tasks or same, not {self.init_merged!r}")
         if self.backward not in ("per_task", "joint"):
@@ -129,6 +139,29 @@ class LearnedMerge:
     groups: list[str]
     group_of: dict[str, int]
     losses: list[float] = field(default_factory=list)
+    steps_used: int | None = None
+    """The step whose W this is, when early stopping chose it (``LearnedMergeConfig.holdout``)."""
+    holdout_losses: list[tuple[int, float]] = field(default_factory=list)
+    """(step, held-out loss) at each early-stopping check."""
+
+
+def split_holdout(data: TaskData, holdout: int, generator: torch.Generator) -> tuple[TaskData, TaskData]:
+    """(train, held out) rows of one task's validation data, ``holdout`` of them held out at random."""
+    if not 0 < holdout < len(data):
+        raise ConfigError(f"holdout {holdout} must be between 1 and the {len(data)} validation examples - 1")
+    order = torch.randperm(len(data), generator=generator)
+    return data.take(order[holdout:]), data.take(order[:holdout])
+
+
+@torch.no_grad()
+def holdout_loss(
+    weights: Tensor, model: FunctionalModel, base: Mapping[str, Tensor], stacked: Mapping[str, TaskVectorStack],
+    group_of: Mapping[str, int], heads: Mapping[str, Mapping[str, Tensor]], held: Mapping[str, TaskData],
+    config: LearnedMergeConfig,
+) -> float:
+    """Mean over tasks of each task's supervised loss on its held-out rows: the early-stopping score."""
+    params = combine(base, stacked, coefficients(weights, config.transform), group_of)
+    return _objective_loss(model, params, heads, held, "supervised").item()
 
 
 def weight_groups(names: Sequence[str], granularity: str) -> tuple[list[str], dict[str, int]]:
@@ -421,9 +454,21 @@ def train_merge_weights(
     optimizer = torch.optim.AdamW([weights], lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     data = {t: d.to(device) for t, d in data.items()}
+    held: dict[str, TaskData] = {}
+    if config.holdout:
+        parts = {t: split_holdout(d, config.holdout, generator) for t, d in data.items()}
+        data, held = {t: a for t, (a, _) in parts.items()}, {t: b for t, (_, b) in parts.items()}
+    checks: list[tuple[int, float]] = []
+    best = (0, math.inf, weights.detach().clone())
     losses: list[float] = []
     bar = tqdm(range(config.steps), desc="training merge weights", disable=not progress, leave=False)
-    for _ in bar:
+    for step in bar:
+        if held and step % config.eval_every == 0:
+            checks.append((step, holdout_loss(weights, model, base, stacked, group_of, heads, held, config)))
+            if checks[-1][1] < best[1]:
+                best = (step, checks[-1][1], weights.detach().clone())
+            elif (step - best[0]) // config.eval_every >= config.patience:
+                break
         batches = {t: d.sample(config.batch_size, generator) for t, d in data.items()}
         optimizer.zero_grad(set_to_none=True)
         loss = backward_step(weights, model, base, stacked, group_of, heads, batches, config)
@@ -433,7 +478,15 @@ def train_merge_weights(
                 weights.clamp_(0.0, 1.0)
         losses.append(loss)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    log.info("merge weights trained: %d steps, loss %.4f -> %.4f", config.steps,
+    else:
+        if held:
+            checks.append((config.steps, holdout_loss(weights, model, base, stacked, group_of, heads, held, config)))
+            if checks[-1][1] < best[1]:
+                best = (config.steps, checks[-1][1], weights.detach().clone())
+    if held:
+        weights = best[2]
+        log.info("early stopping: step %d of %d run (held-out loss %.4f)", best[0], len(losses), best[1])
+    log.info("merge weights trained: %d steps, loss %.4f -> %.4f", len(losses),
              losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
     final = weights.detach()
     return LearnedMerge(
@@ -442,4 +495,6 @@ def train_merge_weights(
         groups=groups,
         group_of=group_of,
         losses=losses,
+        steps_used=best[0] if held else None,
+        holdout_losses=checks,
     )

