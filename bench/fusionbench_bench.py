@@ -37,7 +37,7 @@ def _worker(path: Path, out: Path) -> None:
     from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction
     from fusion_bench.method.wudi.wudi import wudi_merging
 
-    stacks = torch.load(path)
+    stacks = torch.load(path, weights_only=True)
     task_vectors = [{n: s[i].clone() for n, s in stacks.items()} for i in range(K)]
     results, seconds = {}, {}
     for name, fn in [
@@ -74,7 +74,7 @@ def main() -> None:
                                  check=True, capture_output=True, text=True).stdout.strip()
         subprocess.run([args.python, "-m", "bench.fusionbench_bench", "--worker", str(inputs), str(outputs)],
                        check=True)
-        theirs = torch.load(outputs)
+        theirs = torch.load(outputs, weights_only=True)
     ours_ops = {
         "tsv": lambda d: tsv.merge(torch.zeros(d.shape[1:]), d),
         "iso_c": lambda d: iso.merge_iso_c(torch.zeros(d.shape[1:]), d),

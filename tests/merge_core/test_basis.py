@@ -49,7 +49,7 @@ def test_tsv_pieces_at_alpha_are_tsv_m_for_every_tensor_kind() -> None:
 def test_training_free_start_is_that_methods_merge(tiny_base_dir, setup, method, reference) -> None:
     vectors, val = setup
     start = merge(tiny_base_dir, vectors, method, params={"steps": 0}, val=val)
-    chosen = merge(tiny_base_dir, vectors, reference, val=val)  # its grid search on the same data
+    chosen = merge(tiny_base_dir, vectors, reference, params={"search": True}, val=val)  # its grid search, same data
     scale_key = "alpha" if reference == "tsv" else "lam"
     assert [p["scale"] for p in start.search] == [p[scale_key] for p in chosen.search]
     assert [p["val_accuracy"] for p in start.search] == pytest.approx([p["val_accuracy"] for p in chosen.search])
