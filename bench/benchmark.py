@@ -400,7 +400,8 @@ def run_benchmark(
     started = time.perf_counter()
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     if resume is not None:
-        ours, theirs = dataclasses.asdict(config), dict(resume.config)
+        ours = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as the saved results' lists
+        theirs = dict(resume.config)
         differ = sorted(k for k in ours if k not in RESUMABLE and ours[k] != theirs.get(k))
         if differ:
             raise ValueError(f"--resume: the partial results were made with other settings ({', '.join(differ)}); "

@@ -536,9 +536,10 @@ def package_stanzas(text: str) -> Iterator[dict[str, str]]:
 
 def strip_package_name(description: str, package: str) -> str:
     """The description without the package's name or any of its parts (``python3-requests``: the
-    name, ``python3`` and ``requests``), matched as whole words, any case, ignoring punctuation around
+    name, ``python3`` and ``requests``; a ``lib`` part also without its prefix), matched as whole words, any case, ignoring punctuation around
     them: the name gives many sections away (``lib*-dev``, ``golang-*``, ``*-doc``)."""
     parts = {package.lower(), *(p.lower() for p in _NAME_SPLIT.split(package) if len(p) >= 2)}
+    parts |= {p[3:] for p in parts if p.startswith("lib") and len(p) >= 5}  # librequests-dev: "requests" too
     return _WORD.sub(lambda m: " " if m[0].lower().strip(".,;:()[]'\"") in parts else m[0], description)
 
 

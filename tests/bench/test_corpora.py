@@ -378,7 +378,7 @@ def test_package_section_reads_the_index_without_names(tmp_path: Path) -> None:
     corpus = corpora.load_package_section(tmp_path, min_count=1)
     by_label = {corpus.label_names[y]: t for t, y in zip(corpus.texts, corpus.labels)}
     assert set(by_label) == {"python", "libdevel", "golang"}
-    assert by_label["libdevel"] == "( ) - development files"  # first line only, name gone
+    assert by_label["libdevel"] == "- development files"  # first line only; the name and its lib-less stem gone
     assert "requests" not in by_label["python"].lower() and "foo" not in by_label["golang"].lower()
 
 
