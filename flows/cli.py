@@ -57,6 +57,8 @@ def _load_merge_config(
     overrides = {"output": str(output.resolve()) if output else None, "device": device}
     config = load_config(config_path, overrides)
     raw = config.resolved()
+    if config.max_length_resolved.source != "config":
+        raw["max_length"] = None  # resolved again, so the plan still says where it came from
     if method is not None and method != config.method:
         # the config's parameters belong to its own method: another method starts from its defaults
         if config.parameters:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from merge_core.errors import ConfigError
+from merge_core.max_length import MaxLength, resolve_max_length
 from merge_core.mergekit import from_mergekit, is_mergekit_config
 from merge_core.safe_yaml import load_yaml
 from merge_core.task_registry import with_registry_models
@@ -80,7 +81,7 @@ class MergeConfig(_Strict):
     retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy())
     registry: Path | None = None
     """A task-model registry folder (see merge_core.task_registry); its models are appended to ``models``."""
-    _max_length_source: str = PrivateAttr(default="set in the config")
+    _max_length_from: str = PrivateAttr(default="config")
 
     @field_validator("models")
     @classmethod
@@ -154,21 +155,19 @@ class MergeConfig(_Strict):
     def _max_length_resolved(self) -> MergeConfig:
         """``max_length`` as an int: set, or read from the fine-tunes (their paths that cannot be read are
         left to ``missing_files``), with where it came from kept for ``supermerge plan``."""
-        from merge_core.max_length import resolve_max_length
-
         readable = {m.name: m.path for m in self.models if path_problem(m.path) is None}
         try:
             resolved = resolve_max_length(self.max_length, readable)
         except ConfigError as e:
             raise ValueError(str(e)) from None
         config = self if self.max_length is not None else self.model_copy(update={"max_length": resolved.tokens})
-        config._max_length_source = resolved.source
+        config._max_length_from = resolved.source
         return config
 
     @property
-    def max_length_source(self) -> str:
-        """Where ``max_length`` came from: the config, the fine-tunes' record, or the default."""
-        return self._max_length_source
+    def max_length_resolved(self) -> MaxLength:
+        """``max_length`` and where it came from: the config, the fine-tunes' record, or the default."""
+        return MaxLength(self.max_length, self._max_length_from)  # type: ignore[arg-type]  # an int once validated
 
     @property
     def write_dtype(self) -> str | None:

@@ -16,6 +16,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from merge_core.errors import ConfigError
 
@@ -28,10 +29,12 @@ class MaxLength:
     """The resolved ``max_length`` (tokens per example) and where it came from, for ``supermerge plan``."""
 
     tokens: int
-    source: str
+    source: Literal["config", "fine-tunes", "default"]
 
     def describe(self) -> str:
-        return f"max_length {self.tokens} ({self.source})"
+        where = {"config": "set in the config", "fine-tunes": f"from the fine-tunes' {FINETUNE_RECORD}",
+                 "default": "default"}[self.source]
+        return f"max_length {self.tokens} ({where})"
 
 
 def write_finetune_record(folder: str | os.PathLike[str], max_length: int) -> None:
@@ -61,13 +64,13 @@ def resolve_max_length(given: int | None, models: Mapping[str, str | os.PathLike
     else the default 64 when none records one. Models that record different lengths, or some a length
     and some none, are a ConfigError: no one length is right for all of them, so the user chooses."""
     if given is not None:
-        return MaxLength(given, "set in the config")
+        return MaxLength(given, "config")
     recorded = {name: recorded_max_length(path) for name, path in models.items()}
     lengths = set(recorded.values())
     if lengths == {None}:
         return MaxLength(DEFAULT_MAX_LENGTH, "default")
     if len(lengths) == 1:
-        return MaxLength(lengths.pop(), f"from the fine-tunes' {FINETUNE_RECORD}")  # type: ignore[arg-type]
+        return MaxLength(lengths.pop(), "fine-tunes")  # type: ignore[arg-type]
     said = ", ".join(f"{name} {n if n is not None else 'none'}" for name, n in recorded.items())
     raise ConfigError(f"the fine-tunes do not record one training length ({FINETUNE_RECORD}: {said}); set "
                       "max_length in the config to the tokens per example every task's data is cut to")

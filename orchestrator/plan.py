@@ -95,8 +95,7 @@ class MergePlan:
             f"{k} models -> {len(self.nodes)} merge(s), fan-in {self.fan_in} ({self.fan_in_reason}), "
             f"depth {self.tree.depth}, method {self.config.method}",
             f"budget per node: {format_bytes(self.budget.host)} RAM ({self.budget.source}); GPUs: {gpus}",
-            f"max_length {self.config.max_length} ({self.config.max_length_source}): tokens per example for "
-            "merge training and scoring",
+            f"{self.config.max_length_resolved.describe()}: tokens per example for merge training and scoring",
             "",
             self.tree.render(lambda n: self._annotation(n)),
             "",
