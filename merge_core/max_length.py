@@ -66,11 +66,11 @@ def resolve_max_length(given: int | None, models: Mapping[str, str | os.PathLike
     if given is not None:
         return MaxLength(given, "config")
     recorded = {name: recorded_max_length(path) for name, path in models.items()}
-    lengths = set(recorded.values())
-    if lengths == {None}:
+    lengths = {n for n in recorded.values() if n is not None}
+    if not lengths:
         return MaxLength(DEFAULT_MAX_LENGTH, "default")
-    if len(lengths) == 1:
-        return MaxLength(lengths.pop(), "fine-tunes")  # type: ignore[arg-type]
+    if len(lengths) == 1 and None not in recorded.values():
+        return MaxLength(lengths.pop(), "fine-tunes")
     said = ", ".join(f"{name} {n if n is not None else 'none'}" for name, n in recorded.items())
     raise ConfigError(f"the fine-tunes do not record one training length ({FINETUNE_RECORD}: {said}); set "
                       "max_length in the config to the tokens per example every task's data is cut to")

@@ -27,6 +27,7 @@ def _models(tmp_path, lengths):
 
 @pytest.mark.parametrize(("given", "lengths", "expected"), [
     (None, [None, None], "max_length 64 (default)"),
+    (None, [], "max_length 64 (default)"),  # every path unreadable: missing_files reports them
     (None, [128, 128], f"max_length 128 (from the fine-tunes' {FINETUNE_RECORD})"),
     (32, [128, 256], "max_length 32 (set in the config)"),
     (32, [None, None], "max_length 32 (set in the config)"),
