@@ -124,7 +124,8 @@ def prepare_task(
         ft = FinetuneConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=config.seed,
                             lora_rank=config.lora_rank)
         start = time.perf_counter()
-        finetune_classifier(minilm_dir(), train, len(corpus.label_names), model_dir, ft, progress=progress)
+        finetune_classifier(minilm_dir(), train, len(corpus.label_names), model_dir, ft, max_length=config.max_length,
+                            progress=progress)
         record.write_text(json.dumps({"seconds": time.perf_counter() - start, "n_train": len(parts.train),
                                       "n_test": config.n_test, "n_val": config.n_val}))
     return TaskModel(task, model_dir, val, test, len(corpus.label_names), corpus.label_names, len(parts.train))

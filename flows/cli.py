@@ -26,11 +26,13 @@ example config (paths relative to the config file):
   output: merged/supermerge         # written atomically; refused if it exists (use --overwrite)
   method: supermerge                # see `supermerge methods`
   parameters: {steps: 100, lr: 0.05}  # left out: the defaults; a list value (or search: true) is searched
-  max_length: 64                    # tokens per example for merge training and evaluation (default 64)
+  max_length: 128                   # tokens per example for merge training and evaluation; left out: the length
+                                    # the fine-tunes record (supermerge-finetune.json), else 64 (`plan` says which)
   models:
     - name: sentiment
       path: models/sentiment        # full fine-tune dir, .safetensors, or a PEFT LoRA/IA3 adapter dir
-      validation: data/sentiment.val.jsonl   # {"text": ..., "label": INT} per line (label indexes the head's logits)
+      validation: data/sentiment.val.jsonl   # {"text": ..., "label": 2} per line: the class id (it indexes the head's
+                                             # logits), or a class name of the fine-tune's config.json id2label
       test: data/sentiment.test.jsonl
     - name: language
       path: models/language
@@ -55,6 +57,8 @@ def _load_merge_config(
     overrides = {"output": str(output.resolve()) if output else None, "device": device}
     config = load_config(config_path, overrides)
     raw = config.resolved()
+    if config.max_length_resolved.source != "config":
+        raw["max_length"] = None  # resolved again, so the plan still says where it came from
     if method is not None and method != config.method:
         # the config's parameters belong to its own method: another method starts from its defaults
         if config.parameters:

@@ -52,6 +52,7 @@ def check_model(
     from merge_core.checkpoint import open_checkpoint
     from merge_core.data import load_task_data, require_labelled
     from merge_core.job import load_tokenizer
+    from merge_core.labels import label_ids
     from merge_core.preflight import check_base, check_model_config, check_task_data, task_heads
 
     base_config = check_base(base, max_length=max_length)
@@ -66,7 +67,8 @@ def check_model(
     tokenizer = load_tokenizer(base)
     for split, path in (("validation", val), ("test", test)):
         if path is not None:
-            data = require_labelled(task, load_task_data(path, tokenizer, max_length), split)
+            data = load_task_data(path, tokenizer, max_length, label_ids(model_dir, task))
+            data = require_labelled(task, data, split)
             check_task_data(task, data, head, str(path), base_config)
 
 

@@ -11,9 +11,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from merge_core.errors import ConfigError
+from merge_core.max_length import MaxLength, resolve_max_length
 from merge_core.mergekit import from_mergekit, is_mergekit_config
 from merge_core.safe_yaml import load_yaml
 from merge_core.task_registry import with_registry_models
@@ -67,7 +68,9 @@ class MergeConfig(_Strict):
     kind: Literal["classification", "causal_lm"] = "classification"
     seed: int = 0
     device: str = "auto"
-    max_length: int = Field(default=64, ge=2)
+    max_length: int | None = Field(default=None, ge=2)
+    """Tokens per example for merge training and scoring. Left out: the training length the fine-tunes
+    record, else 64 (``merge_core.max_length``); an int once the config is validated."""
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """mergekit's ``dtype``: the dtype merged tensors are written in when ``out_dtype`` is not given
     (the math is float32 whatever it says); default: each tensor's dtype in the base."""
@@ -78,6 +81,7 @@ class MergeConfig(_Strict):
     retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy())
     registry: Path | None = None
     """A task-model registry folder (see merge_core.task_registry); its models are appended to ``models``."""
+    _max_length_from: str = PrivateAttr(default="config")
 
     @field_validator("models")
     @classmethod
@@ -146,6 +150,24 @@ class MergeConfig(_Strict):
             except ConfigError as e:
                 raise ValueError(str(e)) from None
         return self
+
+    @model_validator(mode="after")
+    def _max_length_resolved(self) -> MergeConfig:
+        """``max_length`` as an int: set, or read from the fine-tunes (their paths that cannot be read are
+        left to ``missing_files``), with where it came from kept for ``supermerge plan``."""
+        readable = {m.name: m.path for m in self.models if path_problem(m.path) is None}
+        try:
+            resolved = resolve_max_length(self.max_length, readable)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        config = self if self.max_length is not None else self.model_copy(update={"max_length": resolved.tokens})
+        config._max_length_from = resolved.source
+        return config
+
+    @property
+    def max_length_resolved(self) -> MaxLength:
+        """``max_length`` and where it came from: the config, the fine-tunes' record, or the default."""
+        return MaxLength(self.max_length, self._max_length_from)  # type: ignore[arg-type]  # an int once validated
 
     @property
     def write_dtype(self) -> str | None:

@@ -1,8 +1,9 @@
 """Labelled examples as tensors: what the learned merges train on and evaluation scores.
 
 A task's data is a batch dict of equal-length tensors (``input_ids``, ``attention_mask``, ...) plus
-``labels``. Users give JSONL (``{"text": ..., "label": ...}``) tokenized with the base model's
-tokenizer, or a safetensors file of ready tensors; tests build tensors directly.
+``labels``. Users give JSONL (``{"text": ..., "label": ...}``; a label is a class id, or a class name of the
+fine-tune's ``id2label``) tokenized with the base model's tokenizer, or a safetensors file of ready
+tensors; tests build tensors directly.
 """
 
 from __future__ import annotations
@@ -128,8 +129,13 @@ def tokenize(texts: Sequence[str], labels: Sequence[int], tokenizer, max_length:
     return TaskData(inputs, torch.as_tensor(list(labels), dtype=torch.long))
 
 
-def load_task_data(path: str | os.PathLike[str], tokenizer=None, max_length: int = 64) -> TaskData:
-    """Read JSONL (``text`` + ``label`` per line) or a safetensors file (``labels`` + inputs)."""
+def load_task_data(
+    path: str | os.PathLike[str], tokenizer=None, max_length: int = 64, label_ids: Mapping[str, int] | None = None
+) -> TaskData:
+    """Read JSONL (``text`` + ``label`` per line) or a safetensors file (``labels`` + inputs).
+
+    A JSONL ``label`` is a class id, or a class name that ``label_ids`` (the task's fine-tune's
+    ``id2label`` inverted, ``merge_core.labels.label_ids``) maps to one."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"data file {path} is a directory; give the .jsonl or .safetensors file in it")
@@ -173,19 +179,37 @@ def load_task_data(path: str | os.PathLike[str], tokenizer=None, max_length: int
             labels.append(row["label"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise DataError(
-                f"{path}:{lineno}: each line must be a JSON object with 'text' and an integer "
-                f"'label' ({e})"
+                f"{path}:{lineno}: each line must be a JSON object with 'text' and a 'label' (a class id, "
+                f"or a class name of the fine-tune's id2label) ({e})"
             ) from e
         if not isinstance(texts[-1], str) or not texts[-1].strip():
             raise DataError(f"{path}:{lineno}: 'text' is {texts[-1]!r}; each example needs a non-empty string")
-        if isinstance(labels[-1], bool) or not isinstance(labels[-1], int):
-            raise DataError(f"{path}:{lineno}: 'label' is {labels[-1]!r}; labels are integer class ids (0, 1, ...)")
+        if isinstance(labels[-1], str):
+            labels[-1] = _label_id(labels[-1], label_ids, f"{path}:{lineno}")
+        elif isinstance(labels[-1], bool) or not isinstance(labels[-1], int):
+            raise DataError(f"{path}:{lineno}: 'label' is {labels[-1]!r}; labels are integer class ids (0, 1, ...) "
+                            "or class names of the fine-tune's id2label")
     if not texts:
         raise DataError(f"{path} holds no examples")
     if tokenizer is None:
         raise DataError(f"{path} is text, and reading it needs the base model's tokenizer; the base has none "
                         "(a model dir with config.json and tokenizer files, e.g. vocab.txt or tokenizer.json)")
     return tokenize(texts, labels, tokenizer, max_length)
+
+
+def _label_id(label: str, label_ids: Mapping[str, int] | None, where: str) -> int:
+    """The class id of a label given by name; DataError saying how to fix it otherwise."""
+    if label_ids is None:
+        raise DataError(
+            f"{where}: 'label' is the name {label!r}, but the task's fine-tune names no classes (its config.json "
+            "has no id2label, or only transformers' LABEL_0, LABEL_1, ...); give class ids (0, 1, ...), or add "
+            "the names to the fine-tune's config.json, e.g. \"id2label\": {\"0\": \"negative\", \"1\": \"positive\"}"
+        )
+    if label not in label_ids:
+        known = ", ".join(f"{n!r} ({i})" for n, i in sorted(label_ids.items(), key=lambda kv: kv[1]))
+        raise DataError(f"{where}: label {label!r} is not a class of the task: its fine-tune's id2label names "
+                        f"{known}; use one of those names or its class id")
+    return label_ids[label]
 
 
 def check_labels(data: TaskData, classes: int, source: str) -> None:

@@ -11,7 +11,8 @@ classifier expects (a headless encoder's ``embeddings.*`` become ``bert.embeddin
 linked by every further task ``export_all`` writes.
 
 Label names come from the merge record (``labels``: each fine-tune's ``id2label``, recorded by
-``merge_core.merge.result_record``); a task without them gets transformers' ``LABEL_i``.
+``merge_core.merge.result_record`` through ``merge_core.labels``, the reader that also maps string labels in
+the data); a task without them gets transformers' ``LABEL_i``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,37 +35,7 @@ log = logging.getLogger(__name__)
 
 BODY_FILE = "body.safetensors"
 HEAD_FILE = "head.safetensors"
-_DEFAULT_LABEL = re.compile(r"^LABEL_\d+$")
 
-
-# --- label names ------------------------------------------------------------------------------------
-
-def read_labels(path: str | os.PathLike[str], name: str) -> dict[str, dict[str, str]]:
-    """task -> {class index (str): label name} that a model at ``path`` carries: a merged model's record
-    (every task beneath it), or a fine-tune's ``config.json`` ``id2label`` (for task ``name``) unless
-    those are transformers' placeholders ``LABEL_i``."""
-    folder = Path(path) if Path(path).is_dir() else Path(path).parent
-    record = folder / RECORD_FILE
-    if record.is_file():
-        return dict(json.loads(record.read_text()).get("labels", {}))
-    config = folder / "config.json"
-    if not config.is_file():
-        return {}
-    id2label = json.loads(config.read_text()).get("id2label") or {}
-    if not id2label or all(_DEFAULT_LABEL.match(str(v)) for v in id2label.values()):
-        return {}
-    return {name: {str(k): str(v) for k, v in sorted(id2label.items(), key=lambda kv: int(kv[0]))}}
-
-
-def merged_labels(models: Mapping[str, str]) -> dict[str, dict[str, str]]:
-    """The label names of every task under ``models`` (input name -> path)."""
-    out: dict[str, dict[str, str]] = {}
-    for name, path in models.items():
-        out.update(read_labels(path, name))
-    return out
-
-
-# --- export -----------------------------------------------------------------------------------------
 
 def _record(merged: Path) -> dict[str, Any]:
     path = merged / RECORD_FILE

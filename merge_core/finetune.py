@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from merge_core.data import TaskData, require_labelled
 from merge_core.errors import CheckpointError
+from merge_core.max_length import write_finetune_record
 from merge_core.model import _quiet_transformers
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,14 @@ def finetune_classifier(
     out_dir: str | Path,
     config: FinetuneConfig = FinetuneConfig(),
     *,
+    max_length: int | None = None,
     progress: bool = False,
 ) -> Path:
-    """Train ``AutoModelForSequenceClassification`` on ``train``; save to ``out_dir`` atomically."""
+    """Train ``AutoModelForSequenceClassification`` on ``train``; save to ``out_dir`` atomically.
+
+    ``max_length``: the tokens per example ``train`` was cut to, recorded beside the weights
+    (``merge_core.max_length``) so a merge of this fine-tune scores at the length it was trained on;
+    None (ready-made token ids) records nothing."""
     from transformers import AutoModelForSequenceClassification
 
     require_labelled("fine-tune", train, "training")
@@ -90,6 +96,8 @@ def finetune_classifier(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        if max_length is not None:
+            write_finetune_record(tmp, max_length)
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

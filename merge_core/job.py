@@ -21,6 +21,7 @@ from merge_core.deltas import dense_delta
 from merge_core.devices import resolve_device
 from merge_core.errors import DataError
 from merge_core.evaluate import evaluate
+from merge_core.labels import label_ids
 from merge_core.merge import MergeResult
 from merge_core.model import FunctionalModel
 from merge_core.task_vectors import TaskVector, load_task_vector, match_names, mergeable_names
@@ -42,12 +43,13 @@ def load_tokenizer(base: str | os.PathLike[str]):
 def load_split(
     entries: Sequence[ModelEntry], split: str, tokenizer, max_length: int
 ) -> dict[str, TaskData]:
-    """``validation`` or ``test`` data of every model that has it, keyed by model (task) name."""
+    """``validation`` or ``test`` data of every model that has it, keyed by model (task) name; labels
+    given by name are mapped through that model's ``id2label`` (``merge_core.labels``)."""
     out = {}
     for m in entries:
         path = getattr(m, split)
         if path is not None:
-            out[m.name] = load_task_data(path, tokenizer, max_length)
+            out[m.name] = load_task_data(path, tokenizer, max_length, label_ids(m.path, m.name))
     return out
 
 

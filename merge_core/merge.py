@@ -313,7 +313,7 @@ def _learned_start(config: LearnedMergeConfig, model: FunctionalModel, base_para
 def result_record(result: MergeResult, *, base_path: str | Path, models: Mapping[str, str]) -> dict[str, Any]:
     """How the model was made, saved as supermerge.json beside it; ``labels``: each task's class names
     (its fine-tune's ``id2label``), which ``supermerge export`` writes into the task's config."""
-    from merge_core.export import merged_labels
+    from merge_core.labels import merged_labels
 
     record: dict[str, Any] = {
         "method": result.method,

@@ -82,6 +82,9 @@ class NodeTask:
     out_dtype: str | None = None
     """The dtype the node writes its merged tensors in (the config's ``out_dtype``, root only); None:
     the base's."""
+    label_ids: dict[str, dict[str, int]] = field(default_factory=dict)
+    """task -> {class name: class id} from each task's fine-tune (``merge_core.labels``), for validation
+    data that gives labels by name; tasks whose fine-tune names no classes are left out."""
 
     @property
     def predicted_peak_bytes(self) -> int:
@@ -135,7 +138,8 @@ def load_validation(node: NodeTask) -> dict[str, TaskData]:
     if not node.validation:
         return {}
     tokenizer = load_tokenizer(node.base)
-    val = {t: load_task_data(p, tokenizer, node.max_length) for t, p in sorted(node.validation.items())}
+    val = {t: load_task_data(p, tokenizer, node.max_length, node.label_ids.get(t))
+           for t, p in sorted(node.validation.items())}
     if data_digest(val) != node.data_digest:
         raise StoreError(
             f"node {node.id}: the validation data of {sorted(val)} changed since the plan was made; "

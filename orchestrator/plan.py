@@ -26,6 +26,7 @@ from merge_core.data import TaskData
 from merge_core.devices import resolve_device
 from merge_core.errors import ConfigError, DataError
 from merge_core.job import load_split, load_tokenizer
+from merge_core.labels import label_ids
 from merge_core.methods.learned import STORAGE_DTYPES, LearnedMergeConfig, weight_groups
 from merge_core.methods.registry import MethodSpec, Temporaries, get_method
 from merge_core.stream import streamable
@@ -94,6 +95,7 @@ class MergePlan:
             f"{k} models -> {len(self.nodes)} merge(s), fan-in {self.fan_in} ({self.fan_in_reason}), "
             f"depth {self.tree.depth}, method {self.config.method}",
             f"budget per node: {format_bytes(self.budget.host)} RAM ({self.budget.source}); GPUs: {gpus}",
+            f"{self.config.max_length_resolved.describe()}: tokens per example for merge training and scoring",
             "",
             self.tree.render(lambda n: self._annotation(n)),
             "",
@@ -258,6 +260,7 @@ def _node_tasks(inputs: _Inputs, tree: MergeTree, placements: Mapping[str, Place
             predicted=placement.predicted.to_dict(),
             task_vector_device=placement.task_vector_device,
             out_dtype=out_dtype,
+            label_ids={t: ids for t in tasks if t in val and (ids := label_ids(entries[t].path, t)) is not None},
         ))
     return nodes
 

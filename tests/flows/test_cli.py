@@ -105,6 +105,48 @@ def test_merge_then_evaluate_end_to_end(workspace, capsys):
     assert "*pretrained*" in table and "*individual*" in table and "| merged |" in table and "| ties |" in table
 
 
+def test_string_labels_merge_and_score_like_the_class_ids(workspace, tiny_finetuned, capsys):
+    names = {"alpha": ["absent", "present"], "beta": ["no", "yes"]}
+    for i, t in enumerate(TASKS):
+        _named_copy(workspace, tiny_finetuned, t, names[t])
+        for split, data in (("validation", make_task_data(t, 32, seed=40 + i)), ("test", make_task_data(t, 64, seed=50 + i))):
+            ids = _jsonl(data, workspace / "data" / f"{t}.{split}.ids.jsonl")
+            rows = [json.loads(line) for line in ids.read_text().splitlines()]
+            (workspace / "data" / f"{t}.{split}.names.jsonl").write_text(
+                "".join(json.dumps({**r, "label": names[t][r["label"]]}) + "\n" for r in rows))
+    records = {}
+    for labels in ("ids", "names"):  # each with its own store, so the second merge is not the first one cached
+        for t in TASKS:
+            for split in ("validation", "test"):
+                _set_model_field(workspace, t, split, f"data/{t}.{split}.{labels}.jsonl")
+        _edit_config(workspace, output=f"out-{labels}/merged")
+        assert main(["merge", str(workspace / "config.yaml")]) == 0
+        capsys.readouterr()
+        records[labels] = json.loads((workspace / f"out-{labels}" / "merged" / "supermerge.json").read_text())
+    assert records["names"]["test_accuracy"] == records["ids"]["test_accuracy"]
+    assert records["names"]["val_accuracy"] == records["ids"]["val_accuracy"]
+    learned = [load_file(workspace / f"out-{labels}" / "merged" / "merge_weights.safetensors") for labels in records]
+    assert learned[0].keys() == learned[1].keys() and all(torch.equal(learned[0][k], learned[1][k]) for k in learned[0])
+    assert records["names"]["labels"] == {t: {str(i): n for i, n in enumerate(names[t])} for t in TASKS}
+
+
+def test_plan_says_where_max_length_came_from(workspace, tiny_finetuned, capsys):
+    from merge_core.max_length import write_finetune_record
+
+    assert main(["plan", str(workspace / "config.yaml")]) == 0
+    assert "max_length 64 (default)" in capsys.readouterr().out
+    for t in TASKS:
+        copy = workspace / f"{t}-recorded"
+        shutil.copytree(tiny_finetuned[t], copy)
+        write_finetune_record(copy, 12)
+        _set_model_path(workspace, t, copy)
+    assert main(["plan", str(workspace / "config.yaml")]) == 0
+    assert "max_length 12 (from the fine-tunes' supermerge-finetune.json)" in capsys.readouterr().out
+    _edit_config(workspace, max_length=16)
+    assert main(["plan", str(workspace / "config.yaml")]) == 0
+    assert "max_length 16 (set in the config)" in capsys.readouterr().out
+
+
 def test_existing_output_is_refused_then_replaced_with_overwrite(workspace, capsys):
     (workspace / "out" / "merged").mkdir(parents=True)
     (workspace / "out" / "merged" / "keep.txt").write_text("x")
@@ -274,7 +316,39 @@ def _empty_validation(ws, ft, mp):
 def _unlabelled_validation(ws, ft, mp):
     (ws / "data" / "unlabelled.jsonl").write_text('{"text": "w1 w2 w3"}\n{"text": "w4 w5"}\n')
     _set_model_field(ws, "beta", "validation", "data/unlabelled.jsonl")
-    return "an integer 'label'", []
+    return "and a 'label'", []
+
+
+def _named_copy(ws: Path, ft: dict[str, Path], task: str, names: list[str]) -> Path:
+    """A copy of ``task``'s fine-tune whose config.json names its classes, set as its path in the config."""
+    copy = ws / f"{task}-named"
+    shutil.copytree(ft[task], copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["id2label"] = {str(i): n for i, n in enumerate(names)}
+    config["label2id"] = {n: i for i, n in enumerate(names)}
+    (copy / "config.json").write_text(json.dumps(config))
+    _set_model_path(ws, task, copy)
+    return copy
+
+
+def _label_name_unknown(ws, ft, mp):
+    _named_copy(ws, ft, "alpha", ["absent", "present"])
+    (ws / "data" / "named.jsonl").write_text('{"text": "w1 w2", "label": "present"}\n{"text": "w3", "label": "maybe"}\n')
+    _set_model_field(ws, "alpha", "validation", "data/named.jsonl")
+    return "label 'maybe' is not a class of the task", []
+
+
+def _label_name_without_names(ws, ft, mp):
+    (ws / "data" / "named.jsonl").write_text('{"text": "w1 w2", "label": "present"}\n')
+    _set_model_field(ws, "alpha", "validation", "data/named.jsonl")
+    return "add the names to the fine-tune's config.json", []
+
+
+def _max_length_records_differ(ws, ft, mp):
+    from merge_core.max_length import write_finetune_record
+
+    write_finetune_record(_copy_model(ws, ft, "recorded"), 32)
+    return "set max_length in the config", []
 
 
 def _method(ws, ft, mp):
@@ -347,6 +421,10 @@ BAD_INPUTS = {
     "no-validation": ("a supervised method, a model without validation data", _no_validation),
     "empty-validation": ("empty validation data", _empty_validation),
     "unlabelled-validation": ("validation data without labels", _unlabelled_validation),
+    "label-name-unknown": ("a label name the fine-tune's id2label lacks", _label_name_unknown),
+    "label-name-without-names": ("a label name, a fine-tune without id2label names", _label_name_without_names),
+    "max-length-records-differ": ("one fine-tune records a training length, the other none",
+                                  _max_length_records_differ),
     "unknown-method": ("an unknown method", _method),
     "unknown-parameter": ("an unknown method parameter", _param),
     "invalid-yaml": ("a config that is not valid YAML", _yaml),

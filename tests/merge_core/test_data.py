@@ -1,11 +1,18 @@
-"""Batches cut their padding without changing what the model computes."""
+"""Batches cut their padding without changing what the model computes; JSONL labels are class ids or
+the names the fine-tune's id2label gives them."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from merge_core.checkpoint import open_checkpoint
-from merge_core.data import TaskData
+from merge_core.data import TaskData, load_task_data
+from merge_core.errors import DataError
+from merge_core.job import load_tokenizer
+from merge_core.labels import label_ids
 from merge_core.evaluate import task_scores
 from merge_core.model import FunctionalModel
 from merge_core.task_vectors import mergeable_names
@@ -78,3 +85,45 @@ def test_a_long_line_is_cut_before_it_is_tokenised_and_gives_the_same_tokens(tin
     assert cut_text(short, tokenizer, 64) == short  # a short text is kept whole
     spaced = "w1" + " " * 5000 + "w2 w3"  # few tokens in many characters: grown until whole
     assert cut_text(spaced, tokenizer, 64) == spaced
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in rows))
+    return path
+
+
+def _fine_tune_config(folder, id2label):
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "id2label": id2label}))
+    return folder
+
+
+def test_label_names_read_as_the_fine_tunes_class_ids(tiny_base_dir, tmp_path):
+    tokenizer = load_tokenizer(tiny_base_dir)
+    ft = _fine_tune_config(tmp_path / "ft", {"0": "negative", "1": "neutral", "2": "positive"})
+    ids = label_ids(ft, "sentiment")
+    assert ids == {"negative": 0, "neutral": 1, "positive": 2}
+    texts = ["w5 w6", "w7", "w8 w9 w10"]
+    by_id = load_task_data(_write_jsonl(tmp_path / "ids.jsonl", zip(texts, [2, 0, 1])), tokenizer)
+    by_name = load_task_data(_write_jsonl(tmp_path / "names.jsonl", zip(texts, ["positive", "negative", 1])),
+                             tokenizer, label_ids=ids)
+    assert by_name.labels.tolist() == [2, 0, 1]
+    assert by_name.tensors().keys() == by_id.tensors().keys()
+    assert all(torch.equal(by_name.tensors()[k], by_id.tensors()[k]) for k in by_id.tensors())
+
+
+def test_an_unknown_label_name_names_the_known_ones(tiny_base_dir, tmp_path):
+    data = _write_jsonl(tmp_path / "names.jsonl", [("w5", "positive"), ("w6", "postive")])
+    with pytest.raises(DataError, match=r"names.jsonl:2: label 'postive' is not a class of the task: its fine-tune's "
+                                        r"id2label names 'negative' \(0\), 'positive' \(1\)"):
+        load_task_data(data, load_tokenizer(tiny_base_dir), label_ids={"negative": 0, "positive": 1})
+
+
+def test_label_names_without_the_fine_tunes_names_say_how_to_fix_it(tiny_base_dir, tmp_path):
+    placeholders = _fine_tune_config(tmp_path / "ft", {"0": "LABEL_0", "1": "LABEL_1"})
+    assert label_ids(placeholders, "t") is None and label_ids(tmp_path, "t") is None  # LABEL_i, no config.json
+    data = _write_jsonl(tmp_path / "names.jsonl", [("w5", "positive")])
+    with pytest.raises(DataError, match=r"names.jsonl:1: 'label' is the name 'positive', but the task's fine-tune "
+                                        r"names no classes .* give class ids \(0, 1, ...\), or add the names to the "
+                                        r"fine-tune's config.json"):
+        load_task_data(data, load_tokenizer(tiny_base_dir), label_ids=label_ids(placeholders, "t"))
