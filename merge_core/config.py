@@ -47,6 +47,11 @@ class TreeConfig(_Strict):
     """Most children per merge node; None lets the memory planner choose."""
     groups: list[Any] | None = None
     """A tree given by hand: nested lists of model names."""
+    shape: Literal["balanced", "dendrogram"] = "balanced"
+    """How a clustered tree is shaped: ``balanced`` has depth ceil(log_f k) for k models at fan-in f,
+    similarity choosing which models share a merge; ``dendrogram`` opens the similarity dendrogram
+    (similar models merge first, but clustered models give chains of depth up to k - 1). See
+    orchestrator.tree."""
     flat: bool = False
     memory_budget: str | None = None
     """e.g. '8GB', or a number of bytes; default: a safe fraction of what is free."""

@@ -54,7 +54,7 @@ from orchestrator.memory import (
 from orchestrator.node import ChildRef, NodeTask
 from orchestrator.similarity import Similarity, task_vector_similarity
 from orchestrator.store import data_digest, model_key, node_key
-from orchestrator.tree import MergeTree, cluster_tree, flat_tree, tree_from_groups
+from orchestrator.tree import MergeTree, balanced_depth, cluster_tree, flat_tree, tree_from_groups
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,9 @@ log = logging.getLogger(__name__)
 class MergePlan:
     """What will run: ``nodes`` bottom-up (the last is the root), each with its device and prediction.
 
-    ``fan_in``: the most inputs any node merges; ``fan_in_reason``: why that fan-in.
+    ``fan_in``: the most inputs any node merges; ``fan_in_reason``: why that fan-in; ``shape``: how the
+    tree was shaped (``flat``, ``groups`` by hand, or a clustered ``tree.shape``: ``balanced`` /
+    ``dendrogram``).
     """
 
     config: MergeConfig
@@ -74,6 +76,7 @@ class MergePlan:
     budget: Budget
     inventory: MemoryInventory
     similarity: Similarity | None = None
+    shape: str = "flat"
 
     @property
     def root(self) -> NodeTask:
@@ -93,6 +96,7 @@ class MergePlan:
         lines = [
             f"{k} models -> {len(self.nodes)} merge(s), fan-in {self.fan_in} ({self.fan_in_reason}), "
             f"depth {self.tree.depth}, method {self.config.method}",
+            self._shape_line(k),
             f"budget per node: {format_bytes(self.budget.host)} RAM ({self.budget.source}); GPUs: {gpus}",
             "",
             self.tree.render(lambda n: self._annotation(n)),
@@ -110,6 +114,18 @@ class MergePlan:
             )
         return "\n".join(lines)
 
+    def _shape_line(self, k: int) -> str:
+        """Which shape, and its depth against ceil(log_f k), the fewest levels the fan-in allows."""
+        fewest = balanced_depth(k, self.fan_in)
+        why = {
+            "flat": "one merge of every model",
+            "groups": "tree.groups, as given",
+            "balanced": "similarity chose which models share a merge, the fan-in fixed the depth",
+            "dendrogram": "tree.shape: dendrogram, the similarity dendrogram opened top-down",
+        }.get(self.shape, self.shape)
+        return (f"tree shape: {self.shape} ({why}), depth {self.tree.depth}; "
+                f"ceil(log_{self.fan_in} {k}) = {fewest}")
+
     def _annotation(self, node_id: str) -> str:
         n = self.node(node_id)
         where = f"{n.device} (task vectors in host memory)" if n.task_vector_device else n.device
@@ -120,6 +136,7 @@ class MergePlan:
             "groups": self.tree.nested(),
             "fan_in": self.fan_in,
             "fan_in_reason": self.fan_in_reason,
+            "shape": self.shape,
             "depth": self.tree.depth,
             "nodes": [n.to_dict() for n in self.nodes],
             "budget": self.budget.to_dict(),
@@ -156,6 +173,9 @@ def _check_tree_config(config: MergeConfig, k: int) -> None:
         problems.append("tree.flat and tree.groups both given; choose one")
     if tree.flat and tree.max_fan_in is not None and tree.max_fan_in < k:
         problems.append(f"tree.flat merges all {k} models in one node, but tree.max_fan_in is {tree.max_fan_in}")
+    if "shape" in tree.model_fields_set and (tree.flat or tree.groups is not None):
+        problems.append(f"tree.shape ({tree.shape}) shapes a clustered tree, but tree.flat or tree.groups is given; "
+                        "drop tree.shape or let the planner cluster")
     if problems:
         raise TreeError("tree config: " + "; ".join(problems))
 
@@ -372,7 +392,9 @@ def plan(
         return cached[0]
 
     def clustered(fan_in: int) -> MergeTree:
-        return flat_tree(names) if fan_in >= k else cluster_tree(names, similar().cosine, fan_in)
+        if fan_in >= k:
+            return flat_tree(names)
+        return cluster_tree(names, similar().cosine, fan_in, config.tree.shape)
 
     tree_config = config.tree
     choices: list[tuple[str, Callable[[], MergeTree]]]
@@ -403,7 +425,9 @@ def plan(
         if not misfits:
             nodes = _node_tasks(inputs, tree, placements)
             used = similarity if similarity is not None else (cached[0] if cached else None)
-            return MergePlan(config, tree, tree.fan_in, reason, nodes, budget, inventory, used)
+            shape = ("flat" if len(tree.merges()) == 1 else "groups" if tree_config.groups is not None
+                     else tree_config.shape)
+            return MergePlan(config, tree, tree.fan_in, reason, nodes, budget, inventory, used, shape)
         node, p = max(misfits, key=lambda m: m[1].predicted.total)
         given = tree_config.flat or tree_config.groups is not None
         failure = (

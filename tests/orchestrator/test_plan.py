@@ -129,6 +129,8 @@ def test_render_shows_the_tree_the_fan_in_and_each_nodes_memory_and_device(tiny_
     text = p.render()
     assert text.startswith("8 models -> 7 merge(s), fan-in 2 (the largest up to tree.max_fan_in 2 that fits")
     assert "depth 3, method supermerge" in text
+    assert ("tree shape: balanced (similarity chose which models share a merge, the fan-in fixed the depth), "
+            "depth 3; ceil(log_2 8) = 3") in text.splitlines()
     assert re.search(r"├── merge-\S+  \[2 tasks\] cpu, predicted", text)
     for name in NAMES:
         assert f"── {name}" in text
@@ -168,3 +170,19 @@ def test_fixed_per_tensor_merges_run_flat_and_the_plan_says_why(tiny_base_dir, f
     p = plan(parse_config(raw), inventory=PLENTY)
     assert len(p.nodes) == 1 and p.fan_in == 4 and "a tree would apply its formula again" in p.render()
     assert p.root.parameters == {"lam": 0.7}
+
+
+def test_tree_shape_is_balanced_by_default_and_dendrogram_on_request(tiny_base_dir, family_models, tmp_path):
+    """Fan-in 4 over 8 models: balanced is depth ceil(log_4 8) = 2; the opened dendrogram keeps each
+    family as its own merge under a root of 4. Both say their shape in the plan."""
+    balanced = plan(_config(tiny_base_dir, family_models, tmp_path, max_fan_in=4), inventory=PLENTY)
+    assert balanced.shape == "balanced" and balanced.tree.depth == 2 and balanced.to_dict()["shape"] == "balanced"
+    assert len(balanced.nodes) == 3 and balanced.fan_in == 4
+    dendrogram = plan(_config(tiny_base_dir, family_models, tmp_path, max_fan_in=4, shape="dendrogram"),
+                      inventory=PLENTY)
+    assert dendrogram.shape == "dendrogram" and "tree shape: dendrogram (tree.shape" in dendrogram.render()
+    assert sorted(sorted(n.tasks) for n in dendrogram.nodes if len(n.tasks) == 2) == FAMILIES
+    flat = plan(_config(tiny_base_dir, family_models, tmp_path), inventory=PLENTY)
+    assert flat.shape == "flat" and "tree shape: flat (one merge of every model), depth 1; ceil(log_8 8) = 1" in flat.render()
+    with pytest.raises(TreeError, match="tree.shape \\(dendrogram\\) shapes a clustered tree"):
+        plan(_config(tiny_base_dir, family_models, tmp_path, flat=True, shape="dendrogram"), inventory=PLENTY)
