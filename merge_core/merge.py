@@ -273,6 +273,7 @@ def _merge_learned(
     task_vector_device: str | None = None,
     release_task_vectors: bool = False,
 ) -> MergeResult:
+    from merge_core.methods import basis
     from merge_core.methods.learned import stack_task_vectors
 
     heads = _heads(vectors)
@@ -281,6 +282,7 @@ def _merge_learned(
         names = mergeable_names(base)
         base_params = model.base_params(names)
         tasks_per_input = [len(v.tasks) for v in vectors]
+        vectors = basis.compress_inputs(vectors, config, release=release_task_vectors)
         stacked = stack_task_vectors(base_params, vectors, config.storage_dtype, model.device, task_vector_device,
                                      release=release_task_vectors)
         data = {t: val[t] for v in vectors for t in v.tasks}
