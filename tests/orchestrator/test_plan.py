@@ -186,3 +186,48 @@ def test_tree_shape_is_balanced_by_default_and_dendrogram_on_request(tiny_base_d
     assert flat.shape == "flat" and "tree shape: flat (one merge of every model), depth 1; ceil(log_8 8) = 1" in flat.render()
     with pytest.raises(TreeError, match="tree.shape \\(dendrogram\\) shapes a clustered tree"):
         plan(_config(tiny_base_dir, family_models, tmp_path, flat=True, shape="dendrogram"), inventory=PLENTY)
+
+
+def test_flat_compressed_is_chosen_only_when_it_fits_and_dense_flat_does_not(tiny_base_dir, family_models, tmp_path):
+    """The planner's order: a dense flat merge, then flat over compressed task vectors, then trees.
+    Each budget is set from the predictions themselves, so the test checks the choice, not a size."""
+    from orchestrator.executor import execute
+    from orchestrator.memory import FP32, compressed_loaded_values, model_shape
+
+    dense = plan(_config(tiny_base_dir, family_models, tmp_path), inventory=PLENTY)
+    assert dense.shape == "flat" and "basis" not in dense.root.parameters
+    dense_peak = _largest_node(dense)
+    between = plan(_config(tiny_base_dir, family_models, tmp_path, memory_budget=str(dense_peak - 1)),
+                   inventory=PLENTY)
+    assert between.shape == "flat-compressed" and len(between.nodes) == 1 and between.fan_in == len(NAMES)
+    assert between.root.parameters["basis"] == "compressed"
+    assert between.fan_in_reason.startswith("flat over compressed task vectors")
+    assert "tree shape: flat-compressed" in between.render()
+    compressed_peak = _largest_node(between)
+    assert compressed_peak < dense_peak
+    k, shape = len(NAMES), model_shape(tiny_base_dir, "classification")
+    assert between.root.predicted["task_vectors"] == FP32 * k * compressed_loaded_values(shape, k)
+    assert between.root.predicted["task_vectors"] < dense.root.predicted["task_vectors"] / 2
+    assert between.root.key != dense.root.key  # another merge: its own store entry
+    # just enough for the compressed flat merge: still chosen; one byte less: not chosen. (On this tiny
+    # model the 32 MiB runtime margin dominates, so no tree node is smaller and nothing fits: the trees
+    # were tried after it, down to fan-in 2.)
+    exact = plan(_config(tiny_base_dir, family_models, tmp_path, memory_budget=str(compressed_peak)),
+                 inventory=PLENTY)
+    assert exact.shape == "flat-compressed"
+    with pytest.raises(MemoryBudgetError, match="at fan-in 2"):
+        plan(_config(tiny_base_dir, family_models, tmp_path, memory_budget=str(compressed_peak - 1)),
+             inventory=PLENTY)
+    # switched off: a tree instead, over the raw task vectors
+    off = plan(_config(tiny_base_dir, family_models, tmp_path, memory_budget=str(dense_peak - 1),
+                       flat_compressed=False), inventory=PLENTY)
+    assert off.shape == "balanced" and len(off.nodes) > 1
+    assert all("basis" not in n.parameters for n in off.nodes)
+    # a cap below k asks for a tree: no flat-compressed
+    capped = plan(_config(tiny_base_dir, family_models, tmp_path, memory_budget=str(dense_peak - 1), max_fan_in=4),
+                  inventory=PLENTY)
+    assert capped.shape == "balanced"
+    # and the plan runs: the node merges over compressed task vectors
+    execute(between)
+    record = json.loads((between.config.output / "supermerge.json").read_text())
+    assert record["params"]["basis"] == "compressed" and record["params"]["rank"] is None
