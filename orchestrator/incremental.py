@@ -168,7 +168,7 @@ def incremental_plan(
         groups = grow_tree(groups, new, similarity, config.tree.max_fan_in or previous.fan_in)
     raw = config.resolved()
     # the previous tree's shape is in its groups now; tree.shape shapes only a clustered tree
-    raw["tree"] = {**{k: v for k, v in raw["tree"].items() if k != "shape"}, "groups": groups, "flat": False}
+    raw["tree"] = {**raw["tree"], "groups": groups, "flat": False, "shape": "balanced"}
     grown = MergeConfig.model_validate(raw)
     try:
         result = plan(grown, similarity=similarity, progress=progress, **plan_options)

@@ -176,7 +176,7 @@ def _check_tree_config(config: MergeConfig, k: int) -> None:
         problems.append("tree.flat and tree.groups both given; choose one")
     if tree.flat and tree.max_fan_in is not None and tree.max_fan_in < k:
         problems.append(f"tree.flat merges all {k} models in one node, but tree.max_fan_in is {tree.max_fan_in}")
-    if "shape" in tree.model_fields_set and (tree.flat or tree.groups is not None):
+    if tree.shape != "balanced" and (tree.flat or tree.groups is not None):  # the default is harmless
         problems.append(f"tree.shape ({tree.shape}) shapes a clustered tree, but tree.flat or tree.groups is given; "
                         "drop tree.shape or let the planner cluster")
     if problems:
