@@ -234,3 +234,15 @@ def test_flat_compressed_is_chosen_only_when_it_fits_and_dense_flat_does_not(tin
     execute(between)
     record = json.loads((between.config.output / "supermerge.json").read_text())
     assert record["params"]["basis"] == "compressed" and record["params"]["rank"] is None
+
+
+def test_a_balanced_trees_first_level_is_handed_out_at_once(tiny_base_dir, family_models, tmp_path):
+    """8 models at fan-in 2: the 4 leaf merges share no input, come first in the submission order and
+    the CPU has a slot for each (orchestrator.parallel), so they run side by side; a chain had one."""
+    from orchestrator.parallel import device_slots, submission_order
+
+    p = plan(_config(tiny_base_dir, family_models, tmp_path, max_fan_in=2), inventory=PLENTY)
+    order = submission_order(p)
+    first = [n for n in order if all(c.path is not None for c in n.children)]
+    assert len(first) == 4 and order[:4] == first
+    assert device_slots(p, cpu_count=4) == {"cpu": 4}
