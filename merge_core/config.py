@@ -48,7 +48,16 @@ class TreeConfig(_Strict):
     """Most children per merge node; None lets the memory planner choose."""
     groups: list[Any] | None = None
     """A tree given by hand: nested lists of model names."""
+    shape: Literal["balanced", "dendrogram"] = "balanced"
+    """How a clustered tree is shaped: ``balanced`` has depth ceil(log_f k) for k models at fan-in f,
+    similarity choosing which models share a merge; ``dendrogram`` opens the similarity dendrogram
+    (similar models merge first, but clustered models give chains of depth up to k - 1). See
+    orchestrator.tree."""
     flat: bool = False
+    flat_compressed: bool = True
+    """When a dense flat merge does not fit the budget, the planner may choose a flat merge over
+    compressed task vectors (each matrix kept as its top singular components, merge_core.compress)
+    before a tree; false: a tree instead. Applies to learned merges over the raw task vectors."""
     memory_budget: str | None = None
     """e.g. '8GB', or a number of bytes; default: a safe fraction of what is free."""
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -59,8 +59,11 @@ def load_task_vectors(
     *,
     head_prefixes: Sequence[str],
     progress: bool = False,
+    each: Callable[[TaskVector], TaskVector] | None = None,
 ) -> list[TaskVector]:
-    """Task vectors of every model; headers of all of them are checked before any tensor is read."""
+    """Task vectors of every model; headers of all of them are checked before any tensor is read.
+    ``each`` turns every task vector into the form it is kept in as soon as it is loaded (e.g.
+    compressed, ``merge.input_compressor``), so the dense form of only one is held at a time."""
     from merge_core.adapters import is_adapter_dir
 
     for m in entries:
@@ -68,7 +71,12 @@ def load_task_vectors(
             with open_checkpoint(m.path) as ft:
                 match_names(base, ft, head_prefixes)
     bar = tqdm(entries, desc="loading task vectors", disable=not progress, leave=False, unit="model")
-    return [load_task_vector(base, m.path, name=m.name, head_prefixes=head_prefixes) for m in bar]
+    out = []
+    for m in bar:
+        vector = load_task_vector(base, m.path, name=m.name, head_prefixes=head_prefixes)
+        out.append(vector if each is None else each(vector))
+        del vector
+    return out
 
 
 def model_params(base: Checkpoint, vector: TaskVector | None, names: Sequence[str]) -> dict[str, Tensor]:

@@ -9,11 +9,12 @@ the validation data by mean accuracy, as the papers do.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,21 @@ def _candidates(spec: MethodSpec, params: Mapping[str, Any]) -> list[dict[str, A
 def _learned_config(spec: MethodSpec, params: Mapping[str, Any], seed: int) -> LearnedMergeConfig:
     assert spec.learned is not None
     return dataclasses.replace(spec.learned, **{"seed": seed, **canonical_parameters(spec, params)})
+
+
+def input_compressor(method: str, params: Mapping[str, Any], k: int) -> Callable[[TaskVector], TaskVector] | None:
+    """How a node runner should hold each of its k task vectors as it loads it: compressed
+    (merge_core.compress) when the method learns over compressed task vectors, so only one dense task
+    vector is ever in memory, not k; None: as loaded."""
+    spec = get_method(method)
+    if spec.learned is None:
+        return None
+    config = _learned_config(spec, params, 0)
+    if config.basis != "compressed":
+        return None
+    from merge_core.compress import compress_task_vector
+
+    return functools.partial(compress_task_vector, k=k, rank=config.rank)
 
 
 def _check_inputs(
@@ -273,6 +289,7 @@ def _merge_learned(
     task_vector_device: str | None = None,
     release_task_vectors: bool = False,
 ) -> MergeResult:
+    from merge_core.methods import basis
     from merge_core.methods.learned import stack_task_vectors
 
     heads = _heads(vectors)
@@ -281,6 +298,7 @@ def _merge_learned(
         names = mergeable_names(base)
         base_params = model.base_params(names)
         tasks_per_input = [len(v.tasks) for v in vectors]
+        vectors = basis.compress_inputs(vectors, config, release=release_task_vectors)
         stacked = stack_task_vectors(base_params, vectors, config.storage_dtype, model.device, task_vector_device,
                                      release=release_task_vectors)
         data = {t: val[t] for v in vectors for t in v.tasks}

@@ -45,6 +45,8 @@ class PreviousTree:
     groups: Nested
     fan_in: int
     tree_settings: dict[str, Any]
+    shape: str = ""
+    """The plan's shape (MergePlan.shape); "" in reports older than it."""
 
     def models(self) -> list[str]:
         return MergeTree.from_nested(self.groups).models()
@@ -60,10 +62,11 @@ def read_previous_tree(output: Path) -> PreviousTree | None:
         groups = report["plan"]["groups"]
         fan_in = int(report["plan"]["fan_in"])
         settings = dict(report["config"]["tree"])
+        shape = str(report["plan"].get("shape", ""))
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise StoreError(f"{f} has no readable plan/config ({e}); delete it or re-plan from scratch "
                          "(replan=True)") from None
-    return PreviousTree(groups if isinstance(groups, list) else [groups], fan_in, settings)
+    return PreviousTree(groups if isinstance(groups, list) else [groups], fan_in, settings, shape)
 
 
 def _holder(nested: list[Any], leaf: str) -> list[Any] | None:
@@ -123,6 +126,9 @@ def reusable(config: MergeConfig, previous: PreviousTree) -> list[str] | None:
     old = previous.models()
     if config.tree.flat:
         return None
+    if previous.shape == "flat-compressed":
+        log.info("the previous merge was flat over compressed task vectors; planning from scratch")
+        return None
     if previous.tree_settings != config.tree.model_dump(mode="json"):
         log.info("tree settings changed since the previous merge (%s -> %s); planning from scratch",
                  previous.tree_settings, config.tree.model_dump(mode="json"))
@@ -161,7 +167,8 @@ def incremental_plan(
             )
         groups = grow_tree(groups, new, similarity, config.tree.max_fan_in or previous.fan_in)
     raw = config.resolved()
-    raw["tree"] = {**raw["tree"], "groups": groups, "flat": False}
+    # the previous tree's shape is in its groups now; tree.shape shapes only a clustered tree
+    raw["tree"] = {**raw["tree"], "groups": groups, "flat": False, "shape": "balanced"}
     grown = MergeConfig.model_validate(raw)
     try:
         result = plan(grown, similarity=similarity, progress=progress, **plan_options)

@@ -110,6 +110,8 @@ class ModelShape:
     intermediate: int
     vocab: int
     kind: Literal["classification", "causal_lm"] = "classification"
+    tensor_shapes: tuple[tuple[int, ...], ...] = ()
+    """The shape of each of ``tensor_names`` (what compressed task vectors keep depends on it)."""
 
 
 def _config_value(config: Any, names: Sequence[str], what: str, folder: Path) -> int:
@@ -149,7 +151,8 @@ def model_shape(base: str | os.PathLike[str], kind: Literal["classification", "c
 
     with open_checkpoint(base) as ckpt:
         names = tuple(mergeable_names(ckpt))
-        sizes = [math.prod(ckpt.shape(n)) for n in names]
+        shapes = tuple(tuple(ckpt.shape(n)) for n in names)
+        sizes = [math.prod(shape) for shape in shapes]
     folder = config_dir(base)
     if folder is None:
         raise ConfigError(
@@ -172,6 +175,7 @@ def model_shape(base: str | os.PathLike[str], kind: Literal["classification", "c
                       if has_intermediate else 4 * hidden),
         vocab=_config_value(text, ("vocab_size",), "vocabulary size", folder),
         kind=kind,
+        tensor_shapes=shapes,
     )
 
 
@@ -204,6 +208,9 @@ class NodeWorkload:
     """A per-tensor method's op temporaries (``MethodSpec.temporaries``)."""
     io_bytes: int = 0
     """Tensors a streamed merge reads and writes beside its stack (``streamed_io_bytes``)."""
+    stack_values: int | None = None
+    """Values a learned merge's stacks hold in all; None: ``k * N``, dense. Compressed task vectors
+    (merge_core.compress) are stacked factored, ``compressed_stack_values``."""
     mapped_bytes: int = 0
     """File pages a streamed merge holds mapped at most: it unmaps its inputs after every
     ``merge_core.stream.UNMAP_BYTES`` read, so that plus one tensor of each input, or all the input
@@ -326,6 +333,7 @@ def predict_node_peak_bytes(
     """Predict a node's peak memory, per term (see the module docstring). ``offload``: on a GPU, the
     stacked task vectors stay in host memory and are copied over chunk by chunk each step."""
     n = shape.n_params
+    stack = work.k * n if work.stack_values is None else work.stack_values
     trainable = work.k * work.n_groups if work.learned else 0
     if work.streamed:
         tensor = FP32 * shape.largest_tensor
@@ -351,7 +359,7 @@ def predict_node_peak_bytes(
             merge_weights=FP32 * trainable,
             # the node runner drops each loaded delta once it is stacked: only what the stacks hold beyond
             # the loaded task vectors (adapters stacked dense) adds to the peak
-            stacked_task_vectors=max(0, work.stack_bytes_per_value * work.k * n - FP32 * work.loaded_values),
+            stacked_task_vectors=max(0, work.stack_bytes_per_value * stack - FP32 * work.loaded_values),
             merged_params=FP32 * n,
             merged_param_grads=FP32 * (n if work.per_task_backward else shape.largest_tensor),
             activations=acts,
@@ -379,7 +387,7 @@ def predict_node_peak_bytes(
                      if work.learned else ("model_weights", "merged_params", "activations"))
         if work.learned and not offload:
             # the stacks are built on the GPU while the loaded deltas they replace are on the host
-            terms = dataclasses.replace(terms, stacked_task_vectors=work.stack_bytes_per_value * work.k * n)
+            terms = dataclasses.replace(terms, stacked_task_vectors=work.stack_bytes_per_value * stack)
         if offload:
             from merge_core.methods.learned import TRANSFER_CHUNK
 
@@ -612,6 +620,29 @@ def place_node(
     if cpu.total <= budget.host:
         return Placement("cpu", cpu, "fits RAM")
     return Placement(None, cpu, f"needs {format_bytes(cpu.total)} RAM, budget {format_bytes(budget.host)}")
+
+
+def _check_shapes(shape: ModelShape) -> None:
+    if len(shape.tensor_shapes) != len(shape.tensor_names):
+        raise ValueError("this ModelShape has no tensor_shapes; build it with model_shape(base) to predict "
+                         "compressed task vectors")
+
+
+def compressed_loaded_values(shape: ModelShape, k: int, rank: int | None = None) -> int:
+    """fp32 values one full fine-tune's task vector holds once compressed for a merge of ``k``
+    (merge_core.compress: its matrices as top-r factors, the rest dense)."""
+    from merge_core.compress import compressed_values
+
+    _check_shapes(shape)
+    return sum(compressed_values(s, k, rank) for s in shape.tensor_shapes)
+
+
+def compressed_stack_values(shape: ModelShape, k: int, rank: int | None = None) -> int:
+    """Values a learned merge's stacks of ``k`` compressed task vectors hold (factored where smaller)."""
+    from merge_core.compress import stacked_values
+
+    _check_shapes(shape)
+    return sum(stacked_values(s, k, rank) for s in shape.tensor_shapes)
 
 
 def loaded_values(path: str | os.PathLike[str], n_params: int) -> int:

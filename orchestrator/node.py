@@ -31,7 +31,7 @@ from merge_core.checkpoint import open_checkpoint
 from merge_core.config import ModelEntry
 from merge_core.data import TaskData, load_task_data
 from merge_core.job import load_task_vectors, load_tokenizer
-from merge_core.merge import merge, save_result
+from merge_core.merge import input_compressor, merge, save_result
 from merge_core.stream import stream_merge, streamable
 from merge_core.task_vectors import check_finite_result
 from orchestrator.errors import NodeOutOfMemoryError, StoreError
@@ -257,7 +257,8 @@ def _merge_node(node: NodeTask, store: CheckpointStore, progress: bool) -> NodeR
         with PeakMeter(node.device) as meter:
             val = load_validation(node)
             with open_checkpoint(node.base) as base:
-                vectors = load_task_vectors(base, entries, head_prefixes=node.head_prefixes, progress=progress)
+                vectors = load_task_vectors(base, entries, head_prefixes=node.head_prefixes, progress=progress,
+                                            each=input_compressor(node.method, node.parameters, len(entries)))
             result = merge(
                 node.base, vectors, node.method, params=node.parameters, val=val, kind=node.kind,  # type: ignore[arg-type]
                 seed=node.seed, device=node.device, progress=progress, task_vector_device=node.task_vector_device,

@@ -39,6 +39,8 @@ from orchestrator.memory import (
     ModelShape,
     NodeWorkload,
     Placement,
+    compressed_loaded_values,
+    compressed_stack_values,
     describe,
     format_bytes,
     largest_tensor_bytes,
@@ -55,7 +57,7 @@ from orchestrator.memory import (
 from orchestrator.node import ChildRef, NodeTask
 from orchestrator.similarity import Similarity, task_vector_similarity
 from orchestrator.store import data_digest, model_key, node_key
-from orchestrator.tree import MergeTree, cluster_tree, flat_tree, tree_from_groups
+from orchestrator.tree import MergeTree, balanced_depth, cluster_tree, flat_tree, tree_from_groups
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,9 @@ log = logging.getLogger(__name__)
 class MergePlan:
     """What will run: ``nodes`` bottom-up (the last is the root), each with its device and prediction.
 
-    ``fan_in``: the most inputs any node merges; ``fan_in_reason``: why that fan-in.
+    ``fan_in``: the most inputs any node merges; ``fan_in_reason``: why that fan-in; ``shape``: how the
+    tree was shaped (``flat``, ``groups`` by hand, or a clustered ``tree.shape``: ``balanced`` /
+    ``dendrogram``).
     """
 
     config: MergeConfig
@@ -75,6 +79,7 @@ class MergePlan:
     budget: Budget
     inventory: MemoryInventory
     similarity: Similarity | None = None
+    shape: str = "flat"
 
     @property
     def root(self) -> NodeTask:
@@ -94,6 +99,7 @@ class MergePlan:
         lines = [
             f"{k} models -> {len(self.nodes)} merge(s), fan-in {self.fan_in} ({self.fan_in_reason}), "
             f"depth {self.tree.depth}, method {self.config.method}",
+            self._shape_line(k),
             f"budget per node: {format_bytes(self.budget.host)} RAM ({self.budget.source}); GPUs: {gpus}",
             f"{self.config.max_length_resolved.describe()}: tokens per example for merge training and scoring",
             "",
@@ -112,6 +118,19 @@ class MergePlan:
             )
         return "\n".join(lines)
 
+    def _shape_line(self, k: int) -> str:
+        """Which shape, and its depth against ceil(log_f k), the fewest levels the fan-in allows."""
+        fewest = balanced_depth(k, self.fan_in)
+        why = {
+            "flat": "one merge of every model",
+            "flat-compressed": "one merge of every model over compressed task vectors, merge_core.compress",
+            "groups": "tree.groups, as given",
+            "balanced": "similarity chose which models share a merge, the fan-in fixed the depth",
+            "dendrogram": "tree.shape: dendrogram, the similarity dendrogram opened top-down",
+        }.get(self.shape, self.shape)
+        return (f"tree shape: {self.shape} ({why}), depth {self.tree.depth}; "
+                f"ceil(log_{self.fan_in} {k}) = {fewest}")
+
     def _annotation(self, node_id: str) -> str:
         n = self.node(node_id)
         where = f"{n.device} (task vectors in host memory)" if n.task_vector_device else n.device
@@ -122,6 +141,7 @@ class MergePlan:
             "groups": self.tree.nested(),
             "fan_in": self.fan_in,
             "fan_in_reason": self.fan_in_reason,
+            "shape": self.shape,
             "depth": self.tree.depth,
             "nodes": [n.to_dict() for n in self.nodes],
             "budget": self.budget.to_dict(),
@@ -158,6 +178,9 @@ def _check_tree_config(config: MergeConfig, k: int) -> None:
         problems.append("tree.flat and tree.groups both given; choose one")
     if tree.flat and tree.max_fan_in is not None and tree.max_fan_in < k:
         problems.append(f"tree.flat merges all {k} models in one node, but tree.max_fan_in is {tree.max_fan_in}")
+    if tree.shape != "balanced" and (tree.flat or tree.groups is not None):  # the default is harmless
+        problems.append(f"tree.shape ({tree.shape}) shapes a clustered tree, but tree.flat or tree.groups is given; "
+                        "drop tree.shape or let the planner cluster")
     if problems:
         raise TreeError("tree config: " + "; ".join(problems))
 
@@ -189,7 +212,9 @@ def _seq_len(data: TaskData) -> int:
     return int(ids.shape[1]) if ids.dim() > 1 else 1
 
 
-def _workload(inputs: _Inputs, tree: MergeTree, node: str) -> NodeWorkload:
+def _workload(inputs: _Inputs, tree: MergeTree, node: str, compressed: bool = False) -> NodeWorkload:
+    """What ``node`` holds; ``compressed``: a learned merge over compressed task vectors (a full
+    fine-tune's task vector then holds ``compressed_loaded_values``; adapters stay as loaded)."""
     children = tree.children(node)
     if inputs.streamed:
         n = inputs.shape.n_params
@@ -203,6 +228,12 @@ def _workload(inputs: _Inputs, tree: MergeTree, node: str) -> NodeWorkload:
             io_bytes=streamed_io_bytes(inputs.largest_stored_bytes, inputs.shape.largest_tensor),
         )
     loaded = sum(inputs.loaded[c] if tree.is_model(c) else inputs.shape.n_params for c in children)
+    stack_values = None
+    if compressed:
+        rank = inputs.learned.rank if inputs.learned is not None else None
+        full = compressed_loaded_values(inputs.shape, len(children), rank)
+        loaded = sum(full if inputs.loaded[c] == inputs.shape.n_params else inputs.loaded[c] for c in children)
+        stack_values = compressed_stack_values(inputs.shape, len(children), rank)
     batches = []
     for t in tree.tasks(node):
         if t in inputs.val:
@@ -217,11 +248,16 @@ def _workload(inputs: _Inputs, tree: MergeTree, node: str) -> NodeWorkload:
         scaled_search=inputs.scaled_search,
         stack_bytes_per_value=(STORAGE_DTYPES[inputs.learned.storage_dtype].itemsize if inputs.learned
                                else FP32),
+        stack_values=stack_values,
     )
 
 
-def _node_tasks(inputs: _Inputs, tree: MergeTree, placements: Mapping[str, Placement]) -> list[NodeTask]:
+def _node_tasks(inputs: _Inputs, tree: MergeTree, placements: Mapping[str, Placement],
+                extra_params: Mapping[str, Any] | None = None) -> list[NodeTask]:
+    """The plan's nodes; ``extra_params`` join every node's method parameters (``basis: compressed``
+    for a flat merge over compressed task vectors)."""
     config = inputs.config
+    method_params = {**config.method_parameters(), **(extra_params or {})}
     entries = {m.name: m for m in config.models}
     keys = dict(inputs.keys)
     nodes = []
@@ -233,7 +269,7 @@ def _node_tasks(inputs: _Inputs, tree: MergeTree, placements: Mapping[str, Place
         out_dtype = config.write_dtype if node == tree.root else None  # inner nodes keep the base's precision
         keys[node] = node_key(
             [keys[c] for c in children], base=inputs.base_key, method=config.method,
-            params={**config.method_parameters(), **({"out_dtype": out_dtype} if out_dtype else {})},
+            params={**method_params, **({"out_dtype": out_dtype} if out_dtype else {})},
             seed=config.seed, kind=config.kind,
             head_prefixes=config.head_prefixes, data=digest,
         )
@@ -250,7 +286,7 @@ def _node_tasks(inputs: _Inputs, tree: MergeTree, placements: Mapping[str, Place
             validation={t: str(entries[t].validation) for t in tasks if t in val},
             base=str(config.base),
             method=config.method,
-            parameters=dict(config.method_parameters()),
+            parameters=dict(method_params),
             kind=config.kind,
             seed=config.seed,
             max_length=config.max_length,
@@ -327,6 +363,18 @@ def _read_inputs(config: MergeConfig, spec: MethodSpec, progress: bool) -> _Inpu
                    largest_tensor_bytes(config.base) if streamed else 0)
 
 
+COMPRESSED_REASON = ("flat over compressed task vectors: a dense flat merge does not fit the budget, this one "
+                     "does (expected between a dense flat merge and a tree in quality)")
+
+
+def _compressible(config: MergeConfig, spec: MethodSpec, inputs: _Inputs) -> bool:
+    """Whether the planner may merge flat over compressed task vectors (merge_core.compress): a
+    learned merge over the raw task vectors (another basis is the user's choice), unless
+    ``tree.flat_compressed`` is false."""
+    return (config.tree.flat_compressed and spec.kind == "learned" and inputs.learned is not None
+            and inputs.learned.basis == "task_vectors" and not inputs.streamed)
+
+
 def _runs_flat(config: MergeConfig, spec: MethodSpec, inputs: _Inputs) -> str | None:
     """Why a per-tensor merge runs as one flat node whatever the tree config says, or None. A tree
     would apply its formula again at every level (lambda compounds: TA with lambda 0.7 at fan-in 2
@@ -375,7 +423,9 @@ def plan(
         return cached[0]
 
     def clustered(fan_in: int) -> MergeTree:
-        return flat_tree(names) if fan_in >= k else cluster_tree(names, similar().cosine, fan_in)
+        if fan_in >= k:
+            return flat_tree(names)
+        return cluster_tree(names, similar().cosine, fan_in, config.tree.shape)
 
     tree_config = config.tree
     choices: list[tuple[str, Callable[[], MergeTree]]]
@@ -395,18 +445,32 @@ def plan(
                     lambda f=f: clustered(f)) for f in range(cap, 1, -1)]
     else:
         choices = [("the largest that fits the budget", lambda f=f: clustered(f)) for f in range(k, 1, -1)]
-    failure = ""
-    for reason, build in choices:
+    # (reason, tree, over compressed task vectors): flat-compressed right after a dense flat merge, before
+    # any tree, where the planner may choose the fan-in and a flat merge was its first choice
+    plans = [(reason, build, False) for reason, build in choices]
+    if _compressible(config, spec, inputs) and not (tree_config.flat or tree_config.groups is not None) \
+            and (tree_config.max_fan_in or k) >= k:
+        plans.insert(1, (COMPRESSED_REASON, lambda: flat_tree(names), True))
+    failure, dense_flat_needs = "", 0
+    for reason, build, compressed in plans:
         tree = build()
         placements = {
-            n: place_node(inputs.shape, _workload(inputs, tree, n), budget, "cpu" if inputs.streamed else requested)
+            n: place_node(inputs.shape, _workload(inputs, tree, n, compressed), budget,
+                          "cpu" if inputs.streamed else requested)
             for n in tree.merges()
         }
         misfits = [(n, p) for n, p in placements.items() if p.device is None]
         if not misfits:
-            nodes = _node_tasks(inputs, tree, placements)
+            extra = {"basis": "compressed"} if compressed else None
+            nodes = _node_tasks(inputs, tree, placements, extra)
             used = similarity if similarity is not None else (cached[0] if cached else None)
-            return MergePlan(config, tree, tree.fan_in, reason, nodes, budget, inventory, used)
+            shape = ("flat-compressed" if compressed else "flat" if len(tree.merges()) == 1
+                     else "groups" if tree_config.groups is not None else tree_config.shape)
+            if compressed:
+                reason = f"{reason} (dense flat needs {format_bytes(dense_flat_needs)})"
+            return MergePlan(config, tree, tree.fan_in, reason, nodes, budget, inventory, used, shape)
+        if len(tree.merges()) == 1 and not compressed:
+            dense_flat_needs = max(p.predicted.total for _, p in misfits)
         node, p = max(misfits, key=lambda m: m[1].predicted.total)
         given = tree_config.flat or tree_config.groups is not None
         failure = (

@@ -3,13 +3,25 @@
 A ``MergeTree`` wraps a networkx DiGraph with edges parent -> child. Three ways to build one, all
 through the same nested-list form (a list is a merge of its items; a string is a model):
 
-- ``cluster_tree``: agglomerative clustering (average linkage on ``1 - cosine``) of the task vectors,
-  then the binary dendrogram is opened top-down: a node's children start as its two dendrogram
+- ``cluster_tree``, shape ``balanced`` (the default): the depth is fixed by k and the fan-in f,
+  exactly ``ceil(log_f k)`` levels, and the task vectors' cosine similarity only decides which models
+  share a merge. Level by level, the n current items are split into ``ceil(n/f)`` groups of at most f
+  items with the most within-group similarity (the sum over pairs in a group): for f = 2 a
+  maximum-weight matching of the most pairs (exact); for larger f the items are put in average-linkage
+  dendrogram order (optimal leaf ordering, so similar items sit side by side) and cut into contiguous
+  groups by dynamic programming (exact over such cuts). A group of one item is that item, passed up a
+  level unmerged. The next level's items are the groups, their similarity the mean over the models'
+  pairs beneath them. Every model goes through at most ``ceil(log_f k)`` merges, each trained without
+  knowing what comes after it, so errors compound over as few greedy merges as the fan-in allows, and
+  the nodes of one level are independent (they run side by side, orchestrator.parallel).
+- ``cluster_tree``, shape ``dendrogram``: agglomerative clustering (average linkage on ``1 - cosine``)
+  of the task vectors, then the binary dendrogram is opened top-down: a node's children start as its two dendrogram
   branches, and the branch that joined at the largest distance (the least coherent one) is replaced by
   its own two branches until the node has ``max_fan_in`` children or every branch left joined at
   less than ``OPEN_RATIO`` of the node's own distance. Tight clusters therefore stay together as their
   own merge (similar models merge first: the point of the tree), and where the models have no such
-  structure every node gets as many children as it may, so the tree is as shallow as the fan-in allows.
+  structure every node gets as many children as it may. Where models do cluster this gives chains
+  (4 tasks at depth 3, 6 at depth 4): kept for comparison, ``tree.shape: dendrogram``.
 - ``tree_from_groups``: the user's nested lists (YAML), checked all at once.
 - ``flat_tree``: one merge of everything.
 
@@ -20,8 +32,9 @@ keeps its name from run to run and in a tree grown by new models, whatever else 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import networkx as nx
 import numpy as np
@@ -36,6 +49,9 @@ OPEN_RATIO = 0.5
 """A dendrogram branch is folded into the node above it only if it joined at no less than this share
 of that node's distance; a much tighter branch (a cluster of similar models) stays a merge of its own,
 even when that leaves the node fewer than ``max_fan_in`` children."""
+
+TreeShape = Literal["balanced", "dendrogram"]
+"""How ``cluster_tree`` shapes the tree (module docstring)."""
 
 Nested = list[Any]
 """A tree as nested lists: ``[["a", "b"], ["c", "d", "e"], "f"]``; each list is one merge."""
@@ -246,11 +262,20 @@ def _wide_groups(item: Any, max_fan_in: int) -> list[Any]:
     return own + [g for x in item for g in _wide_groups(x, max_fan_in)]
 
 
-def cluster_tree(names: Sequence[str], similarity: np.ndarray, max_fan_in: int) -> MergeTree:
-    """Agglomerative clustering of ``1 - similarity`` (k x k), opened into a tree of fan-in at most
-    ``max_fan_in`` (see the module docstring)."""
-    from sklearn.cluster import AgglomerativeClustering
+def balanced_depth(k: int, max_fan_in: int) -> int:
+    """``ceil(log_f k)``: the fewest merge levels that join k models at fan-in at most f (integer
+    arithmetic, no float log: 1 for k <= f)."""
+    depth, reach = 0, 1
+    while reach < k:
+        depth, reach = depth + 1, reach * max_fan_in
+    return depth
 
+
+def cluster_tree(
+    names: Sequence[str], similarity: np.ndarray, max_fan_in: int, shape: TreeShape = "balanced"
+) -> MergeTree:
+    """A tree of fan-in at most ``max_fan_in`` over the models, grouped by ``similarity`` (k x k
+    cosine); ``shape`` says how (see the module docstring)."""
     _check_names(names)
     _check_fan_in(max_fan_in)
     k = len(names)
@@ -259,7 +284,94 @@ def cluster_tree(names: Sequence[str], similarity: np.ndarray, max_fan_in: int) 
         raise TreeError(f"similarity has shape {sim.shape}, expected ({k}, {k}) for {k} models")
     if k < 2:
         raise TreeError(f"a merge needs at least 2 models, got {k}")
-    distance = np.clip(1.0 - (sim + sim.T) / 2.0, 0.0, 2.0)
+    if not np.isfinite(sim).all():
+        raise TreeError("similarity holds NaN or Inf; recompute it (orchestrator.similarity) from finite task vectors")
+    sim = (sim + sim.T) / 2.0
+    if shape == "balanced":
+        return MergeTree.from_nested(_balanced(names, sim, max_fan_in), names)
+    if shape == "dendrogram":
+        return MergeTree.from_nested(_dendrogram(names, sim, max_fan_in), names)
+    raise TreeError(f"unknown tree shape {shape!r}; choose 'balanced' or 'dendrogram'")
+
+
+def _balanced(names: Sequence[str], sim: np.ndarray, max_fan_in: int) -> Any:
+    """Level by level, ``ceil(n/f)`` groups of the n items (module docstring); nested lists."""
+    items: list[Any] = list(names)
+    leaves: list[list[int]] = [[i] for i in range(len(names))]
+    while len(items) > 1:
+        n = len(items)
+        between = np.array([[sim[np.ix_(a, b)].mean() for b in leaves] for a in leaves])
+        groups = _group(between, max_fan_in, math.ceil(n / max_fan_in))
+        items = [items[g[0]] if len(g) == 1 else [items[i] for i in g] for g in groups]
+        leaves = [[m for i in g for m in leaves[i]] for g in groups]
+    return items[0]
+
+
+def _group(sim: np.ndarray, max_size: int, n_groups: int) -> list[list[int]]:
+    """Split items 0..n-1 into ``n_groups`` groups of at most ``max_size`` with the largest sum of
+    within-group pairwise ``sim``; each group's items ascending, groups by their first item."""
+    n = len(sim)
+    if n_groups == 1:
+        return [list(range(n))]
+    if max_size == 2:
+        graph = nx.Graph()
+        graph.add_nodes_from(range(n))
+        # +3 keeps every weight positive (cosines are >= -1); with maxcardinality every matching has the
+        # same number of pairs, so the shift changes no choice
+        graph.add_weighted_edges_from((i, j, float(sim[i, j]) + 3.0) for i in range(n) for j in range(i + 1, n))
+        pairs = nx.max_weight_matching(graph, maxcardinality=True)
+        paired = {i for p in pairs for i in p}
+        groups = [sorted(p) for p in pairs] + [[i] for i in range(n) if i not in paired]
+        return sorted(groups)
+    order = _leaf_order(sim)
+    cuts = _best_cuts(sim[np.ix_(order, order)], max_size, n_groups)
+    return sorted(sorted(order[a:b]) for a, b in cuts)
+
+
+def _leaf_order(sim: np.ndarray) -> list[int]:
+    """The items in average-linkage dendrogram order, leaves optimally ordered (similar ones adjacent)."""
+    from scipy.cluster.hierarchy import leaves_list, linkage, optimal_leaf_ordering
+    from scipy.spatial.distance import squareform
+
+    distance = np.clip(1.0 - sim, 0.0, 2.0)
+    np.fill_diagonal(distance, 0.0)
+    condensed = squareform(distance, checks=False)
+    tree = linkage(condensed, method="average")
+    return [int(i) for i in leaves_list(optimal_leaf_ordering(tree, condensed))]
+
+
+def _best_cuts(sim: np.ndarray, max_size: int, n_groups: int) -> list[tuple[int, int]]:
+    """Cut 0..n-1 into ``n_groups`` contiguous runs of 1..max_size items maximising the sum of
+    within-run pairwise ``sim`` (dynamic programming, O(n * n_groups * max_size)); [(start, end)]."""
+    n = len(sim)
+    upper = np.triu(sim, 1)
+
+    def pair_sum(a: int, b: int) -> float:
+        return float(upper[a:b, a:b].sum())
+
+    best = np.full((n_groups + 1, n + 1), -np.inf)
+    choice = np.zeros((n_groups + 1, n + 1), dtype=int)
+    best[0, 0] = 0.0
+    for g in range(1, n_groups + 1):
+        for end in range(g, min(n, g * max_size) + 1):
+            for size in range(1, min(max_size, end) + 1):
+                score = best[g - 1, end - size] + pair_sum(end - size, end)
+                if score > best[g, end] + 1e-12:
+                    best[g, end], choice[g, end] = score, size
+    cuts, end = [], n
+    for g in range(n_groups, 0, -1):
+        size = int(choice[g, end])
+        cuts.append((end - size, end))
+        end -= size
+    return cuts[::-1]
+
+
+def _dendrogram(names: Sequence[str], sim: np.ndarray, max_fan_in: int) -> Any:
+    """The average-linkage dendrogram opened top-down (module docstring); nested lists."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    k = len(names)
+    distance = np.clip(1.0 - sim, 0.0, 2.0)
     np.fill_diagonal(distance, 0.0)
     clustering = AgglomerativeClustering(
         n_clusters=None, distance_threshold=0.0, metric="precomputed", linkage="average",
@@ -282,4 +394,4 @@ def cluster_tree(names: Sequence[str], similarity: np.ndarray, max_fan_in: int) 
     def nest(node: int) -> Any:
         return names[node] if node < k else [nest(c) for c in open_node(node)]
 
-    return MergeTree.from_nested(nest(2 * k - 2), names)
+    return nest(2 * k - 2)

@@ -12,23 +12,30 @@ alpha the merge IS TSV-M at alpha (official treatment of non-matrices: alpha tim
 (Task Arithmetic's lam for task vectors, TSV-M's alpha for the TSV pieces, from their grids), then
 scales the basis by ``scale / init`` so that W's starting coefficients ``init`` reproduce that merge
 exactly; tanh then bounds each coefficient to +-(scale / init) times the basis.
+
+``basis: compressed`` weights the task vectors with their matrices cut to their top singular
+components (merge_core.compress), held factored like LoRA deltas; ``init_from: training_free`` then
+starts at Task Arithmetic over the compressed task vectors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from merge_core.compress import compress_task_vector
 from merge_core.data import TaskData
 from merge_core.evaluate import task_scores
 from merge_core.methods import task_arithmetic, tsv
-from merge_core.methods.learned import FactoredStack, TaskVectorStack, combine
+from merge_core.methods.learned import FactoredStack, LearnedMergeConfig, TaskVectorStack, combine
 from merge_core.model import FunctionalModel
+from merge_core.task_vectors import TaskVector
 
 SCALE_GRIDS: dict[str, tuple[float, ...]] = {
     "task_vectors": task_arithmetic.PARAM_GRID["lam"],
+    "compressed": task_arithmetic.PARAM_GRID["lam"],
     "tsv": tsv.PARAM_GRID["alpha"],
 }
 """The training-free scale searched per basis by ``init_from: training_free``."""
@@ -60,10 +67,27 @@ def tsv_pieces(stack: TaskVectorStack) -> TaskVectorStack:
 
 
 def to_basis(stacked: Mapping[str, TaskVectorStack], basis: str) -> dict[str, TaskVectorStack]:
-    """``stacked`` over ``basis`` (task_vectors: unchanged; tsv: ``tsv_pieces`` per tensor)."""
-    if basis == "task_vectors":
+    """``stacked`` over ``basis`` (task_vectors: unchanged; tsv: ``tsv_pieces`` per tensor;
+    compressed: unchanged, the task vectors were compressed before they were stacked,
+    ``compress_inputs``)."""
+    if basis in ("task_vectors", "compressed"):
         return dict(stacked)
     return {n: tsv_pieces(d) for n, d in stacked.items()}
+
+
+def compress_inputs(vectors: Sequence[TaskVector], config: LearnedMergeConfig, *,
+                    release: bool = False) -> list[TaskVector]:
+    """The inputs as ``config.basis`` weights them: compressed (merge_core.compress, ``config.rank``)
+    under basis compressed, else as given. Compressing is idempotent (compact deltas stay), so a node
+    runner that compressed each task vector as it loaded it (to hold one dense one at a time) passes
+    them on unchanged. ``release``: empty the given vectors' deltas, which the compressed ones replace."""
+    if config.basis != "compressed":
+        return list(vectors)
+    out = [compress_task_vector(v, len(vectors), config.rank) for v in vectors]
+    if release:
+        for v in vectors:
+            v.deltas.clear()
+    return out
 
 
 def rescaled(stack: TaskVectorStack, factor: float) -> TaskVectorStack:

@@ -90,17 +90,26 @@ class LearnedMergeConfig:
     eval_every: int = 10
     patience: int = 3
 
-    basis: Literal["task_vectors", "tsv"] = "task_vectors"
-    """What W weights: the raw task vectors, or (tsv) each matrix's TSV-M decorrelated per-task pieces
-    (merge_core.methods.basis; all coefficients alpha = TSV-M at alpha)."""
+    basis: Literal["task_vectors", "tsv", "compressed"] = "task_vectors"
+    """What W weights: the raw task vectors, (tsv) each matrix's TSV-M decorrelated per-task pieces
+    (merge_core.methods.basis; all coefficients alpha = TSV-M at alpha), or (compressed) each task
+    vector with its matrices cut to their top ``rank`` singular components (merge_core.compress):
+    k tasks then hold about one to two dense task vectors' memory, not k."""
+    rank: int | None = None
+    """basis compressed: singular components kept per task and matrix; None: TSV-M's
+    floor(min(out, in) / k)."""
     init_from: Literal["constant", "training_free"] = "constant"
     """constant: every coefficient starts at ``init``. training_free: the basis' training-free scale
     (TA's lam, TSV-M's alpha) is first chosen on the validation data and W starts at that merge."""
 
     def __post_init__(self) -> None:
         problems = []
-        if self.basis not in ("task_vectors", "tsv"):
-            problems.append(f"basis must be task_vectors or tsv, not {self.basis!r}")
+        if self.basis not in ("task_vectors", "tsv", "compressed"):
+            problems.append(f"basis must be task_vectors, tsv or compressed, not {self.basis!r}")
+        if self.rank is not None and (self.basis != "compressed" or isinstance(self.rank, bool)
+                                      or not isinstance(self.rank, int) or self.rank < 1):
+            problems.append(f"rank {self.rank!r} applies only to basis: compressed and must be an integer >= 1 "
+                            "(singular components kept per task and matrix)")
         if self.init_from not in ("constant", "training_free"):
             problems.append(f"init_from must be constant or training_free, not {self.init_from!r}")
         if self.init_from == "training_free" and self.init == 0:

@@ -126,6 +126,11 @@ METHODS: dict[str, MethodSpec] = {
             learned=supermerge.SUPERMERGE_TSV_INIT,
         ),
         MethodSpec(
+            "supermerge_compressed", supermerge.PAPER, "learned",
+            "SuperMerge's tanh weights over task vectors compressed to their top singular components",
+            learned=supermerge.SUPERMERGE_COMPRESSED,
+        ),
+        MethodSpec(
             "supermerge_ta_init", supermerge.PAPER, "learned",
             "SuperMerge started at Task Arithmetic with lam chosen on validation",
             learned=supermerge.SUPERMERGE_TA_INIT,

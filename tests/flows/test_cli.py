@@ -527,7 +527,8 @@ def test_hierarchical_merge_end_to_end(tmp_path, tiny_base_dir, family_models, c
     assert [len(n["tasks"]) for n in report["plan"]["nodes"]] == [2, 2, 4]
     assert all(n["measured_peak_bytes"] > 0 and n["predicted_peak_bytes"] > 0 for n in report["nodes"])
     record = json.loads((merged / "supermerge.json").read_text())
-    assert record["config"]["tree"] == {"flat": False, "groups": None, "max_fan_in": 2, "memory_budget": "64GB"}
+    assert record["config"]["tree"] == {"flat": False, "flat_compressed": True, "groups": None, "max_fan_in": 2,
+                                        "memory_budget": "64GB", "shape": "balanced"}
     assert sorted(record["tasks"]) == ["pa", "pb", "qa", "qb"]
 
     # run again into another output: every node comes from the store, nothing is merged again

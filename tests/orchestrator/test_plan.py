@@ -74,7 +74,9 @@ def test_a_tight_budget_gets_the_largest_fan_in_that_fits(tiny_base_dir, family_
     assert predicted[2] < predicted[3] < predicted[8], predicted  # the root holds fan-in task vectors
     budget = predicted[3]  # fan-in 3 fits exactly, 4 and up do not
     assert predicted[4] > budget
-    p = plan(_config(tiny_base_dir, family_models, tmp_path, memory_budget=str(budget)), inventory=PLENTY)
+    # the tree's fan-in search, with flat-compressed (which would come first, and fits) switched off
+    p = plan(_config(tiny_base_dir, family_models, tmp_path, memory_budget=str(budget), flat_compressed=False),
+             inventory=PLENTY)
     assert p.fan_in == 3 and p.fan_in_reason == "the largest that fits the budget"
     assert all(n.predicted_peak_bytes <= budget for n in p.nodes)
     assert p.budget.host == budget
@@ -86,7 +88,8 @@ def test_a_tight_budget_gets_the_largest_fan_in_that_fits(tiny_base_dir, family_
 
 def test_too_small_a_budget_is_refused_before_anything_is_written(tiny_base_dir, family_models, tmp_path):
     smallest = _largest_node(plan(_config(tiny_base_dir, family_models, tmp_path, max_fan_in=2), inventory=PLENTY))
-    config = _config(tiny_base_dir, family_models, tmp_path, memory_budget=str(smallest - 1))
+    # flat-compressed off: on this tiny model it is smaller than a fan-in-2 node (tested on its own)
+    config = _config(tiny_base_dir, family_models, tmp_path, memory_budget=str(smallest - 1), flat_compressed=False)
     with pytest.raises(MemoryBudgetError) as e:
         plan(config, inventory=PLENTY)
     message = str(e.value)
@@ -129,6 +132,8 @@ def test_render_shows_the_tree_the_fan_in_and_each_nodes_memory_and_device(tiny_
     text = p.render()
     assert text.startswith("8 models -> 7 merge(s), fan-in 2 (the largest up to tree.max_fan_in 2 that fits")
     assert "depth 3, method supermerge" in text
+    assert ("tree shape: balanced (similarity chose which models share a merge, the fan-in fixed the depth), "
+            "depth 3; ceil(log_2 8) = 3") in text.splitlines()
     assert re.search(r"├── merge-\S+  \[2 tasks\] cpu, predicted", text)
     for name in NAMES:
         assert f"── {name}" in text
@@ -168,3 +173,76 @@ def test_fixed_per_tensor_merges_run_flat_and_the_plan_says_why(tiny_base_dir, f
     p = plan(parse_config(raw), inventory=PLENTY)
     assert len(p.nodes) == 1 and p.fan_in == 4 and "a tree would apply its formula again" in p.render()
     assert p.root.parameters == {"lam": 0.7}
+
+
+def test_tree_shape_is_balanced_by_default_and_dendrogram_on_request(tiny_base_dir, family_models, tmp_path):
+    """Fan-in 4 over 8 models: balanced is depth ceil(log_4 8) = 2; the opened dendrogram keeps each
+    family as its own merge under a root of 4. Both say their shape in the plan."""
+    balanced = plan(_config(tiny_base_dir, family_models, tmp_path, max_fan_in=4), inventory=PLENTY)
+    assert balanced.shape == "balanced" and balanced.tree.depth == 2 and balanced.to_dict()["shape"] == "balanced"
+    assert len(balanced.nodes) == 3 and balanced.fan_in == 4
+    dendrogram = plan(_config(tiny_base_dir, family_models, tmp_path, max_fan_in=4, shape="dendrogram"),
+                      inventory=PLENTY)
+    assert dendrogram.shape == "dendrogram" and "tree shape: dendrogram (tree.shape" in dendrogram.render()
+    assert sorted(sorted(n.tasks) for n in dendrogram.nodes if len(n.tasks) == 2) == FAMILIES
+    flat = plan(_config(tiny_base_dir, family_models, tmp_path), inventory=PLENTY)
+    assert flat.shape == "flat" and "tree shape: flat (one merge of every model), depth 1; ceil(log_8 8) = 1" in flat.render()
+    with pytest.raises(TreeError, match="tree.shape \\(dendrogram\\) shapes a clustered tree"):
+        plan(_config(tiny_base_dir, family_models, tmp_path, flat=True, shape="dendrogram"), inventory=PLENTY)
+
+
+def test_flat_compressed_is_chosen_only_when_it_fits_and_dense_flat_does_not(tiny_base_dir, family_models, tmp_path):
+    """The planner's order: a dense flat merge, then flat over compressed task vectors, then trees.
+    Each budget is set from the predictions themselves, so the test checks the choice, not a size."""
+    from orchestrator.executor import execute
+    from orchestrator.memory import FP32, compressed_loaded_values, model_shape
+
+    dense = plan(_config(tiny_base_dir, family_models, tmp_path), inventory=PLENTY)
+    assert dense.shape == "flat" and "basis" not in dense.root.parameters
+    dense_peak = _largest_node(dense)
+    between = plan(_config(tiny_base_dir, family_models, tmp_path, memory_budget=str(dense_peak - 1)),
+                   inventory=PLENTY)
+    assert between.shape == "flat-compressed" and len(between.nodes) == 1 and between.fan_in == len(NAMES)
+    assert between.root.parameters["basis"] == "compressed"
+    assert between.fan_in_reason.startswith("flat over compressed task vectors")
+    assert "tree shape: flat-compressed" in between.render()
+    compressed_peak = _largest_node(between)
+    assert compressed_peak < dense_peak
+    k, shape = len(NAMES), model_shape(tiny_base_dir, "classification")
+    assert between.root.predicted["task_vectors"] == FP32 * k * compressed_loaded_values(shape, k)
+    assert between.root.predicted["task_vectors"] < dense.root.predicted["task_vectors"] / 2
+    assert between.root.key != dense.root.key  # another merge: its own store entry
+    # just enough for the compressed flat merge: still chosen; one byte less: not chosen. (On this tiny
+    # model the 32 MiB runtime margin dominates, so no tree node is smaller and nothing fits: the trees
+    # were tried after it, down to fan-in 2.)
+    exact = plan(_config(tiny_base_dir, family_models, tmp_path, memory_budget=str(compressed_peak)),
+                 inventory=PLENTY)
+    assert exact.shape == "flat-compressed"
+    with pytest.raises(MemoryBudgetError, match="at fan-in 2"):
+        plan(_config(tiny_base_dir, family_models, tmp_path, memory_budget=str(compressed_peak - 1)),
+             inventory=PLENTY)
+    # switched off: a tree instead, over the raw task vectors
+    off = plan(_config(tiny_base_dir, family_models, tmp_path, memory_budget=str(dense_peak - 1),
+                       flat_compressed=False), inventory=PLENTY)
+    assert off.shape == "balanced" and len(off.nodes) > 1
+    assert all("basis" not in n.parameters for n in off.nodes)
+    # a cap below k asks for a tree: no flat-compressed
+    capped = plan(_config(tiny_base_dir, family_models, tmp_path, memory_budget=str(dense_peak - 1), max_fan_in=4),
+                  inventory=PLENTY)
+    assert capped.shape == "balanced"
+    # and the plan runs: the node merges over compressed task vectors
+    execute(between)
+    record = json.loads((between.config.output / "supermerge.json").read_text())
+    assert record["params"]["basis"] == "compressed" and record["params"]["rank"] is None
+
+
+def test_a_balanced_trees_first_level_is_handed_out_at_once(tiny_base_dir, family_models, tmp_path):
+    """8 models at fan-in 2: the 4 leaf merges share no input, come first in the submission order and
+    the CPU has a slot for each (orchestrator.parallel), so they run side by side; a chain had one."""
+    from orchestrator.parallel import device_slots, submission_order
+
+    p = plan(_config(tiny_base_dir, family_models, tmp_path, max_fan_in=2), inventory=PLENTY)
+    order = submission_order(p)
+    first = [n for n in order if all(c.path is not None for c in n.children)]
+    assert len(first) == 4 and order[:4] == first
+    assert device_slots(p, cpu_count=4) == {"cpu": 4}

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from orchestrator.errors import TreeError
 from orchestrator.similarity import task_vector_similarity
-from orchestrator.tree import MergeTree, cluster_tree, flat_tree, node_id, tree_from_groups
+from orchestrator.tree import MergeTree, balanced_depth, cluster_tree, flat_tree, node_id, tree_from_groups
 from tests.orchestrator.families import FAMILIES, NAMES
 
 
@@ -38,13 +38,91 @@ def _check_shape(tree: MergeTree, names: list[str], max_fan_in: int) -> None:
 
 
 @pytest.mark.parametrize("max_fan_in", [2, 3, 4, 5, 7])
-def test_clustered_tree_puts_each_family_under_its_own_node(family_cosine, max_fan_in):
-    tree = cluster_tree(NAMES, family_cosine, max_fan_in)
+def test_dendrogram_tree_puts_each_family_under_its_own_node(family_cosine, max_fan_in):
+    tree = cluster_tree(NAMES, family_cosine, max_fan_in, shape="dendrogram")
     _check_shape(tree, NAMES, max_fan_in)
     for family in FAMILIES:
         parents = {tree.parent(m) for m in family}
         assert len(parents) == 1, f"{family} split across {parents}: {tree.nested()}"
         assert sorted(tree.tasks(parents.pop())) == family, tree.nested()
+
+
+@pytest.mark.parametrize("max_fan_in", [2, 4, 5, 7])
+def test_balanced_tree_keeps_each_family_in_one_merge_at_the_fewest_levels(family_cosine, max_fan_in):
+    """8 models in 4 pairs: at fan-in 2 each pair is a merge; at 4, 5 and 7 the first level has
+    ceil(8/f) = 2 groups, each holding whole families. (At fan-in 3 the 3 groups of <= 3 cannot hold
+    4 pairs whole, so one family must be split: left out.)"""
+    tree = cluster_tree(NAMES, family_cosine, max_fan_in)
+    _check_shape(tree, NAMES, max_fan_in)
+    assert tree.depth == balanced_depth(len(NAMES), max_fan_in)
+    for family in FAMILIES:
+        parents = {tree.parent(m) for m in family}
+        assert len(parents) == 1, f"{family} split across {parents}: {tree.nested()}"
+    if max_fan_in == 2:
+        assert sorted(sorted(tree.tasks(tree.parent(f[0]))) for f in FAMILIES) == FAMILIES
+
+
+def _random_similarity(rng: np.random.Generator, k: int) -> np.ndarray:
+    """Cosines of k random directions, some drawn near each other (clusters of random sizes)."""
+    centres = rng.normal(size=(max(1, k // 3), 6))
+    x = centres[rng.integers(0, len(centres), size=k)] + rng.uniform(0.1, 1.5) * rng.normal(size=(k, 6))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x @ x.T
+
+
+def test_balanced_depth_is_ceil_log_f_k():
+    assert [balanced_depth(k, 2) for k in (1, 2, 3, 4, 5, 8, 9, 16, 17, 32)] == [0, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert [balanced_depth(k, 3) for k in (3, 4, 9, 10, 27, 28)] == [1, 2, 2, 3, 3, 4]
+    assert [balanced_depth(k, 5) for k in (5, 6, 25, 26, 40)] == [1, 2, 2, 3, 3]
+
+
+def test_balanced_trees_never_exceed_ceil_log_f_k_on_random_similarities():
+    """A property test over seeded random similarities: every k in 2..40 at every fan-in 2..5, three
+    seeds each. The depth is exactly ceil(log_f k), no node has more than f children (nor fewer than
+    2), every model is a leaf once, and the same input gives the same tree."""
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        for k in range(2, 41):
+            sim = _random_similarity(rng, k)
+            names = [f"m{i}" for i in range(k)]
+            for f in range(2, 6):
+                tree = cluster_tree(names, sim, f)
+                _check_shape(tree, names, f)
+                assert tree.depth == balanced_depth(k, f), (seed, k, f, tree.nested())
+                assert len(tree.models()) == k
+                assert cluster_tree(names, sim.copy(), f).nested() == tree.nested()
+
+
+@pytest.mark.parametrize("max_fan_in", [2, 3, 4, 5])
+@pytest.mark.parametrize("blocks", [2, 3, 5])
+def test_balanced_tree_puts_similar_models_in_one_merge(max_fan_in, blocks):
+    """Blocks of max_fan_in models, similar within (cosine ~0.8) and unrelated across (~0), shuffled:
+    the first level's ceil(k/f) groups are exactly the blocks, each one merge."""
+    rng = np.random.default_rng(max_fan_in * 10 + blocks)
+    k = max_fan_in * blocks
+    block_of = rng.permutation(np.repeat(np.arange(blocks), max_fan_in))
+    sim = np.where(block_of[:, None] == block_of[None, :], 0.8, 0.0) + rng.uniform(-0.05, 0.05, (k, k))
+    sim = (sim + sim.T) / 2
+    np.fill_diagonal(sim, 1.0)
+    names = [f"m{i}" for i in range(k)]
+    tree = cluster_tree(names, sim, max_fan_in)
+    _check_shape(tree, names, max_fan_in)
+    for b in range(blocks):
+        members = [names[i] for i in np.flatnonzero(block_of == b)]
+        [parent] = {tree.parent(m) for m in members}
+        assert sorted(tree.tasks(parent)) == sorted(members), tree.nested()
+
+
+def test_balanced_pairs_are_the_best_matching_not_the_first_greedy_pair():
+    """a-b is the single most similar pair, but taking it leaves c-d (0.0); a-c + b-d (0.8 + 0.8)
+    is the better pairing, which a greedy merge of the closest pair first would miss."""
+    names = ["a", "b", "c", "d"]
+    sim = np.array([[1.0, 0.9, 0.8, 0.0],
+                    [0.9, 1.0, 0.0, 0.8],
+                    [0.8, 0.0, 1.0, 0.0],
+                    [0.0, 0.8, 0.0, 1.0]])
+    assert cluster_tree(names, sim, 2).nested() == [["a", "c"], ["b", "d"]]
+    assert cluster_tree(names, sim, 2, shape="dendrogram").nested() != [["a", "c"], ["b", "d"]]
 
 
 def test_binary_tree_has_k_minus_one_merges_and_depth_three(family_cosine):
@@ -72,18 +150,19 @@ def test_fan_in_is_never_exceeded_on_random_similarities(k, max_fan_in, seed):
     x = rng.normal(size=(k, 5))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     names = [f"m{i}" for i in range(k)]
-    tree = cluster_tree(names, x @ x.T, max_fan_in)
-    _check_shape(tree, names, max_fan_in)
-    assert cluster_tree(names, x @ x.T, max_fan_in).nested() == tree.nested()
+    for shape in ("balanced", "dendrogram"):
+        tree = cluster_tree(names, x @ x.T, max_fan_in, shape)
+        _check_shape(tree, names, max_fan_in)
+        assert cluster_tree(names, x @ x.T, max_fan_in, shape).nested() == tree.nested()
     assert MergeTree.from_nested(tree.nested(), names).nested() == tree.nested()
 
 
 @pytest.mark.parametrize("max_fan_in", [2, 3, 4])
 def test_models_without_structure_fill_every_node(max_fan_in):
-    """Equally unrelated models: no cluster is worth keeping apart, so every node takes as many
-    children as it may (the shallowest tree the dendrogram allows)."""
+    """Equally unrelated models: no cluster is worth keeping apart, so every node of the opened
+    dendrogram takes as many children as it may (the shallowest tree the dendrogram allows)."""
     names = [f"m{i}" for i in range(9)]
-    tree = cluster_tree(names, np.eye(9), max_fan_in)
+    tree = cluster_tree(names, np.eye(9), max_fan_in, shape="dendrogram")
     _check_shape(tree, names, max_fan_in)
     for node in tree.merges():
         assert len(tree.children(node)) == min(max_fan_in, len(tree.tasks(node)))
@@ -151,6 +230,10 @@ def test_single_model_groups_and_clashing_names_are_refused():
         cluster_tree(["pa", "pb", "qa"], np.eye(2), 2)
     with pytest.raises(TreeError, match="at least 2"):
         cluster_tree(["pa", "pb"], np.eye(2), 1)
+    with pytest.raises(TreeError, match="unknown tree shape 'chain'"):
+        cluster_tree(["pa", "pb"], np.eye(2), 2, shape="chain")  # type: ignore[arg-type]
+    with pytest.raises(TreeError, match="NaN or Inf"):
+        cluster_tree(["pa", "pb"], np.array([[1.0, np.nan], [np.nan, 1.0]]), 2)
 
 
 def test_render_draws_every_node_with_its_annotation():
