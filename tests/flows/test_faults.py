@@ -379,15 +379,20 @@ def test_sigint_exits_130_in_one_line_and_leaves_no_lock_or_entry(workspace, cap
     locks = workspace / "out" / ".supermerge-store" / ".locks"
 
     def interrupt_once_merging() -> None:
-        # No short deadline: on a loaded 2-core machine planning alone can pass a minute, and a SIGINT
-        # sent before the node holds its lock tests something else.
-        while not (locks.is_dir() and any(locks.iterdir())):
+        deadline = time.time() + 600  # generous: on a loaded 2-core machine planning alone can pass a minute
+        while time.time() < deadline and not (locks.is_dir() and any(locks.iterdir())):
             time.sleep(0.05)
         time.sleep(0.3)
         os.kill(os.getpid(), signal.SIGINT)
 
-    threading.Thread(target=interrupt_once_merging, daemon=True).start()
-    assert main(["merge", str(workspace / "config.yaml")]) == 130
+    # Python raises KeyboardInterrupt only if SIGINT was not ignored when it started; a suite run in the
+    # background (nohup, `&` without job control) inherits SIG_IGN, so the test sets Python's own handler.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt_once_merging, daemon=True).start()
+        assert main(["merge", str(workspace / "config.yaml")]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("supermerge:")]
     assert lines == [INTERRUPTED] and "Traceback" not in err
