@@ -21,7 +21,7 @@ input) is only the local cache's shared flock: a published entry never changes i
 reader loads is its verified local copy, so no S3 object is needed to keep it steady.
 
 **Local cache**: safetensors needs a local file to mmap, so ``path(key)`` is the entry's folder in a local
-cache (``cache_dir``); ``record`` / ``is_finished`` bring a published entry into it (downloaded into a
+cache (``cache_dir``, by default under ``$SUPERMERGE_STORE_CACHE`` or ``~/.cache/supermerge/stores``); ``record`` / ``is_finished`` bring a published entry into it (downloaded into a
 temporary sibling, checked against the manifest, renamed into place) and reuse a cached copy whose
 files match the manifest. A node is written into the cache as on a local store, then ``publish``
 uploads it.
@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import threading
 import uuid
@@ -52,9 +53,15 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 
 
+CACHE_ENV = "SUPERMERGE_STORE_CACHE"
+"""Environment variable naming the folder under which each S3 store's local cache is kept (a disk
+with room for the largest node's inputs and output); default ``~/.cache/supermerge/stores``."""
+
+
 def default_cache_dir(url: str) -> Path:
-    """``~/.cache/supermerge/stores/<sha256 of the URL, 16 hex>``: one cache per store per machine."""
-    return Path.home() / ".cache" / "supermerge" / "stores" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    """``<cache root>/<sha256 of the URL, 16 hex>``: one cache per store per machine."""
+    root = Path(os.environ[CACHE_ENV]) if os.environ.get(CACHE_ENV) else Path.home() / ".cache" / "supermerge" / "stores"
+    return root / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
 def s3_filesystem(endpoint_url: str | None = None) -> Any:

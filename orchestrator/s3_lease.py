@@ -148,16 +148,26 @@ class S3Lease:
         self._heartbeat = threading.Thread(target=self._renew_until_stopped, name=f"lease {self.key}", daemon=True)
         self._heartbeat.start()
 
+    def renew(self) -> bool:
+        """Extend the lease by ``ttl_seconds``; False (and ``lost`` set) when another worker has taken
+        it over. An S3 error other than a failed condition is raised (the heartbeat tries again)."""
+        try:
+            self._etag = self._put(IfMatch=str(self._etag))
+            return True
+        except OSError as e:
+            if not _condition_failed(e):
+                raise
+        self.lost = True
+        log.error("lost the lease %s: another worker took it over (this one stalled past its %.0f s expiry)",
+                  self.path, self.ttl_seconds)
+        return False
+
     def _renew_until_stopped(self) -> None:
         while not self._stop.wait(self.ttl_seconds / 3):
             try:
-                self._etag = self._put(IfMatch=str(self._etag))
-            except OSError as e:
-                if _condition_failed(e):
-                    self.lost = True
-                    log.error("lost the lease %s: another worker took it over (this one stalled past "
-                              "its %.0f s expiry)", self.path, self.ttl_seconds)
+                if not self.renew():
                     return
+            except OSError as e:
                 log.warning("could not renew the lease %s (%s); trying again", self.path, e)
 
     def release(self) -> None:
