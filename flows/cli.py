@@ -91,7 +91,10 @@ def cmd_plan(config_path: Path, *, device: str | None, memory_budget: str | None
                                 max_fan_in=max_fan_in, flat=flat)
 
     print(plan(config, progress=True).render())
-    print(store_usage(default_store_dir(config.output)).render())
+    if config.store is not None and "://" in config.store:
+        print(f"store: {config.store}")
+    else:
+        print(store_usage(Path(config.store) if config.store else default_store_dir(config.output)).render())
     return 0
 
 
@@ -164,7 +167,10 @@ def cmd_store_prune(config_path: Path, *, everything: bool, output: Path | None 
     from orchestrator.store_usage import prune, store_usage, used_keys
 
     config = load_config(config_path, {"output": str(output.resolve()) if output else None})
-    root = default_store_dir(config.output)
+    if config.store is not None and "://" in config.store:
+        raise SupermergeError(f"store prune covers local stores only; {config.store} is not one: remove its "
+                              "unused <key>/ prefixes with your S3 tools (aws s3 rm --recursive)")
+    root = Path(config.store) if config.store is not None else default_store_dir(config.output)
     keep = set() if everything else used_keys(config.output.parent, REPORT_FILE)
     removed, freed = prune(root, keep)
     print(f"removed {removed} store entr{'y' if removed == 1 else 'ies'}, freed {freed / 1e6:.1f} MB; "
