@@ -50,8 +50,10 @@ def _load_merge_config(
     memory_budget: str | None = None,
     max_fan_in: int | None = None,
     flat: bool = False,
+    store: str | None = None,
 ):
-    """The config with the command line's overrides, validated again as a whole (one ConfigError)."""
+    """The config with the command line's overrides, validated again as a whole (one ConfigError).
+    ``store``: a folder (relative to the working directory) or an ``s3://`` URL."""
     from merge_core.config import load_config, parse_config
 
     overrides = {"output": str(output.resolve()) if output else None, "device": device}
@@ -72,6 +74,8 @@ def _load_merge_config(
     if max_fan_in is not None:
         tree.update(max_fan_in=max_fan_in, flat=False)
     raw["tree"] = tree
+    if store is not None:
+        raw["store"] = store if "://" in store else str(Path(store).resolve())
     return parse_config(raw, source=f"{config_path} (with the command line's options)")
 
 
@@ -87,26 +91,30 @@ def cmd_plan(config_path: Path, *, device: str | None, memory_budget: str | None
                                 max_fan_in=max_fan_in, flat=flat)
 
     print(plan(config, progress=True).render())
-    print(store_usage(default_store_dir(config.output)).render())
+    if config.store is not None and "://" in config.store:
+        print(f"store: {config.store}")
+    else:
+        print(store_usage(Path(config.store) if config.store else default_store_dir(config.output)).render())
     return 0
 
 
 def cmd_merge(
     config_path: Path, *, output: Path | None, method: str | None, device: str | None, overwrite: bool,
     memory_budget: str | None = None, max_fan_in: int | None = None, flat: bool = False, prefect: bool = False,
+    store: str | None = None,
 ) -> int:
     """Plan the merge tree (refusing before any work if it cannot fit), run it bottom-up through the
     checkpoint store, and print where the result is and how well it scores. ``prefect``: run it as the
     ``hierarchical-merge`` flow (Prefect's embedded default, or the server at PREFECT_API_URL)."""
     if prefect:
         return _merge_with_prefect(config_path, output=output, method=method, device=device, overwrite=overwrite,
-                                   memory_budget=memory_budget, max_fan_in=max_fan_in, flat=flat)
+                                   memory_budget=memory_budget, max_fan_in=max_fan_in, flat=flat, store=store)
     from orchestrator.executor import REPORT_FILE, execute
     from orchestrator.memory import format_bytes
     from orchestrator.plan import plan
 
     config = _load_merge_config(config_path, output=output, method=method, device=device,
-                                memory_budget=memory_budget, max_fan_in=max_fan_in, flat=flat)
+                                memory_budget=memory_budget, max_fan_in=max_fan_in, flat=flat, store=store)
     check_output(config.output, overwrite=overwrite)
     merge_plan = plan(config, progress=True)
     created = _missing_folders(config.output.parent)
@@ -133,7 +141,10 @@ def cmd_merge(
         print("test accuracy:       " + _fmt(report.test_accuracy))
     from orchestrator.store_usage import store_usage
 
-    print(store_usage(report.store).render())
+    if report.store_location is not None and "://" in report.store_location:
+        print(f"store: {report.store_location} (local copies in {report.store})")
+    else:
+        print(store_usage(report.store).render())
     return 0
 
 
@@ -156,7 +167,10 @@ def cmd_store_prune(config_path: Path, *, everything: bool, output: Path | None 
     from orchestrator.store_usage import prune, store_usage, used_keys
 
     config = load_config(config_path, {"output": str(output.resolve()) if output else None})
-    root = default_store_dir(config.output)
+    if config.store is not None and "://" in config.store:
+        raise SupermergeError(f"store prune covers local stores only; {config.store} is not one: remove its "
+                              "unused <key>/ prefixes with your S3 tools (aws s3 rm --recursive)")
+    root = Path(config.store) if config.store is not None else default_store_dir(config.output)
     keep = set() if everything else used_keys(config.output.parent, REPORT_FILE)
     removed, freed = prune(root, keep)
     print(f"removed {removed} store entr{'y' if removed == 1 else 'ies'}, freed {freed / 1e6:.1f} MB; "
@@ -220,7 +234,7 @@ def os_error_line(e: OSError) -> str:
 def _merge_with_prefect(config_path: Path, *, output: Path | None, **options) -> int:
     from flows.local import run_flow
 
-    shown = {k: options[k] for k in ("method", "device", "memory_budget", "max_fan_in", "flat")}
+    shown = {k: options[k] for k in ("method", "device", "memory_budget", "max_fan_in", "flat", "store")}
     check_output(_load_merge_config(config_path, output=output, **shown).output, overwrite=options["overwrite"])
 
     result = run_flow(config_path, output=str(output.resolve()) if output else None, evaluate=True, **options)
@@ -314,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     p.add_argument("--prefect", action="store_true",
                    help="run as the Prefect flow hierarchical-merge (embedded server unless PREFECT_API_URL is set)")
+    p.add_argument("--store", help="the checkpoint store: a folder, or s3://bucket/prefix for workers on several "
+                                   "machines (pip install 'supermerge[distributed]'); default: the config's store, "
+                                   "else .supermerge-store beside the output")
     _tree_options(p)
 
     p = sub.add_parser("plan", help="show the merge tree, each node's predicted memory and device, the fan-in")
@@ -384,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "merge":
             return cmd_merge(args.config, output=args.output, method=args.method, device=args.device,
                              overwrite=args.overwrite, memory_budget=args.memory_budget,
-                             max_fan_in=args.max_fan_in, flat=args.flat, prefect=args.prefect)
+                             max_fan_in=args.max_fan_in, flat=args.flat, prefect=args.prefect, store=args.store)
         if args.command == "plan":
             return cmd_plan(args.config, device=args.device, memory_budget=args.memory_budget,
                             max_fan_in=args.max_fan_in, flat=args.flat, output=args.output)

@@ -54,13 +54,13 @@ from merge_core.config import MergeConfig
 from merge_core.errors import CheckpointError
 from merge_core.evaluate import results_table
 from merge_core.job import score_models
-from orchestrator.executor import default_store_dir
+from orchestrator.executor import config_store
 from orchestrator.incremental import plan_with_previous
 from orchestrator.memory import format_bytes
 from orchestrator.node import NodeRecord, NodeTask, cached_record, run_node
 from orchestrator.parallel import device_slots, finish, submission_order
 from orchestrator.plan import MergePlan
-from orchestrator.store import CheckpointStore
+from orchestrator.store import Store, open_store
 from orchestrator.versions import check_versioned, current, next_version, prune, published_root_key, switch_current
 
 FLOW_NAME = "hierarchical-merge"
@@ -77,7 +77,7 @@ def merge_node(node: dict[str, Any], store_dir: str, children: list[dict[str, An
 
     ``children``: the merged children's records; the argument only orders the node after them and
     draws the edges, the inputs themselves are read from the store."""
-    record = run_node(NodeTask.from_dict(node), CheckpointStore(Path(store_dir)))
+    record = run_node(NodeTask.from_dict(node), open_store(store_dir))
     what = "finished in the store, not merged again; it had merged" if record.cached else "merged"
     get_run_logger().info("%s: %s in %.2f s, peak %s (predicted %s)", record.id, what, record.seconds,
                           format_bytes(record.measured_peak_bytes), format_bytes(record.predicted_peak_bytes))
@@ -129,7 +129,7 @@ def _node_task(node: NodeTask, stored: bool, config: MergeConfig, live: LiveTree
                                    tags=[FROM_STORE_TAG] if stored else None, on_running=[running])
 
 
-def run_tree(plan: MergePlan, store: CheckpointStore, slots: dict[str, int], live: LiveTree) -> dict[str, PrefectFuture[Any]]:
+def run_tree(plan: MergePlan, store: Store, slots: dict[str, int], live: LiveTree) -> dict[str, PrefectFuture[Any]]:
     """Submit one merge task per node, lowest first, to its device's pool (``slots`` threads), each
     with its merged children's futures as arguments; return once all are done, the live tree
     updated as each starts and ends."""
@@ -140,7 +140,7 @@ def run_tree(plan: MergePlan, store: CheckpointStore, slots: dict[str, int], liv
             children = [futures[c.name] for c in node.children if c.path is None]
             node_task = _node_task(node, cached_record(node, store) is not None, plan.config, live)
             futures[node.id] = pools[node.device].submit(
-                node_task, {"node": quote(node.to_dict()), "store_dir": quote(str(store.root)), "children": children}
+                node_task, {"node": quote(node.to_dict()), "store_dir": quote(store.location), "children": children}
             )
         node_of = {id(f): n for n, f in futures.items()}
         for future in as_completed(list(futures.values())):
@@ -189,6 +189,7 @@ def hierarchical_merge(
     replan: bool = False,
     max_parallel: int | None = None,
     versions: int = 0,
+    store: str | None = None,
 ) -> dict[str, Any]:
     """Merge the models a YAML config names as a tree of merges; publish the root to its output.
 
@@ -196,7 +197,8 @@ def hierarchical_merge(
     the ``supermerge merge`` options do. ``replan``: cluster from scratch instead of growing the tree
     published at the output; ``max_parallel``: at most this many CPU nodes at once. ``versions``: publish
     each run as ``<output>/v<N>`` with ``<output>/current`` pointing at it, keeping this many (0: publish
-    at ``output`` itself, refusing an existing one unless ``overwrite``).
+    at ``output`` itself, refusing an existing one unless ``overwrite``). ``store``: the checkpoint
+    store (a folder or ``s3://bucket/prefix``), overriding the config's.
     """
     show_library_logs()
     logger = get_run_logger()
@@ -208,7 +210,7 @@ def hierarchical_merge(
         live.planning(f"reading {config} and planning the merge tree")
         merge_config = _load_merge_config(Path(config), output=Path(output) if output else None, method=method,
                                           device=device, memory_budget=memory_budget, max_fan_in=max_fan_in,
-                                          flat=flat)
+                                          flat=flat, store=store)
         published = None
         if versions:
             check_versioned(merge_config.output)
@@ -216,7 +218,7 @@ def hierarchical_merge(
         elif merge_config.output.exists() and not overwrite:
             raise CheckpointError(f"{merge_config.output} already exists; choose another output or pass overwrite=True")
         plan = plan_with_previous(merge_config, replan=replan, published=published)
-        store = CheckpointStore(default_store_dir(merge_config.output))
+        checkpoints = config_store(merge_config)
         planned = time.perf_counter()
         if published is not None and published_root_key(published) == plan.root.key:
             live.start(plan, {n.id: FROM_STORE for n in plan.nodes})
@@ -224,13 +226,13 @@ def hierarchical_merge(
             live.finish(note)
             logger.info("%s (%.1f s)", note, time.perf_counter() - started)
             return {"output": str(published), "version": published.name, "up_to_date": True,
-                    "store": str(store.root), "seconds": round(time.perf_counter() - started, 3),
+                    "store": checkpoints.location, "seconds": round(time.perf_counter() - started, 3),
                     "merged": 0, "from_store": 0, "nodes": [], "test_accuracy": {}}
         slots = device_slots(plan, max_parallel=max_parallel)
         logger.info("%s\nslots per device: %s", plan.render(), slots)
         live.start(plan, {})
         try:
-            futures = run_tree(plan, store, slots, live)
+            futures = run_tree(plan, checkpoints, slots, live)
         except BaseException:
             live.crashed()
             raise
@@ -246,11 +248,12 @@ def hierarchical_merge(
         test_accuracy: dict[str, float] = {}
         table = ""
         if evaluate and any(m.test is not None for m in merge_config.models):
-            test_accuracy, table = evaluate_merge(plan.config, str(store.path(plan.root.key)))
+            checkpoints.record(plan.root.key)  # an S3 store's root, merged on another worker, into the local cache
+            test_accuracy, table = evaluate_merge(plan.config, str(checkpoints.path(plan.root.key)))
         elif evaluate:
             logger.warning("evaluate: no model in %s has test data; nothing to score", config)
         ordered = [r for r in records.values() if r is not None]
-        report = finish(plan, store, ordered, time.perf_counter() - started, overwrite=overwrite and not versions,
+        report = finish(plan, checkpoints, ordered, time.perf_counter() - started, overwrite=overwrite and not versions,
                         test_accuracy=test_accuracy)
         if versions:
             switch_current(merge_config.output, target)
@@ -264,7 +267,7 @@ def hierarchical_merge(
         "output": str(report.output),
         "version": target.name if versions else None,
         "up_to_date": False,
-        "store": str(store.root),
+        "store": checkpoints.location,
         "seconds": round(finished - started, 3),
         "plan_seconds": round(planned - started, 3),
         "nodes_seconds": round(ran - planned, 3),

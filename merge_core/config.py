@@ -88,9 +88,21 @@ class MergeConfig(_Strict):
     head_prefixes: list[str] = Field(default_factory=lambda: list(DEFAULT_HEAD_PREFIXES))
     tree: TreeConfig = Field(default_factory=TreeConfig)
     retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy())
+    store: str | None = None
+    """Where the checkpoint store of intermediate nodes is: a folder (relative to the config file) or
+    ``s3://bucket/prefix`` for workers on several machines (needs ``supermerge[distributed]``); left
+    out: ``.supermerge-store`` beside the output."""
     registry: Path | None = None
     """A task-model registry folder (see merge_core.task_registry); its models are appended to ``models``."""
     _max_length_from: str = PrivateAttr(default="config")
+
+    @field_validator("store")
+    @classmethod
+    def _store_is_a_folder_or_s3(cls, store: str | None) -> str | None:
+        if store is not None and "://" in store and (not store.startswith("s3://") or not store[5:].strip("/")):
+            raise ValueError(f"{store!r} is not a folder or an s3://bucket/prefix URL (the only object store "
+                             "with the conditional writes the store locks with)")
+        return store
 
     @field_validator("models")
     @classmethod
@@ -242,6 +254,8 @@ def _resolve_paths(raw: dict[str, Any], root: Path) -> dict[str, Any]:
     for key in ("base", "output", "registry"):
         if key in out:
             out[key] = fix(out[key])
+    if isinstance(out.get("store"), str) and "://" not in out["store"]:
+        out["store"] = fix(out["store"])
     if isinstance(out.get("models"), list):
         out["models"] = [
             {k: fix(v) if k in ("path", "validation", "test") else v for k, v in m.items()}

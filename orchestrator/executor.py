@@ -38,14 +38,14 @@ from merge_core.task_vectors import check_finite_model, load_stored_heads, merge
 from orchestrator.errors import StoreError
 from orchestrator.node import NodeRecord, NodeTask, cached_record, run_node
 from orchestrator.plan import MergePlan
-from orchestrator.store import CheckpointStore
+from orchestrator.store import Store, open_store
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "merge_report.json"
 STORE_DIR = ".supermerge-store"
 
-NodeRunner = Callable[[NodeTask, CheckpointStore], NodeRecord]
+NodeRunner = Callable[[NodeTask, Store], NodeRecord]
 """What runs one node: ``run_node`` (the default), or a wrapper around it."""
 
 
@@ -62,11 +62,13 @@ class ExecutionReport:
     params: dict[str, Any] = field(default_factory=dict)
     val_accuracy: dict[str, float] = field(default_factory=dict)
     test_accuracy: dict[str, float] = field(default_factory=dict)
+    store_location: str | None = None
+    """The store as a worker opens it (an ``s3://`` URL, whose local cache ``store`` is); None: ``store``."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "output": str(self.output),
-            "store": str(self.store),
+            "store": self.store_location or str(self.store),
             "seconds": round(self.seconds, 3),
             "params": self.params,
             "val_accuracy": self.val_accuracy,
@@ -85,10 +87,17 @@ def default_store_dir(output: Path) -> Path:
     return output.parent / STORE_DIR
 
 
+def config_store(config: MergeConfig, store: str | Path | None = None) -> Store:
+    """The store a run uses: ``store`` (a folder or ``s3://`` URL), else the config's ``store``, else
+    the folder beside the output."""
+    chosen = store if store is not None else config.store
+    return open_store(chosen if chosen is not None else default_store_dir(config.output))
+
+
 def execute(
     plan: MergePlan,
     *,
-    store_dir: Path | None = None,
+    store_dir: str | Path | None = None,
     overwrite: bool = False,
     runner: NodeRunner | None = None,
     progress: bool = False,
@@ -101,7 +110,7 @@ def execute(
     output = plan.config.output
     if output.exists() and not overwrite:
         raise CheckpointError(f"{output} already exists; choose another output or pass --overwrite")
-    store = CheckpointStore(store_dir if store_dir is not None else default_store_dir(output))
+    store = config_store(plan.config, store_dir)
     run = runner if runner is not None else (lambda node, s: run_node(node, s, progress=progress))
     started = time.perf_counter()
     records: list[NodeRecord] = []
@@ -117,7 +126,8 @@ def execute(
                          "the node runner did not write it")
     test_accuracy = score_model(plan.config, root_dir, plan.root.device, progress=progress)
     report = ExecutionReport(output, store.root, records, time.perf_counter() - started, plan.to_dict(),
-                             dict(stored.get("params", {})), dict(stored.get("val_accuracy", {})), test_accuracy)
+                             dict(stored.get("params", {})), dict(stored.get("val_accuracy", {})), test_accuracy,
+                             store_location=store.location)
     record = {**stored, "config": plan.config.resolved(), "test_accuracy": test_accuracy,
               "tree": plan.tree.nested(), "report": REPORT_FILE}
     publish(root_dir, output, {**report.to_dict(), "config": plan.config.resolved()}, record=record,

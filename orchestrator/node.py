@@ -4,7 +4,8 @@
 and the store), with no global state, so the plain executor and a Prefect task call the same code. It
 loads only its children's task vectors (a merged child is read back from the store as a fine-tuned
 model serving every task of its subtree), trains on only its subtree's validation data, writes the
-result atomically under the node's key, and returns a small record of what it cost.
+result atomically under the node's key (then ``store.publish``: an S3 store uploads it, manifest
+last), and returns a small record of what it cost.
 
 Faults: the node is computed under the store's exclusive lock on its key (a second run of the same
 node waits, then reuses it) and reads its merged inputs under shared locks. A damaged store entry is
@@ -37,7 +38,7 @@ from merge_core.task_vectors import check_finite_result
 from orchestrator.errors import NodeOutOfMemoryError, StoreError
 from orchestrator.measure import STREAM_MMAP_THRESHOLD_BYTES, PeakMeter, PeakReading, return_large_blocks_promptly
 from orchestrator.memory import exceeds_prediction, format_bytes, prediction_margin
-from orchestrator.store import KEY_FIELD, CheckpointStore, data_digest
+from orchestrator.store import KEY_FIELD, Store, data_digest
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class NodeRecord:
         return dataclasses.asdict(self)
 
 
-def child_path(child: ChildRef, store: CheckpointStore) -> Path:
+def child_path(child: ChildRef, store: Store) -> Path:
     return Path(child.path) if child.path is not None else store.path(child.key)
 
 
@@ -148,7 +149,7 @@ def load_validation(node: NodeTask) -> dict[str, TaskData]:
     return val
 
 
-def cached_record(node: NodeTask, store: CheckpointStore) -> NodeRecord | None:
+def cached_record(node: NodeTask, store: Store) -> NodeRecord | None:
     """The record of a node already finished in the store, or None."""
     record = store.record(node.key)
     if record is None:
@@ -186,7 +187,7 @@ def out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(m in str(e) for m in OUT_OF_MEMORY_MESSAGES)
 
 
-def run_node(node: NodeTask, store: CheckpointStore, *, progress: bool = False) -> NodeRecord:
+def run_node(node: NodeTask, store: Store, *, progress: bool = False) -> NodeRecord:
     """Merge ``node``'s children into ``store`` (a finished node is returned from the store as is).
 
     Raises NodeOutOfMemoryError when the node runs out of memory, StoreError when an input is not
@@ -232,7 +233,7 @@ def _out_of_memory_message(node: NodeTask, failure: str) -> str:
     )
 
 
-def _merge_node(node: NodeTask, store: CheckpointStore, progress: bool) -> NodeRecord:
+def _merge_node(node: NodeTask, store: Store, progress: bool) -> NodeRecord:
     """Load the children (each merged one under a shared lock, checked before it is read), merge,
     and write the result under the node's key (the caller holds its exclusive lock)."""
     with ExitStack() as held:
@@ -277,12 +278,13 @@ def _merge_node(node: NodeTask, store: CheckpointStore, progress: bool) -> NodeR
         extra_record={KEY_FIELD: node.key, "node": record.to_dict(), "predicted": node.predicted},
         out_dtype=node.out_dtype,
     )
+    store.publish(node.key)
     log.info("%s: merged %d inputs in %.1f s, peak %.0f MB (predicted %.0f MB)", node.id, len(entries),
              record.seconds, record.measured_peak_bytes / 2**20, node.predicted_peak_bytes / 2**20)
     return record
 
 
-def _stream_node(node: NodeTask, store: CheckpointStore, entries: list[ModelEntry], progress: bool) -> NodeRecord:
+def _stream_node(node: NodeTask, store: Store, entries: list[ModelEntry], progress: bool) -> NodeRecord:
     """A per-tensor method with fixed parameters, merged disk to disk (merge_core.stream): writing is
     the merge, so the peak is read once every tensor is written, just before the record is."""
     started = time.perf_counter()
@@ -298,6 +300,7 @@ def _stream_node(node: NodeTask, store: CheckpointStore, entries: list[ModelEntr
             seed=node.seed, head_prefixes=node.head_prefixes, overwrite=store.occupied(node.key),
             extra_record=measured, progress=progress, label=f"node {node.id}", out_dtype=node.out_dtype,
         )
+    store.publish(node.key)
     record = records[-1]
     log.info("%s: streamed %d inputs in %.1f s, peak %.0f MB (predicted %.0f MB)", node.id, len(entries),
              record.seconds, record.measured_peak_bytes / 2**20, node.predicted_peak_bytes / 2**20)
@@ -305,7 +308,7 @@ def _stream_node(node: NodeTask, store: CheckpointStore, entries: list[ModelEntr
 
 
 def _node_record(
-    node: NodeTask, store: CheckpointStore, seconds: float, reading: PeakReading, val_accuracy: dict[str, float]
+    node: NodeTask, store: Store, seconds: float, reading: PeakReading, val_accuracy: dict[str, float]
 ) -> NodeRecord:
     """The node's record, its measured peak checked against the prediction (a warning when it is over
     by more than the planner's margin)."""

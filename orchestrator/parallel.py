@@ -22,7 +22,7 @@ from orchestrator.executor import REPORT_FILE, ExecutionReport, publish
 from orchestrator.memory import format_bytes
 from orchestrator.node import NodeRecord, NodeTask
 from orchestrator.plan import MergePlan
-from orchestrator.store import CheckpointStore
+from orchestrator.store import Store
 
 
 def device_slots(plan: MergePlan, *, cpu_count: int | None = None, max_parallel: int | None = None) -> dict[str, int]:
@@ -85,7 +85,7 @@ def run_summary(
 
 def finish(
     plan: MergePlan,
-    store: CheckpointStore,
+    store: Store,
     records: Sequence[NodeRecord],
     seconds: float,
     *,
@@ -100,7 +100,8 @@ def finish(
         raise StoreError(f"the root {plan.root.id} is not finished in {store.root}; run every node first")
     test = dict(test_accuracy or {})
     report = ExecutionReport(config.output, store.root, list(records), seconds, plan.to_dict(),
-                             dict(stored.get("params", {})), dict(stored.get("val_accuracy", {})), test)
+                             dict(stored.get("params", {})), dict(stored.get("val_accuracy", {})), test,
+                             store_location=store.location)
     record: dict[str, Any] = {**stored, "config": config.resolved(), "test_accuracy": test,
                               "tree": plan.tree.nested(), "report": REPORT_FILE}
     publish(Path(store.path(plan.root.key)), config.output, {**report.to_dict(), "config": config.resolved()},

@@ -23,6 +23,14 @@ second run waits for it and then reuses it, and no entry is replaced while anoth
 The last holder removes the lock file (and the store folders when the store holds nothing else), so a
 run that fails leaves nothing behind; a run that finds its lock file replaced while it waited locks
 the new one instead.
+
+Backends (``open_store``): a local path is this module's ``CheckpointStore``; a shared filesystem
+(NFS, Lustre) mounted on every worker works the same way where it honours ``flock`` across machines
+(NFSv4 does; an NFSv3 mount without lockd does not, so use S3 there). An ``s3://bucket/prefix`` URL is
+``orchestrator.object_store.ObjectStore``: the same keys, record and checksums, published by a
+manifest object written last (S3 has no rename) and locked by a lease object created with a
+conditional put (S3 has no flock); entries are read through a local cache, since safetensors mmaps a
+local file.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from merge_core.checkpoint import (
     RECORD_FILE,
@@ -136,6 +144,11 @@ class CheckpointStore:
 
     root: Path
 
+    @property
+    def location(self) -> str:
+        """Where the store is, as ``open_store`` takes it (and a worker on this filesystem reaches it)."""
+        return str(self.root)
+
     def path(self, key: str) -> Path:
         if not key or any(c not in "0123456789abcdef" for c in key):
             raise StoreError(f"store key {key!r} is not a hex digest")
@@ -180,6 +193,13 @@ class CheckpointStore:
         """Something is at the key's path that is not a finished node (to be replaced)."""
         return self.path(key).exists() and not self.is_finished(key)
 
+    def publish(self, key: str) -> None:
+        """Make the node written at ``path(key)`` visible to other runs: here the atomic rename that
+        wrote it did so already, so this only checks it is finished (an object store uploads it)."""
+        problem = self.problem(key) if self.path(key).exists() else f"{self.path(key)} does not exist"
+        if problem is not None:
+            raise StoreError(f"the node {key} was not written whole: {problem}")
+
     @contextlib.contextmanager
     def lock(self, key: str, *, shared: bool = False) -> Iterator[None]:
         """Hold the key's lock: exclusive (computing and writing the node) or ``shared`` (reading it
@@ -221,6 +241,44 @@ class CheckpointStore:
             if all(p.name == LOCKS_DIR for p in self.root.iterdir()):
                 (self.root / LOCKS_DIR).rmdir()
                 self.root.rmdir()
+
+
+class Store(Protocol):
+    """What the node runner, executor and flow use: ``CheckpointStore`` (a folder) and
+    ``orchestrator.object_store.ObjectStore`` (S3) both are one. ``root`` is a local folder (an object
+    store's cache); ``path(key)`` a local model dir to load or write; ``location`` what a worker opens."""
+
+    @property
+    def root(self) -> Path: ...
+    @property
+    def location(self) -> str: ...
+    def path(self, key: str) -> Path: ...
+    def record(self, key: str) -> dict[str, Any] | None: ...
+    def problem(self, key: str) -> str | None: ...
+    def is_finished(self, key: str) -> bool: ...
+    def occupied(self, key: str) -> bool: ...
+    def lock(self, key: str, *, shared: bool = False) -> contextlib.AbstractContextManager[None]: ...
+    def publish(self, key: str) -> None: ...
+
+
+def open_store(location: str | os.PathLike[str], *, cache_dir: Path | None = None) -> Store:
+    """The store at ``location``: a local (or shared-mount) folder, or ``s3://bucket/prefix``.
+
+    ``cache_dir``: where an S3 store's entries are downloaded to and written before upload (default
+    ``~/.cache/supermerge/stores/<hash of the URL>``). ``AWS_ENDPOINT_URL`` points s3fs at an
+    S3-compatible server (MinIO, moto)."""
+    text = str(location)
+    if "://" not in text:
+        return CheckpointStore(Path(text))
+    scheme, _, rest = text.partition("://")
+    if scheme != "s3" or not rest.strip("/"):
+        raise StoreError(f"store {text!r}: give a local folder or an s3://bucket/prefix URL (other fsspec "
+                         "protocols have no conditional put to lock with)")
+    from orchestrator.object_store import ObjectStore, default_cache_dir, s3_filesystem
+
+    url = "s3://" + rest.rstrip("/")
+    cache = CheckpointStore(cache_dir if cache_dir is not None else default_cache_dir(url))
+    return ObjectStore(url, cache, s3_filesystem(os.environ.get("AWS_ENDPOINT_URL")))
 
 
 def _same_file(fh: Any, path: Path) -> bool:

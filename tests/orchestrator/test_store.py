@@ -246,3 +246,33 @@ def test_store_refuses_keys_that_are_not_digests(tmp_path):
     for bad in ("", "../escape", "ABC", "a/b"):
         with pytest.raises(StoreError, match="not a hex digest"):
             store.path(bad)
+
+
+def test_open_store_takes_a_folder_or_an_s3_url_and_the_config_says_which(tmp_path, tiny_base_dir):
+    from merge_core.config import parse_config
+    from merge_core.errors import ConfigError
+    from orchestrator.store import open_store
+
+    local = open_store(tmp_path / "store")
+    assert local == CheckpointStore(tmp_path / "store") and local.location == str(tmp_path / "store")
+    for bad in ("gs://bucket/prefix", "s3://", "file:///tmp/x"):
+        with pytest.raises(StoreError, match="s3://bucket/prefix"):
+            open_store(bad)
+    raw = {"base": str(tiny_base_dir), "output": "out/merged", "method": "task_arithmetic",
+           "models": [{"name": "a", "path": str(tiny_base_dir)}, {"name": "b", "path": str(tiny_base_dir)}]}
+    assert parse_config({**raw, "store": "shared/store"}, root=tmp_path).store == str(tmp_path / "shared/store")
+    assert parse_config({**raw, "store": "s3://bucket/merges"}, root=tmp_path).store == "s3://bucket/merges"
+    with pytest.raises(ConfigError, match="not a folder or an s3://bucket/prefix URL"):
+        parse_config({**raw, "store": "gs://bucket/merges"}, root=tmp_path)
+
+
+def test_publish_on_a_local_store_refuses_a_node_not_written_whole(tmp_path):
+    store = CheckpointStore(tmp_path / "store")
+    key = "9a" * 32
+    with pytest.raises(StoreError, match="does not exist"):
+        store.publish(key)
+    _write_node(store, key)
+    store.publish(key)
+    (store.path(key) / "model.safetensors").unlink()
+    with pytest.raises(StoreError, match="not written whole"):
+        store.publish(key)
