@@ -48,7 +48,6 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import Task
 from prefect.utilities.annotations import quote
 
-from flows.cli import _load_merge_config
 from flows.live import FROM_STORE, MERGED, NOT_RUN, RUNNING, LiveTree, close_crashed_runs
 from merge_core.config import MergeConfig
 from merge_core.errors import CheckpointError
@@ -57,6 +56,7 @@ from merge_core.job import score_models
 from orchestrator.executor import default_store_dir
 from orchestrator.incremental import plan_with_previous
 from orchestrator.memory import format_bytes
+from orchestrator.options import load_merge_config
 from orchestrator.node import NodeRecord, NodeTask, cached_record, run_node
 from orchestrator.parallel import device_slots, finish, submission_order
 from orchestrator.plan import MergePlan
@@ -206,7 +206,7 @@ def hierarchical_merge(
         close_crashed(run.deployment_id)
     with LiveTree(run.id if run is not None else None, REPORT_KEY, PROGRESS_KEY) as live:
         live.planning(f"reading {config} and planning the merge tree")
-        merge_config = _load_merge_config(Path(config), output=Path(output) if output else None, method=method,
+        merge_config = load_merge_config(Path(config), output=Path(output) if output else None, method=method,
                                           device=device, memory_budget=memory_budget, max_fan_in=max_fan_in,
                                           flat=flat)
         published = None
