@@ -33,10 +33,10 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
-from bench.corpora import load_corpus, split
+from merge_core.corpora import load_corpus, split
 from bench.measure import measure
 from bench.methods import ALL_METHODS, LEARNED, LORA_METHODS, SEEDED
-from bench.workload import (
+from merge_core.workload import (
     TaskModel, WorkloadConfig, finetune_seconds, minilm_dir, prepare_task, prepare_workload, write_merge_config,
 )
 from merge_core.checkpoint import open_checkpoint

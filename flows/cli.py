@@ -224,7 +224,7 @@ def cmd_methods() -> int:
 def cmd_demo(workdir: Path, *, steps: int) -> int:
     """Real end-to-end run: the packaged MiniLM fine-tuned briefly on four real tasks, merged as a tree by
     the Prefect flow hierarchical-merge (embedded server), with flat baselines beside it."""
-    from bench.demo import run_demo
+    from flows.demo import run_demo
 
     print(run_demo(workdir, steps=steps, progress=True))
     return 0
@@ -302,8 +302,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list merge methods, their papers, defaults and search grids")
 
-    sub.add_parser("bench", help="the multi-task benchmark (docs/benchmarks.md); `supermerge bench --help`",
-                   add_help=False)
     sub.add_parser("register", help="check a new task model and add it to a registry; emits the Prefect event "
                    "that re-merges (`supermerge register --help`)", add_help=False)
     sub.add_parser("unregister", help="take a task model off a registry (`supermerge unregister --help`)",
@@ -318,10 +316,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        from bench.benchmark import main as bench_main  # its own flags, passed through untouched
-
-        return bench_main(argv[1:])
     if argv[:1] == ["register"]:
         from flows.registry import register_command  # its own flags (flows/registry.py)
 
