@@ -49,8 +49,8 @@ from prefect.tasks import Task
 from prefect.utilities.annotations import quote
 
 from flows.live import FROM_STORE, MERGED, NOT_RUN, RUNNING, LiveTree, close_crashed_runs
+from merge_core.checkpoint import refuse_existing
 from merge_core.config import MergeConfig
-from merge_core.errors import CheckpointError
 from merge_core.evaluate import results_table
 from merge_core.job import score_models
 from orchestrator.executor import default_store_dir
@@ -213,8 +213,8 @@ def hierarchical_merge(
         if versions:
             check_versioned(merge_config.output)
             published = current(merge_config.output)
-        elif merge_config.output.exists() and not overwrite:
-            raise CheckpointError(f"{merge_config.output} already exists; choose another output or pass overwrite=True")
+        else:
+            refuse_existing(merge_config.output, overwrite=overwrite, option="overwrite=True")
         plan = plan_with_previous(merge_config, replan=replan, published=published)
         store = CheckpointStore(default_store_dir(merge_config.output))
         planned = time.perf_counter()

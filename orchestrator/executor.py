@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from merge_core.checkpoint import RECORD_FILE, move_into_place, open_checkpoint
+from merge_core.checkpoint import RECORD_FILE, move_into_place, open_checkpoint, refuse_existing
 from merge_core.config import MergeConfig
-from merge_core.errors import CheckpointError, DataError
+from merge_core.errors import DataError
 from merge_core.evaluate import evaluate
 from merge_core.job import load_split, load_tokenizer
 from merge_core.model import FunctionalModel
@@ -99,8 +99,7 @@ def execute(
     are never handed to it. Test data in the config is scored on the final model.
     """
     output = plan.config.output
-    if output.exists() and not overwrite:
-        raise CheckpointError(f"{output} already exists; choose another output or pass --overwrite")
+    refuse_existing(output, overwrite=overwrite)
     store = CheckpointStore(store_dir if store_dir is not None else default_store_dir(output))
     run = runner if runner is not None else (lambda node, s: run_node(node, s, progress=progress))
     started = time.perf_counter()
@@ -157,8 +156,7 @@ def publish(
     """Put the root's model at ``output`` with the report, atomically; ``record`` replaces the stored
     ``supermerge.json``. Store files are never changed in place (a node is rewritten only by renaming a
     new dir over it), so hard links are safe; the files written here are new files, not links."""
-    if output.exists() and not overwrite:
-        raise CheckpointError(f"{output} already exists; choose another output or pass --overwrite")
+    refuse_existing(output, overwrite=overwrite)
     check_finite_model(root_dir, f"the merged model {root_dir}")  # a store entry written before the checks
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
