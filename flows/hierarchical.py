@@ -53,12 +53,12 @@ from merge_core.checkpoint import refuse_existing
 from merge_core.config import MergeConfig
 from merge_core.evaluate import results_table
 from merge_core.job import score_models
-from orchestrator.executor import default_store_dir
+from orchestrator.executor import default_store_dir, finish
 from orchestrator.incremental import plan_with_previous
 from orchestrator.memory import format_bytes
 from orchestrator.options import load_merge_config
 from orchestrator.node import NodeRecord, NodeTask, cached_record, run_node
-from orchestrator.parallel import device_slots, finish, submission_order
+from orchestrator.parallel import device_slots, submission_order
 from orchestrator.plan import MergePlan
 from orchestrator.store import CheckpointStore
 from orchestrator.versions import check_versioned, current, next_version, prune, published_root_key, switch_current

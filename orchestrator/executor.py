@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,12 +115,33 @@ def execute(
         raise StoreError(f"the root {plan.root.id} is not finished in {store.root} after running every node; "
                          "the node runner did not write it")
     test_accuracy = score_model(plan.config, root_dir, plan.root.device, progress=progress)
-    report = ExecutionReport(output, store.root, records, time.perf_counter() - started, plan.to_dict(),
-                             dict(stored.get("params", {})), dict(stored.get("val_accuracy", {})), test_accuracy)
-    record = {**stored, "config": plan.config.resolved(), "test_accuracy": test_accuracy,
-              "tree": plan.tree.nested(), "report": REPORT_FILE}
-    publish(root_dir, output, {**report.to_dict(), "config": plan.config.resolved()}, record=record,
-            overwrite=overwrite)
+    return finish(plan, store, records, time.perf_counter() - started, overwrite=overwrite,
+                  test_accuracy=test_accuracy)
+
+
+def finish(
+    plan: MergePlan,
+    store: CheckpointStore,
+    records: Sequence[NodeRecord],
+    seconds: float,
+    *,
+    overwrite: bool,
+    test_accuracy: Mapping[str, float] | None = None,
+) -> ExecutionReport:
+    """Publish the finished root to the config's output with ``merge_report.json``: the last step of every
+    run, whichever way its nodes ran (``execute`` here, or the Prefect flow); ``test_accuracy``: the
+    root's, when it was scored."""
+    config = plan.config
+    stored = store.record(plan.root.key)
+    if stored is None:
+        raise StoreError(f"the root {plan.root.id} is not finished in {store.root}; run every node first")
+    test = dict(test_accuracy or {})
+    report = ExecutionReport(config.output, store.root, list(records), seconds, plan.to_dict(),
+                             dict(stored.get("params", {})), dict(stored.get("val_accuracy", {})), test)
+    record: dict[str, Any] = {**stored, "config": config.resolved(), "test_accuracy": test,
+                              "tree": plan.tree.nested(), "report": REPORT_FILE}
+    publish(Path(store.path(plan.root.key)), config.output, {**report.to_dict(), "config": config.resolved()},
+            record=record, overwrite=overwrite)
     return report
 
 
