@@ -33,9 +33,10 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
-from bench.corpora import load_corpus, split
+from merge_core.corpora import load_corpus, split
 from bench.measure import measure
-from bench.workload import (
+from bench.methods import ALL_METHODS, LEARNED, LORA_METHODS, SEEDED
+from merge_core.workload import (
     TaskModel, WorkloadConfig, finetune_seconds, minilm_dir, prepare_task, prepare_workload, write_merge_config,
 )
 from merge_core.checkpoint import open_checkpoint
@@ -48,19 +49,6 @@ from merge_core.model import FunctionalModel
 from merge_core.task_vectors import load_task_vector, mergeable_names
 
 log = logging.getLogger(__name__)
-
-ALL_METHODS = (
-    "average", "task_arithmetic", "ties", "dare_ta", "dare_ties", "tsv", "iso_c", "iso_cts", "wudi",
-    "adamerging", "supermerge", "supermerge_no_tanh",
-)
-"""Every method the benchmark compares, in report order; those the registry lacks are skipped."""
-LEARNED = ("adamerging", "supermerge", "supermerge_no_tanh")
-LORA_METHODS = ("average", "task_arithmetic", "ties", "tsv", "iso_c", "iso_cts", "wudi", "supermerge")
-"""Methods run on the LoRA adapters: the training-free ones that take no random masks, and SuperMerge."""
-SEEDED = frozenset({"dare_ta", "dare_ties", *LEARNED})
-"""Methods whose result depends on the seed (DARE's masks, the learned merges' batches): run once per
-seed; every other method runs once, reported with no spread."""
-
 
 RUN_FIRST = ("supermerge", "tsv", "iso_c", "iso_cts", "wudi", "task_arithmetic", "ties", "adamerging",
              "supermerge_no_tanh")

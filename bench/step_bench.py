@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.workload import minilm_dir
+from merge_core.workload import minilm_dir
 from merge_core.checkpoint import open_checkpoint
 from merge_core.data import TaskData
 from merge_core.methods.learned import (

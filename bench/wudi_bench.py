@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench.workload import minilm_dir
+from merge_core.workload import minilm_dir
 from merge_core.checkpoint import open_checkpoint
 from merge_core.methods import wudi
 from merge_core.task_vectors import load_task_vector, stack_deltas

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from flows.console import os_error_line
 from merge_core.errors import CheckpointError, SupermergeError
 
 log = logging.getLogger("supermerge")
@@ -41,53 +41,16 @@ example config (paths relative to the config file):
 """
 
 
-def _load_merge_config(
-    config_path: Path,
-    *,
-    output: Path | None = None,
-    method: str | None = None,
-    device: str | None = None,
-    memory_budget: str | None = None,
-    max_fan_in: int | None = None,
-    flat: bool = False,
-    store: str | None = None,
-):
-    """The config with the command line's overrides, validated again as a whole (one ConfigError).
-    ``store``: a folder (relative to the working directory) or an ``s3://`` URL."""
-    from merge_core.config import load_config, parse_config
-
-    overrides = {"output": str(output.resolve()) if output else None, "device": device}
-    config = load_config(config_path, overrides)
-    raw = config.resolved()
-    if config.max_length_resolved.source != "config":
-        raw["max_length"] = None  # resolved again, so the plan still says where it came from
-    if method is not None and method != config.method:
-        # the config's parameters belong to its own method: another method starts from its defaults
-        if config.parameters:
-            log.warning("--method %s: ignoring the config's parameters for %s", method, config.method)
-        raw.update(method=method, parameters={})
-    tree = dict(raw["tree"])
-    if memory_budget is not None:
-        tree["memory_budget"] = memory_budget
-    if flat:
-        tree.update(flat=True, groups=None, max_fan_in=None)
-    if max_fan_in is not None:
-        tree.update(max_fan_in=max_fan_in, flat=False)
-    raw["tree"] = tree
-    if store is not None:
-        raw["store"] = store if "://" in store else str(Path(store).resolve())
-    return parse_config(raw, source=f"{config_path} (with the command line's options)")
-
-
 def cmd_plan(config_path: Path, *, device: str | None, memory_budget: str | None, max_fan_in: int | None,
              flat: bool, output: Path | None = None) -> int:
     """Print the merge tree, each node's predicted peak memory and device, the fan-in chosen, and the
     checkpoint store's size."""
     from orchestrator.executor import default_store_dir
     from orchestrator.plan import plan
+    from orchestrator.options import load_merge_config
     from orchestrator.store_usage import store_usage
 
-    config = _load_merge_config(config_path, output=output, device=device, memory_budget=memory_budget,
+    config = load_merge_config(config_path, output=output, device=device, memory_budget=memory_budget,
                                 max_fan_in=max_fan_in, flat=flat)
 
     print(plan(config, progress=True).render())
@@ -111,10 +74,11 @@ def cmd_merge(
                                    memory_budget=memory_budget, max_fan_in=max_fan_in, flat=flat, store=store)
     from orchestrator.executor import REPORT_FILE, execute
     from orchestrator.memory import format_bytes
+    from orchestrator.options import load_merge_config
     from orchestrator.plan import plan
 
-    config = _load_merge_config(config_path, output=output, method=method, device=device,
-                                memory_budget=memory_budget, max_fan_in=max_fan_in, flat=flat, store=store)
+    config = load_merge_config(config_path, output=output, method=method, device=device,
+                               memory_budget=memory_budget, max_fan_in=max_fan_in, flat=flat, store=store)
     check_output(config.output, overwrite=overwrite)
     merge_plan = plan(config, progress=True)
     created = _missing_folders(config.output.parent)
@@ -215,27 +179,12 @@ def _missing_folders(folder: Path) -> list[Path]:
     return missing
 
 
-def os_error_line(e: OSError) -> str:
-    """An OSError as one line naming the path and what to do."""
-    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
-    advice = {
-        errno.ENOSPC: "free space there, or choose an output on another filesystem",
-        errno.EFBIG: "the file is larger than this filesystem or a limit on this process allows",
-        errno.EROFS: "the filesystem is read-only: choose another output",
-        errno.EACCES: "permission denied: choose a path this user may write, or fix its permissions",
-        errno.EPERM: "not permitted: choose a path this user may write",
-        errno.ENOTDIR: "a part of the path is a file, not a folder",
-        errno.ELOOP: "a symbolic link on the path leads back to itself",
-        errno.EEXIST: "something is already there",
-    }.get(e.errno or 0, "check the path and the filesystem")
-    return f"{where or 'a file'}: {e.strerror or e} ({advice})"
-
-
 def _merge_with_prefect(config_path: Path, *, output: Path | None, **options) -> int:
     from flows.local import run_flow
+    from orchestrator.options import load_merge_config
 
     shown = {k: options[k] for k in ("method", "device", "memory_budget", "max_fan_in", "flat", "store")}
-    check_output(_load_merge_config(config_path, output=output, **shown).output, overwrite=options["overwrite"])
+    check_output(load_merge_config(config_path, output=output, **shown).output, overwrite=options["overwrite"])
 
     result = run_flow(config_path, output=str(output.resolve()) if output else None, evaluate=True, **options)
     print(f"merged with the hierarchical-merge flow in {result['seconds']:.1f} s -> {result['output']}")
@@ -285,7 +234,7 @@ def cmd_methods() -> int:
 def cmd_demo(workdir: Path, *, steps: int) -> int:
     """Real end-to-end run: the packaged MiniLM fine-tuned briefly on four real tasks, merged as a tree by
     the Prefect flow hierarchical-merge (embedded server), with flat baselines beside it."""
-    from bench.demo import run_demo
+    from flows.demo import run_demo
 
     print(run_demo(workdir, steps=steps, progress=True))
     return 0
@@ -366,8 +315,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list merge methods, their papers, defaults and search grids")
 
-    sub.add_parser("bench", help="the multi-task benchmark (docs/benchmarks.md); `supermerge bench --help`",
-                   add_help=False)
     sub.add_parser("register", help="check a new task model and add it to a registry; emits the Prefect event "
                    "that re-merges (`supermerge register --help`)", add_help=False)
     sub.add_parser("unregister", help="take a task model off a registry (`supermerge unregister --help`)",
@@ -382,10 +329,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        from bench.benchmark import main as bench_main  # its own flags, passed through untouched
-
-        return bench_main(argv[1:])
     if argv[:1] == ["register"]:
         from flows.registry import register_command  # its own flags (flows/registry.py)
 

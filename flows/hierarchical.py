@@ -48,19 +48,20 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import Task
 from prefect.utilities.annotations import quote
 
-from flows.cli import _load_merge_config
 from flows.live import FROM_STORE, MERGED, NOT_RUN, RUNNING, LiveTree, close_crashed_runs
+from merge_core.checkpoint import refuse_existing
 from merge_core.config import MergeConfig
-from merge_core.errors import CheckpointError
 from merge_core.evaluate import results_table
 from merge_core.job import score_models
-from orchestrator.executor import config_store
+from orchestrator.executor import config_store, finish
 from orchestrator.incremental import plan_with_previous
 from orchestrator.memory import format_bytes
+from orchestrator.options import load_merge_config
 from orchestrator.node import NodeRecord, NodeTask, cached_record, run_node
-from orchestrator.parallel import device_slots, finish, submission_order
+from orchestrator.parallel import device_slots, submission_order
 from orchestrator.plan import MergePlan
-from orchestrator.store import Store, open_store
+from orchestrator.store import Store
+from orchestrator.stores import open_store
 from orchestrator.versions import check_versioned, current, next_version, prune, published_root_key, switch_current
 
 FLOW_NAME = "hierarchical-merge"
@@ -208,15 +209,15 @@ def hierarchical_merge(
         close_crashed(run.deployment_id)
     with LiveTree(run.id if run is not None else None, REPORT_KEY, PROGRESS_KEY) as live:
         live.planning(f"reading {config} and planning the merge tree")
-        merge_config = _load_merge_config(Path(config), output=Path(output) if output else None, method=method,
+        merge_config = load_merge_config(Path(config), output=Path(output) if output else None, method=method,
                                           device=device, memory_budget=memory_budget, max_fan_in=max_fan_in,
                                           flat=flat, store=store)
         published = None
         if versions:
             check_versioned(merge_config.output)
             published = current(merge_config.output)
-        elif merge_config.output.exists() and not overwrite:
-            raise CheckpointError(f"{merge_config.output} already exists; choose another output or pass overwrite=True")
+        else:
+            refuse_existing(merge_config.output, overwrite=overwrite, option="overwrite=True")
         plan = plan_with_previous(merge_config, replan=replan, published=published)
         checkpoints = config_store(merge_config)
         planned = time.perf_counter()

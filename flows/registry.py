@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flows.console import os_error_line
 from merge_core.errors import ConfigError, DataError, SupermergeError
 from merge_core.task_registry import TaskRegistry, read_registry, write_registry
 from merge_core.task_vectors import DEFAULT_HEAD_PREFIXES
@@ -189,7 +190,6 @@ def register_command(argv: Sequence[str] | None = None) -> int:
         print(f"supermerge: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        from flows.cli import os_error_line
 
         print(f"supermerge: error: {os_error_line(e)}", file=sys.stderr)
         return 1

@@ -359,8 +359,7 @@ def atomic_model_dir(out_dir: str | os.PathLike[str], *, overwrite: bool = False
     an error, removed when it raises. An existing ``out_dir`` is refused (before the block runs)
     unless ``overwrite``, and then replaced only once the new one is complete."""
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists; choose another output or pass overwrite (--overwrite)")
+    refuse_existing(out, overwrite=overwrite, option="overwrite (--overwrite)")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a directory; remove it or choose another output")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -609,6 +608,24 @@ def _naming(path: Path) -> Iterator[None]:
         raise os_error(e, path) from None
 
 
+def existing_output(out: Path, *, overwrite: bool, option: str = "--overwrite",
+                    instead: str = "another output") -> str | None:
+    """The one wording of "that output is already there", or None when ``out`` is absent or ``overwrite``.
+
+    ``option`` is how this caller's user overwrites (a flag, a flow parameter), ``instead`` what to choose
+    in its place."""
+    if overwrite or not out.exists():
+        return None
+    return f"{out} already exists; choose {instead} or pass {option}"
+
+
+def refuse_existing(out: Path, *, overwrite: bool, option: str = "--overwrite", instead: str = "another output") -> None:
+    """Raise ``existing_output``'s refusal as a CheckpointError, before any work is done."""
+    problem = existing_output(out, overwrite=overwrite, option=option, instead=instead)
+    if problem is not None:
+        raise CheckpointError(problem)
+
+
 def output_problem(out: Path, *, overwrite: bool) -> str | None:
     """Why a model dir cannot be written at ``out``, seen before any work: it exists (without
     ``overwrite``) or is not a directory, a folder above it is a file or a symlink loop, or the
@@ -625,7 +642,7 @@ def output_problem(out: Path, *, overwrite: bool) -> str | None:
             return (f"{out} exists and is not a directory; supermerge replaces only a model dir it wrote: remove it "
                     "or choose another output")
         if not overwrite:
-            return f"{out} already exists; choose another output or pass --overwrite"
+            return existing_output(out, overwrite=overwrite)
     folder = out.parent
     while True:
         try:

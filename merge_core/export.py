@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from merge_core.checkpoint import MODEL_FILES, RECORD_FILE, SAFETENSORS_INDEX, open_checkpoint
+from merge_core.checkpoint import MODEL_FILES, RECORD_FILE, SAFETENSORS_INDEX, open_checkpoint, refuse_existing
 from merge_core.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -111,9 +111,8 @@ def export_task(
     head_file = merged / "heads" / f"{task}.safetensors"
     if not head_file.is_file():
         raise ConfigError(f"{merged} has no head for task {task!r}; its tasks: {record.get('tasks')}")
+    refuse_existing(out, overwrite=overwrite, instead="another --out")
     if out.exists():
-        if not overwrite:
-            raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
         shutil.rmtree(out)
     head = load_file(head_file)
     config = _classifier_config(merged, head, record.get("labels", {}).get(task, {}))

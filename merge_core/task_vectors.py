@@ -232,16 +232,3 @@ def stack_deltas(base_tensor: Tensor, vectors: Sequence[TaskVector], name: str) 
             else dense_delta(delta, base_tensor)
         )
     return torch.stack(rows)
-
-
-def check_compatible(vectors: Iterable[TaskVector], base: Checkpoint) -> None:
-    """Every delta must name a base tensor and have its shape (adapters and checkpoints alike)."""
-    for tv in vectors:
-        for n, d in tv.deltas.items():
-            if n not in base:
-                raise TaskVectorError(f"{tv.source}: tensor {n!r} is not in the base {base.path}")
-            if tuple(d.shape) != tuple(base.shape(n)):
-                raise TaskVectorError(
-                    f"{tv.source}: delta for {n!r} has shape {tuple(d.shape)}, base has "
-                    f"{tuple(base.shape(n))}"
-                )

@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from merge_core.checkpoint import RECORD_FILE, move_into_place, open_checkpoint
+from merge_core.checkpoint import RECORD_FILE, move_into_place, open_checkpoint, refuse_existing
 from merge_core.config import MergeConfig
-from merge_core.errors import CheckpointError, DataError
+from merge_core.errors import DataError
 from merge_core.evaluate import evaluate
 from merge_core.job import load_split, load_tokenizer
 from merge_core.model import FunctionalModel
@@ -38,7 +38,8 @@ from merge_core.task_vectors import check_finite_model, load_stored_heads, merge
 from orchestrator.errors import StoreError
 from orchestrator.node import NodeRecord, NodeTask, cached_record, run_node
 from orchestrator.plan import MergePlan
-from orchestrator.store import Store, open_store
+from orchestrator.store import Store
+from orchestrator.stores import open_store
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,7 @@ def execute(
     are never handed to it. Test data in the config is scored on the final model.
     """
     output = plan.config.output
-    if output.exists() and not overwrite:
-        raise CheckpointError(f"{output} already exists; choose another output or pass --overwrite")
+    refuse_existing(output, overwrite=overwrite)
     store = config_store(plan.config, store_dir)
     run = runner if runner is not None else (lambda node, s: run_node(node, s, progress=progress))
     started = time.perf_counter()
@@ -125,13 +125,34 @@ def execute(
         raise StoreError(f"the root {plan.root.id} is not finished in {store.root} after running every node; "
                          "the node runner did not write it")
     test_accuracy = score_model(plan.config, root_dir, plan.root.device, progress=progress)
-    report = ExecutionReport(output, store.root, records, time.perf_counter() - started, plan.to_dict(),
-                             dict(stored.get("params", {})), dict(stored.get("val_accuracy", {})), test_accuracy,
+    return finish(plan, store, records, time.perf_counter() - started, overwrite=overwrite,
+                  test_accuracy=test_accuracy)
+
+
+def finish(
+    plan: MergePlan,
+    store: Store,
+    records: Sequence[NodeRecord],
+    seconds: float,
+    *,
+    overwrite: bool,
+    test_accuracy: Mapping[str, float] | None = None,
+) -> ExecutionReport:
+    """Publish the finished root to the config's output with ``merge_report.json``: the last step of every
+    run, whichever way its nodes ran (``execute`` here, or the Prefect flow); ``test_accuracy``: the
+    root's, when it was scored."""
+    config = plan.config
+    stored = store.record(plan.root.key)
+    if stored is None:
+        raise StoreError(f"the root {plan.root.id} is not finished in {store.root}; run every node first")
+    test = dict(test_accuracy or {})
+    report = ExecutionReport(config.output, store.root, list(records), seconds, plan.to_dict(),
+                             dict(stored.get("params", {})), dict(stored.get("val_accuracy", {})), test,
                              store_location=store.location)
-    record = {**stored, "config": plan.config.resolved(), "test_accuracy": test_accuracy,
-              "tree": plan.tree.nested(), "report": REPORT_FILE}
-    publish(root_dir, output, {**report.to_dict(), "config": plan.config.resolved()}, record=record,
-            overwrite=overwrite)
+    record: dict[str, Any] = {**stored, "config": config.resolved(), "test_accuracy": test,
+                              "tree": plan.tree.nested(), "report": REPORT_FILE}
+    publish(Path(store.path(plan.root.key)), config.output, {**report.to_dict(), "config": config.resolved()},
+            record=record, overwrite=overwrite)
     return report
 
 
@@ -167,8 +188,7 @@ def publish(
     """Put the root's model at ``output`` with the report, atomically; ``record`` replaces the stored
     ``supermerge.json``. Store files are never changed in place (a node is rewritten only by renaming a
     new dir over it), so hard links are safe; the files written here are new files, not links."""
-    if output.exists() and not overwrite:
-        raise CheckpointError(f"{output} already exists; choose another output or pass --overwrite")
+    refuse_existing(output, overwrite=overwrite)
     check_finite_model(root_dir, f"the merged model {root_dir}")  # a store entry written before the checks
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))

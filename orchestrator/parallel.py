@@ -1,9 +1,10 @@
 """What running a plan's nodes side by side needs beyond the plain executor (no Prefect here).
 
 The Prefect flow runs independent subtrees at once; this module decides how many nodes may run at
-once on each device, the order to hand them out in, and, once every node is done, publishes the root
-exactly as ``executor.execute`` does (same ``merge_report.json``), so either way of running gives the
-same output and the next run can reuse its tree (orchestrator.incremental).
+once on each device and the order to hand them out in. Once every node is done, the flow publishes the
+root through ``executor.finish``, the step ``executor.execute`` ends with (same ``merge_report.json``),
+so either way of running gives the same output and the next run can reuse its tree
+(orchestrator.incremental).
 
 Slots: one node at a time per GPU (two merges on one GPU would share the memory the planner gave to
 each); on the CPU as many nodes as the host budget holds at the largest CPU node's predicted peak
@@ -13,16 +14,11 @@ each); on the CPU as many nodes as the host budget holds at the largest CPU node
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
 
-from orchestrator.errors import StoreError
-from orchestrator.executor import REPORT_FILE, ExecutionReport, publish
 from orchestrator.memory import format_bytes
 from orchestrator.node import NodeRecord, NodeTask
 from orchestrator.plan import MergePlan
-from orchestrator.store import Store
 
 
 def device_slots(plan: MergePlan, *, cpu_count: int | None = None, max_parallel: int | None = None) -> dict[str, int]:
@@ -81,29 +77,3 @@ def run_summary(
         lines.append(f"| {n.id} | {len(n.tasks)} | {states.get(n.id, 'not run')} | {n.device} "
                      f"| {format_bytes(n.predicted_peak_bytes)} | {measured} | {ratio} | {seconds} |")
     return "\n".join(lines)
-
-
-def finish(
-    plan: MergePlan,
-    store: Store,
-    records: Sequence[NodeRecord],
-    seconds: float,
-    *,
-    overwrite: bool,
-    test_accuracy: Mapping[str, float] | None = None,
-) -> ExecutionReport:
-    """Publish the finished root to the config's output with ``merge_report.json``, as
-    ``executor.execute`` does (``test_accuracy``: the root's, when it was scored)."""
-    config = plan.config
-    stored = store.record(plan.root.key)
-    if stored is None:
-        raise StoreError(f"the root {plan.root.id} is not finished in {store.root}; run every node first")
-    test = dict(test_accuracy or {})
-    report = ExecutionReport(config.output, store.root, list(records), seconds, plan.to_dict(),
-                             dict(stored.get("params", {})), dict(stored.get("val_accuracy", {})), test,
-                             store_location=store.location)
-    record: dict[str, Any] = {**stored, "config": config.resolved(), "test_accuracy": test,
-                              "tree": plan.tree.nested(), "report": REPORT_FILE}
-    publish(Path(store.path(plan.root.key)), config.output, {**report.to_dict(), "config": config.resolved()},
-            record=record, overwrite=overwrite)
-    return report

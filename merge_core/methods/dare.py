@@ -30,7 +30,7 @@ from torch import Tensor
 
 from merge_core.errors import ConfigError
 from merge_core.methods import task_arithmetic, ties
-from merge_core.methods.task_arithmetic import check_lam, check_stack
+from merge_core.methods.task_arithmetic import check_lam, check_stack, check_weights, per_model
 
 PAPER = "https://arxiv.org/abs/2311.03099"
 
@@ -48,7 +48,7 @@ PARAM_GRID: dict[str, tuple[float, ...]] = {
 def check_keep(density: float | Sequence[float], k: int, method: str) -> list[float]:
     """``density`` is the probability of keeping each entry, in (0, 1]: 0 would drop everything and
     divide by zero. One value, or one per model."""
-    values = ties.per_model(density, k, "density", method)
+    values = per_model(density, k, "density", method)
     for d in values:
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d <= 1.0:
             raise ConfigError(
@@ -64,7 +64,7 @@ def drop_and_rescale(deltas: Tensor, density: float | Sequence[float], seed: int
 
     Task i's mask is the i-th Bernoulli draw from a generator seeded with ``seed`` on deltas' device.
     """
-    keeps = ties.per_model(density, deltas.shape[0], "density", "dare")
+    keeps = per_model(density, deltas.shape[0], "density", "dare")
     generator = torch.Generator(device=deltas.device).manual_seed(seed)
     out = torch.empty_like(deltas)
     for i, (row, keep) in enumerate(zip(deltas, keeps, strict=True)):
@@ -114,7 +114,7 @@ def merge(
         return task_arithmetic.merge(base, dropped, lam=lam, weight=weight, normalize=bool(normalize))
     if normalize is None:
         normalize = weighting == "paper"
-    weight = ties.check_weights(weight, k, method)
+    weight = check_weights(weight, k, method)
     ties.check_weighting(weighting, normalize, method)
     return ties.scaled_onto(base, ties.trimmed_disjoint_mean(dropped, trim_density, weight, weighting, normalize),
                             lam)

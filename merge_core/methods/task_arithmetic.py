@@ -43,6 +43,34 @@ def check_lam(lam: float, method: str) -> None:
         raise ConfigError(f"{method}: lam must be a finite number (the task vector scale), got {lam!r}")
 
 
+def per_model(value: float | Sequence[float] | None, k: int, what: str, method: str,
+              default: float = 1.0) -> list[float]:
+    """One value for each of k models: a single value repeated, or a sequence of exactly k."""
+    if value is None:
+        return [default] * k
+    if isinstance(value, (list, tuple)):
+        if len(value) != k:
+            raise ConfigError(f"{method}: {what} has {len(value)} values for {k} models; give one per model")
+        return list(value)
+    return [value] * k
+
+
+def check_weights(weight: Sequence[float] | None, k: int, method: str) -> list[float] | None:
+    """Per-model weights: k finite numbers, or None (every weight 1, nothing multiplied)."""
+    if weight is None:
+        return None
+    values = per_model(weight, k, "weight", method)
+    for w in values:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ConfigError(f"{method}: weight must be a finite number per model, got {weight!r}")
+    return values
+
+
+def weight_column(weights: Sequence[float], like: Tensor) -> Tensor:
+    """Per-model weights as a (k, 1, ..., 1) column that broadcasts over ``like`` (k, *S)."""
+    return torch.tensor(weights, dtype=like.dtype, device=like.device).reshape(-1, *([1] * (like.dim() - 1)))
+
+
 def merge(
     base: Tensor,
     deltas: Tensor,
@@ -59,8 +87,6 @@ def merge(
     nothing multiplied); ``normalize`` divides the weighted sum by the sum of the weights (mergekit's
     option, off by default as in mergekit; a sum of weights near 0 divides by 1, as mergekit does).
     """
-    from merge_core.methods.ties import _column, check_weights
-
     check_lam(lam, "task_arithmetic")
     check_stack(base, deltas)
     weight = check_weights(weight, deltas.shape[0], "task_arithmetic")
@@ -69,8 +95,8 @@ def merge(
     if not normalize:  # one expression, so the sum is freed as soon as it is scaled (2 temporaries, not 3)
         if weight is None:
             return base.to(torch.float32) + lam * deltas.sum(dim=0)
-        return base.to(torch.float32) + lam * (deltas * _column(weight, deltas)).sum(dim=0)
+        return base.to(torch.float32) + lam * (deltas * weight_column(weight, deltas)).sum(dim=0)
     weights = torch.tensor(weight if weight is not None else [1.0] * deltas.shape[0], dtype=torch.float32)
     divisor = float(weights.sum())
-    total = (deltas * _column(weights.tolist(), deltas)).sum(dim=0) / (divisor if abs(divisor) >= 1e-8 else 1.0)
+    total = (deltas * weight_column(weights.tolist(), deltas)).sum(dim=0) / (divisor if abs(divisor) >= 1e-8 else 1.0)
     return base.to(torch.float32) + lam * total

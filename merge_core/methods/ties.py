@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from merge_core.errors import ConfigError
-from merge_core.methods.task_arithmetic import check_lam, check_stack
+from merge_core.methods.task_arithmetic import check_lam, check_stack, check_weights, per_model, weight_column
 
 PAPER = "https://arxiv.org/abs/2306.01708"
 
@@ -62,29 +62,6 @@ def check_density(density: float | Sequence[float], method: str, k: int | None =
                 f"{method}: density must be in (0, 1] (the fraction of each task vector's entries kept; "
                 f"1 keeps all), got {density!r}"
             )
-
-
-def per_model(value: float | Sequence[float] | None, k: int, what: str, method: str,
-              default: float = 1.0) -> list[float]:
-    """One value for each of k models: a single value repeated, or a sequence of exactly k."""
-    if value is None:
-        return [default] * k
-    if isinstance(value, (list, tuple)):
-        if len(value) != k:
-            raise ConfigError(f"{method}: {what} has {len(value)} values for {k} models; give one per model")
-        return list(value)
-    return [value] * k
-
-
-def check_weights(weight: Sequence[float] | None, k: int, method: str) -> list[float] | None:
-    """Per-model weights: k finite numbers, or None (every weight 1, nothing multiplied)."""
-    if weight is None:
-        return None
-    values = per_model(weight, k, "weight", method)
-    for w in values:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise ConfigError(f"{method}: weight must be a finite number per model, got {weight!r}")
-    return values
 
 
 def check_weighting(weighting: str, normalize: bool, method: str) -> None:
@@ -151,11 +128,6 @@ def elect_sign(deltas: Tensor) -> Tensor:
     return sign
 
 
-def _column(weights: Sequence[float], like: Tensor) -> Tensor:
-    """Per-model weights as a (k, 1, ..., 1) column that broadcasts over ``like`` (k, *S)."""
-    return torch.tensor(weights, dtype=like.dtype, device=like.device).reshape(-1, *([1] * (like.dim() - 1)))
-
-
 def disjoint_mean(deltas: Tensor, sign: Tensor, weight: Sequence[float] | None = None) -> Tensor:
     """Mean over the tasks whose entry is non-zero with the elected ``sign``; 0 where there is none.
 
@@ -166,7 +138,7 @@ def disjoint_mean(deltas: Tensor, sign: Tensor, weight: Sequence[float] | None =
     count = agree.sum(dim=0).clamp(min=1)  # integers: exact in any order
     if weight is None:  # the product is a temporary: freed before the division allocates
         return sum_over_tasks(deltas * agree) / count
-    return sum_over_tasks(deltas * _column(weight, deltas) * agree) / count
+    return sum_over_tasks(deltas * weight_column(weight, deltas) * agree) / count
 
 
 def weighted_disjoint_sum(weighted: Tensor, weight: Sequence[float], normalize: bool) -> Tensor:
@@ -177,7 +149,7 @@ def weighted_disjoint_sum(weighted: Tensor, weight: Sequence[float], normalize: 
     total = sum_over_tasks(weighted * agree)
     if not normalize:
         return total
-    divisor = sum_over_tasks(_column(weight, weighted) * agree)
+    divisor = sum_over_tasks(weight_column(weight, weighted) * agree)
     divisor[divisor == 0] = 1.0
     return total / divisor
 
@@ -190,7 +162,7 @@ def combine_agreeing(
     if weighting == "paper":
         return disjoint_mean(chunk, elect_sign(chunk), weight)
     w = weight if weight is not None else [1.0] * chunk.shape[0]
-    weighted = chunk if weight is None else chunk * _column(w, chunk)
+    weighted = chunk if weight is None else chunk * weight_column(w, chunk)
     return weighted_disjoint_sum(weighted, w, normalize)
 
 

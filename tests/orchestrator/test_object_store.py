@@ -23,7 +23,8 @@ from orchestrator.memory import MemoryInventory  # noqa: E402
 from orchestrator.object_store import MANIFEST, ObjectStore  # noqa: E402
 from orchestrator.plan import plan  # noqa: E402
 from orchestrator.s3_lease import S3Lease  # noqa: E402
-from orchestrator.store import KEY_FIELD, open_store  # noqa: E402
+from orchestrator.store import KEY_FIELD  # noqa: E402
+from orchestrator.stores import open_store  # noqa: E402
 
 PLENTY = MemoryInventory(ram_available_bytes=10**12, ram_total_bytes=10**12, process_bytes=0)
 

@@ -251,7 +251,7 @@ def test_store_refuses_keys_that_are_not_digests(tmp_path):
 def test_open_store_takes_a_folder_or_an_s3_url_and_the_config_says_which(tmp_path, tiny_base_dir):
     from merge_core.config import parse_config
     from merge_core.errors import ConfigError
-    from orchestrator.store import open_store
+    from orchestrator.stores import open_store
 
     local = open_store(tmp_path / "store")
     assert local == CheckpointStore(tmp_path / "store") and local.location == str(tmp_path / "store")

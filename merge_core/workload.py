@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from bench.corpora import INSTALL_COMMAND, DataMissing, Subset, load_corpus, split
+from merge_core.corpora import INSTALL_COMMAND, DataMissing, Subset, load_corpus, split
 from merge_core.data import tokenize
 from merge_core.errors import DataError
 from merge_core.finetune import FinetuneConfig, finetune_classifier

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.workload import WorkloadConfig, prepare_workload, write_merge_config
+from merge_core.workload import WorkloadConfig, prepare_workload, write_merge_config
 from merge_core.config import load_config
 from merge_core.evaluate import results_table
 from merge_core.job import score_models

@@ -10,7 +10,7 @@ Every corpus is cleaned the same way: whitespace collapsed to single spaces, tex
 order is the files' order, so a corpus is the same list on every machine; subsampling (the
 subjectivity balance, the language cap) is seeded and keeps that order.
 
-Measured with ``python -m bench.corpora`` on 2 CPU cores shared with other jobs (load average ~3);
+Measured with ``python -m merge_core.corpora`` on 2 CPU cores shared with other jobs (load average ~3);
 load time is from the files on disk, nothing cached. "majority" is the accuracy of always answering
 the largest class.
 

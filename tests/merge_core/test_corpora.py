@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import corpora
-from bench.corpora import (
+from merge_core import corpora
+from merge_core.corpora import (
     CORPORA,
     LANGUAGES,
     Corpus,

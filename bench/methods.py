@@ -1,0 +1,16 @@
+"""The methods the benchmark compares and how each is run: read by the run (bench/benchmark.py) and by
+the report rendered from its results (bench/report.py)."""
+
+from __future__ import annotations
+
+ALL_METHODS = (
+    "average", "task_arithmetic", "ties", "dare_ta", "dare_ties", "tsv", "iso_c", "iso_cts", "wudi",
+    "adamerging", "supermerge", "supermerge_no_tanh",
+)
+"""Every method the benchmark compares, in report order; those the registry lacks are skipped."""
+LEARNED = ("adamerging", "supermerge", "supermerge_no_tanh")
+LORA_METHODS = ("average", "task_arithmetic", "ties", "tsv", "iso_c", "iso_cts", "wudi", "supermerge")
+"""Methods run on the LoRA adapters: the training-free ones that take no random masks, and SuperMerge."""
+SEEDED = frozenset({"dare_ta", "dare_ties", *LEARNED})
+"""Methods whose result depends on the seed (DARE's masks, the learned merges' batches): run once per
+seed; every other method runs once, reported with no spread."""

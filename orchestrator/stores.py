@@ -1,0 +1,32 @@
+"""Which store a location names: a local (or shared-mount) folder, or an S3 bucket.
+
+Its own module because it knows both backends: ``orchestrator.object_store`` builds on
+``orchestrator.store``, so the choice between them sits above both (no import circle).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from orchestrator.errors import StoreError
+from orchestrator.object_store import ObjectStore, default_cache_dir, s3_filesystem
+from orchestrator.store import CheckpointStore, Store
+
+
+def open_store(location: str | os.PathLike[str], *, cache_dir: Path | None = None) -> Store:
+    """The store at ``location``: a local (or shared-mount) folder, or ``s3://bucket/prefix``.
+
+    ``cache_dir``: where an S3 store's entries are downloaded to and written before upload (default
+    ``~/.cache/supermerge/stores/<hash of the URL>``). ``AWS_ENDPOINT_URL`` points s3fs at an
+    S3-compatible server (MinIO, moto)."""
+    text = str(location)
+    if "://" not in text:
+        return CheckpointStore(Path(text))
+    scheme, _, rest = text.partition("://")
+    if scheme != "s3" or not rest.strip("/"):
+        raise StoreError(f"store {text!r}: give a local folder or an s3://bucket/prefix URL (other fsspec "
+                         "protocols have no conditional put to lock with)")
+    url = "s3://" + rest.rstrip("/")
+    cache = CheckpointStore(cache_dir if cache_dir is not None else default_cache_dir(url))
+    return ObjectStore(url, cache, s3_filesystem(os.environ.get("AWS_ENDPOINT_URL")))
