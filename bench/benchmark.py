@@ -373,9 +373,10 @@ def score_curve(curve: Sequence[TaskModel], model: FunctionalModel, max_length: 
     return out
 
 
-RESUMABLE = frozenset({"methods", "lora_methods", "seeds", "lora_rank", "curve_task", "curve_sizes"})
+RESUMABLE = frozenset({"methods", "lora_methods", "seeds", "lora_rank", "curve_task", "curve_sizes",
+                       "hierarchical_fan_in", "hierarchical_seeds"})
 """Settings a resumed run may change: each only adds merges (methods registered since, more seeds, the
-LoRA variant, the learning curve) to what was measured, which the resumed run keeps."""
+LoRA variant, the learning curve, the hierarchical run) to what was measured, which the resumed run keeps."""
 
 
 def run_benchmark(
@@ -461,6 +462,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default torch's: one per core); 1 is faster on a machine other "
                              "jobs share")
+    parser.add_argument("--hierarchical-fan-in", type=int, default=None, metavar="F",
+                        help="also run hierarchical SuperMerge, the planner's balanced tree of this fan-in")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="only these methods (default: every registered one the benchmark knows)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -472,6 +477,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = dataclasses.replace(config, lora_rank=None)
     if args.no_curve:
         config = dataclasses.replace(config, curve_task=None)
+    if args.hierarchical_fan_in:
+        config = dataclasses.replace(config, hierarchical_fan_in=args.hierarchical_fan_in)
+    if args.methods:
+        unknown = sorted(set(args.methods) - set(ALL_METHODS))
+        if unknown:
+            parser.error(f"unknown method(s) {unknown}; the benchmark knows {list(ALL_METHODS)}")
+        config = dataclasses.replace(config, methods=tuple(m for m in ALL_METHODS if m in args.methods))
     if args.finetune_only:
         start = time.perf_counter()
         prepare_finetunes(config, args.workdir, args.cache, progress=True)
