@@ -48,6 +48,9 @@ parameters, streamed tensor by tensor."""
 
 STREAMED_TIES = {"density": 0.2, "lam": 1.0}
 
+TABLES_MARKER = "<!-- tables below: written by bench/memory_bench.py -->"
+"""``--markdown`` keeps what the file holds up to this line (the doc's prose) and rewrites the rest."""
+
 NOISE = 1e-3
 """Standard deviation of each synthetic fine-tune's weight noise (a pair shares half of it)."""
 
@@ -243,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"command": command, "cases": cases}, indent=2))
     if args.markdown:
-        args.markdown.write_text(f"{text}\n\nCommand: `{command}`\n")
+        old = args.markdown.read_text() if args.markdown.is_file() else ""
+        prose = old[:old.index(TABLES_MARKER) + len(TABLES_MARKER)] + "\n\n" if TABLES_MARKER in old else ""
+        args.markdown.write_text(f"{prose}{text}\n\nCommand: `{command}`\n")
     return 0
 
 
