@@ -214,8 +214,11 @@ def _seq_len(data: TaskData) -> int:
 
 def _workload(inputs: _Inputs, tree: MergeTree, node: str, compressed: bool = False) -> NodeWorkload:
     """What ``node`` holds; ``compressed``: a learned merge over compressed task vectors (a full
-    fine-tune's task vector then holds ``compressed_loaded_values``; adapters stay as loaded)."""
+    fine-tune's task vector then holds ``compressed_loaded_values``; adapters stay as loaded), which
+    the planner chose (flat-compressed) or the config asks for (``basis: compressed``,
+    ``supermerge_compressed``)."""
     children = tree.children(node)
+    compressed = compressed or (inputs.learned is not None and inputs.learned.basis == "compressed")
     if inputs.streamed:
         n = inputs.shape.n_params
         read = inputs.file_bytes[""] + sum(inputs.file_bytes[c] if tree.is_model(c) else inputs.file_bytes[""]
@@ -227,12 +230,13 @@ def _workload(inputs: _Inputs, tree: MergeTree, node: str, compressed: bool = Fa
             mapped_bytes=streamed_mapped_bytes(inputs.largest_stored_bytes, len(children), read),
             io_bytes=streamed_io_bytes(inputs.largest_stored_bytes, inputs.shape.largest_tensor),
         )
-    loaded = sum(inputs.loaded[c] if tree.is_model(c) else inputs.shape.n_params for c in children)
+    per_child = [inputs.loaded[c] if tree.is_model(c) else inputs.shape.n_params for c in children]
+    loaded = sum(per_child)
     stack_values = None
     if compressed:
         rank = inputs.learned.rank if inputs.learned is not None else None
         full = compressed_loaded_values(inputs.shape, len(children), rank)
-        loaded = sum(full if inputs.loaded[c] == inputs.shape.n_params else inputs.loaded[c] for c in children)
+        loaded = sum(full if v == inputs.shape.n_params else v for v in per_child)
         stack_values = compressed_stack_values(inputs.shape, len(children), rank)
     batches = []
     for t in tree.tasks(node):

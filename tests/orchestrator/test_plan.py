@@ -236,6 +236,29 @@ def test_flat_compressed_is_chosen_only_when_it_fits_and_dense_flat_does_not(tin
     assert record["params"]["basis"] == "compressed" and record["params"]["rank"] is None
 
 
+def test_basis_compressed_given_in_the_config_is_predicted_compressed(tiny_base_dir, family_models, tmp_path):
+    """``basis: compressed`` asked for by the user (not chosen by the planner) is predicted over
+    compressed task vectors too, flat and in a tree (each node compresses for its own k)."""
+    from orchestrator.memory import FP32, compressed_loaded_values, compressed_stack_values, model_shape
+
+    k, shape = len(NAMES), model_shape(tiny_base_dir, "classification")
+    params = {"steps": 3, "lr": 0.05, "basis": "compressed"}
+
+    def config(**tree):
+        return parse_config(config_dict(tiny_base_dir, family_models, tmp_path / "out" / "merged",
+                                        parameters=params, tree=tree))
+
+    flat = plan(config(flat=True), inventory=PLENTY)
+    dense = plan(_config(tiny_base_dir, family_models, tmp_path, flat=True), inventory=PLENTY)
+    assert flat.root.predicted["task_vectors"] == FP32 * k * compressed_loaded_values(shape, k)
+    assert flat.root.predicted["stacked_task_vectors"] == max(
+        0, FP32 * (compressed_stack_values(shape, k) - k * compressed_loaded_values(shape, k)))
+    assert flat.root.predicted["total"] < dense.root.predicted["total"]
+    tree = plan(config(max_fan_in=2), inventory=PLENTY)
+    for node in tree.nodes:
+        assert node.predicted["task_vectors"] == FP32 * 2 * compressed_loaded_values(shape, 2)
+
+
 def test_a_balanced_trees_first_level_is_handed_out_at_once(tiny_base_dir, family_models, tmp_path):
     """8 models at fan-in 2: the 4 leaf merges share no input, come first in the submission order and
     the CPU has a slot for each (orchestrator.parallel), so they run side by side; a chain had one."""
