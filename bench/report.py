@@ -102,31 +102,39 @@ def _normalised(run: dict[str, Any], individual: dict[str, float]) -> float:
     return _mean([run["test_accuracy"][t] / individual[t] for t in run["test_accuracy"]])
 
 
+SUPERMERGE_VARIANTS = ("supermerge_ta_init", "supermerge_tsv", "supermerge_tsv_init", "supermerge_compressed")
+"""Checked against the targets beside flat SuperMerge, each on its own line: picking the best of them by
+these test numbers would be choosing on the test set, so the doc shows every one."""
+
+
 def targets_section(res: dict[str, Any]) -> list[str]:
     """The issue's targets, checked on the full fine-tunes: flat SuperMerge >= 90 % normalised, and
-    >= 2 points of average test accuracy above the best of TSV-M / Iso-C / Iso-CTS / WUDI."""
+    >= 2 points of average test accuracy above the best of TSV-M / Iso-C / Iso-CTS / WUDI; then the same
+    two checks for each SuperMerge variant (other basis or start) that ran."""
     grouped = _by_method(res["runs"], "full")
     if "supermerge" not in grouped or "full" not in res["references"]:
         return ["## Targets", "", "Not checked: no flat SuperMerge run on the full fine-tunes in these results.", ""]
     individual = res["references"]["full"]["individual"]
-    ours = grouped["supermerge"]
-    norm = _mean([_normalised(r, individual) for r in ours])
-    acc = _mean([_avg(r["test_accuracy"]) for r in ours])
-    lines = ["## Targets", "",
-             f"- flat SuperMerge normalised = {100 * norm:.1f} % (mean over {len(ours)} seed(s)); target >= "
-             f"{100 * NORMALISED_TARGET:.0f} %: **{'met' if norm >= NORMALISED_TARGET else 'not met'}**."]
     rivals = {m: _mean([_avg(r["test_accuracy"]) for r in grouped[m]]) for m in TRAINING_FREE_2025 if m in grouped}
-    if rivals:
-        best = max(rivals, key=rivals.get)
-        lead = acc - rivals[best]
-        missing = [m for m in TRAINING_FREE_2025 if m not in rivals]
-        lines.append(
-            f"- SuperMerge {100 * acc:.1f} % vs the best 2025 training-free merge, {best} {100 * rivals[best]:.1f} %: "
-            f"lead {100 * lead:+.1f} points; target >= +{100 * LEAD_TARGET:.0f}: "
-            f"**{'met' if lead >= LEAD_TARGET else 'not met'}**"
-            + (f" (not run: {', '.join(missing)})" if missing else "") + ".")
-    else:
-        lines.append("- lead over TSV-M / Iso-C / Iso-CTS / WUDI: not checked, none of them ran.")
+    lines = ["## Targets", ""]
+    for method in ("supermerge", *(v for v in SUPERMERGE_VARIANTS if v in grouped)):
+        ours = grouped[method]
+        norm = _mean([_normalised(r, individual) for r in ours])
+        acc = _mean([_avg(r["test_accuracy"]) for r in ours])
+        name = "flat SuperMerge" if method == "supermerge" else method
+        line = (f"- {name}: normalised {100 * norm:.1f} % (mean over {len(ours)} seed(s)), target >= "
+                f"{100 * NORMALISED_TARGET:.0f} % **{'met' if norm >= NORMALISED_TARGET else 'not met'}**")
+        if rivals:
+            best = max(rivals, key=rivals.get)
+            lead = acc - rivals[best]
+            missing = [m for m in TRAINING_FREE_2025 if m not in rivals]
+            line += (f"; {100 * acc:.1f} % vs the best 2025 training-free merge, {best} {100 * rivals[best]:.1f} %: "
+                     f"lead {100 * lead:+.1f} points, target >= +{100 * LEAD_TARGET:.0f} "
+                     f"**{'met' if lead >= LEAD_TARGET else 'not met'}**"
+                     + (f" (not run: {', '.join(missing)})" if missing else ""))
+        else:
+            line += "; lead over TSV-M / Iso-C / Iso-CTS / WUDI not checked, none of them ran"
+        lines.append(line + ".")
     return lines + [""]
 
 
