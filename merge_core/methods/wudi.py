@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from merge_core.errors import ConfigError
+from merge_core.errors import ConfigError, TaskVectorError
 from merge_core.methods.task_arithmetic import check_stack
 from merge_core.methods.ties import scaled_onto, sum_over_tasks
 from merge_core.methods.tsv import check_alpha, mean_of_tasks
@@ -64,8 +64,9 @@ def normal_equations(deltas: Tensor) -> tuple[Tensor, Tensor]:
     """``A`` (in, in) and ``B`` (out, in) of ``X A = B`` (the gradient of L is ``2 (X A - B)``)."""
     k, m, n = deltas.shape
     w = task_weights(deltas)
-    a = torch.zeros(n, n, dtype=torch.float32, device=deltas.device)
-    b = torch.zeros(m, n, dtype=torch.float32, device=deltas.device)
+    dtype = torch.float64 if deltas.dtype == torch.float64 else torch.float32  # float64: closed_form's retry
+    a = torch.zeros(n, n, dtype=dtype, device=deltas.device)
+    b = torch.zeros(m, n, dtype=dtype, device=deltas.device)
     for wi, tau in zip(w.tolist(), deltas):
         if n <= m:  # tau (tau^T tau): the (in, in) Gram is A's term anyway
             gram = tau.T @ tau
@@ -87,12 +88,18 @@ within fp32 rounding, and it makes A positive definite, so one fp32 Cholesky fac
 whatever its rank (on MiniLM-shaped cases fp32 reaches the fp64 solve's L to 6 digits)."""
 
 
+class _Indefinite(Exception):
+    """fp32's rounding left the shifted normal equations indefinite (see ``closed_form``)."""
+
+
 def _cholesky_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
     """``rhs @ (matrix + ridge I)^-1`` for a symmetric PSD ``matrix`` (d, d), shifted in place, and
-    ``rhs`` (r, d)."""
+    ``rhs`` (r, d); ``_Indefinite`` where the shifted matrix cannot be factored in its dtype."""
     d = matrix.shape[0]
     matrix.diagonal().add_(RIDGE * max(float(matrix.diagonal().sum()), 1e-30) / d)
-    factor = torch.linalg.cholesky(matrix)
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) != 0:
+        raise _Indefinite(int(info))
     return torch.cholesky_solve(rhs.T, factor).T
 
 
@@ -114,9 +121,29 @@ def _solve_rows(deltas: Tensor, start: Tensor) -> Tensor:
 
 
 def closed_form(deltas: Tensor) -> Tensor:
-    """The minimiser of L nearest to ``sum_i tau_i``: (k, out, in) -> (out, in)."""
+    """The minimiser of L nearest to ``sum_i tau_i``: (k, out, in) -> (out, in).
+
+    Solved in fp32; where fp32's rounding of the normal equations exceeds the ridge (a spectrum
+    dominated by a few large directions, as briefly trained task vectors give: the README demo's
+    fine-tunes), the same equations and ridge are built and solved again in float64 — the same solution
+    with more digits, not another method. Equations float64 cannot factor are not PSD: an error."""
+    try:
+        return _closed_form(deltas)
+    except _Indefinite:
+        pass
+    try:
+        return _closed_form(deltas.double()).to(torch.float32)
+    except _Indefinite as e:
+        raise TaskVectorError(f"WUDI's normal equations for a {tuple(deltas.shape[1:])} matrix are not positive "
+                              f"definite even in float64 (leading minor {e.args[0]}): the task vectors hold "
+                              "corrupt values; check the inputs, or use solver: adam") from None
+
+
+def _closed_form(deltas: Tensor) -> Tensor:
     k, m, n = deltas.shape
     start = sum_over_tasks(deltas)
+    if deltas.dtype == torch.float64:
+        start = start.double()
     return _solve_rows(deltas, start) if n > k * m else _solve_columns(deltas, start)
 
 

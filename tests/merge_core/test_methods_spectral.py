@@ -142,6 +142,27 @@ def test_wudi_closed_form_solves_the_normal_equations_and_beats_adam(shape) -> N
         assert wudi.objective(x + 1e-4 * torch.randn(shape, generator=_gen(seed)), taus) > reached
 
 
+def test_wudi_closed_form_solves_a_spectrum_fp32_cannot_factor() -> None:
+    """Briefly trained task vectors: one dominant direction each, the rest ~1e-6 of it (the README demo's
+    fine-tunes hit this). fp32's rounding of A then exceeds the ridge, so its Cholesky fails; the same
+    ridge factored in float64 must give the solution of the normal equations, finite."""
+    g = _gen(5)
+    k, m, n = 2, 300, 128
+    taus = torch.stack([1e3 * torch.outer(torch.randn(m, generator=g), torch.randn(n, generator=g))
+                        + 1e-3 * torch.randn(m, n, generator=g) for _ in range(k)])
+    a, b = wudi.normal_equations(taus)
+    shifted = a.clone()
+    shifted.diagonal().add_(wudi.RIDGE * float(a.diagonal().sum()) / n)
+    assert int(torch.linalg.cholesky_ex(shifted).info) != 0, "the case no longer needs float64"
+    x = wudi.closed_form(taus)
+    assert torch.isfinite(x).all() and x.dtype == torch.float32
+    a64, b64 = wudi.normal_equations(taus.double())  # A unshifted; the solve uses A + ridge I
+    start = taus.double().sum(0)
+    shifted64 = a64 + torch.eye(n, dtype=torch.float64) * wudi.RIDGE * float(a64.diagonal().sum()) / n
+    reference = start + torch.linalg.solve(shifted64, (b64 - start @ a64).T).T  # shifted64 is symmetric
+    torch.testing.assert_close(x.double(), reference, rtol=1e-4, atol=1e-6 * float(reference.abs().max()))
+
+
 def test_wudi_wide_matrix_reaches_zero_in_the_row_space_nearest_the_start() -> None:
     # in = 50 > k * out = 2 * 8: the interference can be cancelled exactly, X tau_i^T = tau_i tau_i^T
     taus = _small_wudi_case(12, 2, 8, 50)
