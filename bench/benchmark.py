@@ -400,7 +400,7 @@ def run_benchmark(
         results = BenchResults(config=dataclasses.asdict(config), machine=machine_info(), command=command,
                                started=now)
     before = len(results.runs)
-    segment = {"started": now, "seconds": 0.0, "runs": 0}
+    segment = {"started": now, "seconds": 0.0, "runs": 0, "command": command}
     results.segments.append(segment)
 
     def checkpoint() -> None:
