@@ -60,6 +60,18 @@ def make_task_data(task: str, n: int, seed: int, seq_len: int = 12):
     return TaskData(inputs, labels)
 
 
+def task_vectors_and_validation(base_dir: Path, finetuned: dict[str, Path], tasks: tuple[str, ...]):
+    """The task vectors of ``tasks``' tiny fine-tunes and 32 validation examples each (seeds 100, 101, ...):
+    the setup the learned-merge tests share."""
+    from merge_core.checkpoint import open_checkpoint
+    from merge_core.task_vectors import load_task_vector
+
+    with open_checkpoint(base_dir) as base:
+        vectors = [load_task_vector(base, finetuned[t], name=t) for t in tasks]
+    val = {t: make_task_data(t, 32, seed=100 + i) for i, t in enumerate(tasks)}
+    return vectors, val
+
+
 def make_finetuned(base_dir: Path, task: str, out_dir: Path, *, lora_rank: int | None = None,
                    seed: int = 0, n: int = 256, epochs: float = 12.0) -> Path:
     """Full fine-tune (or LoRA) of the tiny base on one synthetic task."""

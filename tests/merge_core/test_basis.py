@@ -7,22 +7,17 @@ import math
 import pytest
 import torch
 
-from merge_core.checkpoint import open_checkpoint
 from merge_core.merge import merge
 from merge_core.methods import basis, tsv
 from merge_core.methods.learned import FactoredStack, combine
-from merge_core.task_vectors import load_task_vector
-from tests.tiny import make_task_data
+from tests.tiny import task_vectors_and_validation
 
 TASKS = ("alpha", "beta")
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_base_dir, tiny_finetuned):
-    with open_checkpoint(tiny_base_dir) as base:
-        vectors = [load_task_vector(base, tiny_finetuned[t], name=t) for t in TASKS]
-    val = {t: make_task_data(t, 32, seed=100 + i) for i, t in enumerate(TASKS)}
-    return vectors, val
+    return task_vectors_and_validation(tiny_base_dir, tiny_finetuned, TASKS)
 
 
 def test_tsv_pieces_at_alpha_are_tsv_m_for_every_tensor_kind() -> None:

@@ -13,8 +13,7 @@ from merge_core.deltas import LowRankDelta, dense_delta, stored_numel
 from merge_core.errors import ConfigError
 from merge_core.merge import merge
 from merge_core.methods.learned import FactoredStack, LearnedMergeConfig, combine, stack_task_vectors
-from merge_core.task_vectors import load_task_vector
-from tests.tiny import make_task_data
+from tests.tiny import task_vectors_and_validation
 
 TASKS = ("alpha", "beta", "gamma")
 STEPS = {"steps": 4, "batch_size": 8}
@@ -22,10 +21,7 @@ STEPS = {"steps": 4, "batch_size": 8}
 
 @pytest.fixture(scope="module")
 def setup(tiny_base_dir, tiny_finetuned):
-    with open_checkpoint(tiny_base_dir) as base:
-        vectors = [load_task_vector(base, tiny_finetuned[t], name=t) for t in TASKS]
-    val = {t: make_task_data(t, 32, seed=100 + i) for i, t in enumerate(TASKS)}
-    return vectors, val
+    return task_vectors_and_validation(tiny_base_dir, tiny_finetuned, TASKS)
 
 
 def test_rank_is_tsv_ms_truncation_unless_given():
