@@ -45,7 +45,7 @@ def cmd_plan(config_path: Path, *, device: str | None, memory_budget: str | None
              flat: bool, output: Path | None = None) -> int:
     """Print the merge tree, each node's predicted peak memory and device, the fan-in chosen, and the
     checkpoint store's size."""
-    from orchestrator.executor import default_store_dir
+    from orchestrator.executor import store_location
     from orchestrator.plan import plan
     from orchestrator.options import load_merge_config
     from orchestrator.store_usage import store_usage
@@ -54,10 +54,8 @@ def cmd_plan(config_path: Path, *, device: str | None, memory_budget: str | None
                                 max_fan_in=max_fan_in, flat=flat)
 
     print(plan(config, progress=True).render())
-    if config.store is not None and "://" in config.store:
-        print(f"store: {config.store}")
-    else:
-        print(store_usage(Path(config.store) if config.store else default_store_dir(config.output)).render())
+    location = store_location(config)
+    print(f"store: {location}" if "://" in str(location) else store_usage(Path(location)).render())
     return 0
 
 
@@ -127,14 +125,15 @@ def cmd_export(merged: Path, *, task: str | None, every: bool, out: Path, overwr
 def cmd_store_prune(config_path: Path, *, everything: bool, output: Path | None = None) -> int:
     """Remove the store entries no published output beside the config's output uses (``--all``: all)."""
     from merge_core.config import load_config
-    from orchestrator.executor import REPORT_FILE, default_store_dir
+    from orchestrator.executor import REPORT_FILE, store_location
     from orchestrator.store_usage import prune, store_usage, used_keys
 
     config = load_config(config_path, {"output": str(output.resolve()) if output else None})
-    if config.store is not None and "://" in config.store:
-        raise SupermergeError(f"store prune covers local stores only; {config.store} is not one: remove its "
+    location = store_location(config)
+    if "://" in str(location):
+        raise SupermergeError(f"store prune covers local stores only; {location} is not one: remove its "
                               "unused <key>/ prefixes with your S3 tools (aws s3 rm --recursive)")
-    root = Path(config.store) if config.store is not None else default_store_dir(config.output)
+    root = Path(location)
     keep = set() if everything else used_keys(config.output.parent, REPORT_FILE)
     removed, freed = prune(root, keep)
     print(f"removed {removed} store entr{'y' if removed == 1 else 'ies'}, freed {freed / 1e6:.1f} MB; "

@@ -88,11 +88,16 @@ def default_store_dir(output: Path) -> Path:
     return output.parent / STORE_DIR
 
 
-def config_store(config: MergeConfig, store: str | Path | None = None) -> Store:
-    """The store a run uses: ``store`` (a folder or ``s3://`` URL), else the config's ``store``, else
-    the folder beside the output."""
+def store_location(config: MergeConfig, store: str | Path | None = None) -> str | Path:
+    """Where a run's store is: ``store`` (a folder or ``s3://`` URL), else the config's ``store``, else
+    the folder beside the output. One answer for merge, plan and prune."""
     chosen = store if store is not None else config.store
-    return open_store(chosen if chosen is not None else default_store_dir(config.output))
+    return chosen if chosen is not None else default_store_dir(config.output)
+
+
+def config_store(config: MergeConfig, store: str | Path | None = None) -> Store:
+    """The store a run uses (``store_location``), opened."""
+    return open_store(store_location(config, store))
 
 
 def execute(
