@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from merge_core.workload import minilm_dir
-from merge_core.checkpoint import open_checkpoint
-from merge_core.data import load_task_data
-from merge_core.job import score_result
-from merge_core.merge import merge
-from merge_core.model import FunctionalModel
-from merge_core.task_vectors import load_task_vector
+from supermerge.merge_core.workload import minilm_dir
+from supermerge.merge_core.checkpoint import open_checkpoint
+from supermerge.merge_core.data import load_task_data
+from supermerge.merge_core.job import score_result
+from supermerge.merge_core.merge import merge
+from supermerge.merge_core.model import FunctionalModel
+from supermerge.merge_core.task_vectors import load_task_vector
 
 METHODS = ("task_arithmetic", "tsv", "supermerge", "supermerge_ta_init", "supermerge_tsv", "supermerge_tsv_init")
 LEARNED = {"steps": 60, "lr": 0.05, "batch_size": 8}

@@ -33,20 +33,20 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
-from merge_core.corpora import load_corpus, split
+from supermerge.merge_core.corpora import load_corpus, split
 from bench.measure import measure
 from bench.methods import ALL_METHODS, LEARNED, LORA_METHODS, SEEDED
-from merge_core.workload import (
+from supermerge.merge_core.workload import (
     TaskModel, WorkloadConfig, finetune_seconds, minilm_dir, prepare_task, prepare_workload, write_merge_config,
 )
-from merge_core.checkpoint import open_checkpoint
-from merge_core.config import MergeConfig, TreeConfig, load_config
-from merge_core.data import TaskData, load_task_data, tokenize
-from merge_core.evaluate import evaluate
-from merge_core.job import load_split, load_task_vectors, model_params, score_models, score_result
-from merge_core.merge import MergeResult, merge
-from merge_core.model import FunctionalModel
-from merge_core.task_vectors import load_task_vector, mergeable_names
+from supermerge.merge_core.checkpoint import open_checkpoint
+from supermerge.merge_core.config import MergeConfig, TreeConfig, load_config
+from supermerge.merge_core.data import TaskData, load_task_data, tokenize
+from supermerge.merge_core.evaluate import evaluate
+from supermerge.merge_core.job import load_split, load_task_vectors, model_params, score_models, score_result
+from supermerge.merge_core.merge import MergeResult, merge
+from supermerge.merge_core.model import FunctionalModel
+from supermerge.merge_core.task_vectors import load_task_vector, mergeable_names
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def run_order(method: str) -> int:
 
 def registered(methods: Sequence[str]) -> tuple[str, ...]:
     """``methods`` that the registry holds (the 2025 training-free merges may be absent)."""
-    from merge_core.methods.registry import METHODS
+    from supermerge.merge_core.methods.registry import METHODS
 
     return tuple(m for m in methods if m in METHODS)
 
@@ -280,8 +280,8 @@ def run_hierarchical(
 ) -> Run:
     """Hierarchical SuperMerge through the orchestrator (plan, then the executor, bottom-up through a
     fresh checkpoint store), scored from the model it publishes, like any saved merge."""
-    from orchestrator.executor import execute
-    from orchestrator.plan import plan
+    from supermerge.orchestrator.executor import execute
+    from supermerge.orchestrator.plan import plan
 
     params = method_params("supermerge", config)
     tree_config = merge_config.model_copy(update={

@@ -63,7 +63,7 @@ def main() -> None:
         _worker(*args.worker)
         return
 
-    from merge_core.methods import iso, tsv, wudi
+    from supermerge.merge_core.methods import iso, tsv, wudi
 
     g = torch.Generator().manual_seed(0)
     stacks = {n: 1e-3 * torch.randn(K, *shape, generator=g) for n, shape in SHAPES.items()}

@@ -5,8 +5,8 @@ For each k (default 4, 8, 16) the packaged MiniLM is merged four times, each run
 process so nothing one run freed hides the next one's growth: with SuperMerge flat (one node of k
 inputs), as a balanced tree of fan-in 2 (depth ceil(log2 k)), and flat over compressed task vectors
 (``basis: compressed``: each matrix kept as its top floor(min(m, n) / k) singular components, unless
-``--rank``; merge_core.compress), and with TIES (fixed density and lam) flat, which streams tensor by
-tensor (merge_core.stream). Every node runs through the executor's ``run_node``, which measures
+``--rank``; supermerge.merge_core.compress), and with TIES (fixed density and lam) flat, which streams tensor by
+tensor (supermerge.merge_core.stream). Every node runs through the executor's ``run_node``, which measures
 its peak as RSS growth over the node (the kernel's high-water mark, reset at the node's start; see
 orchestrator/measure.py). The run's whole-process peak (``ru_maxrss``) is reported too.
 
@@ -57,9 +57,9 @@ NOISE = 1e-3
 
 def make_synthetic_models(workdir: Path, k: int, *, n_val: int = 32, seq_len: int = 32) -> list[dict[str, str]]:
     """``k`` synthetic fine-tunes of the packaged MiniLM (``task00``...), made once and reused."""
-    from merge_core.workload import minilm_dir
-    from merge_core.checkpoint import open_checkpoint
-    from merge_core.data import TaskData, save_task_data
+    from supermerge.merge_core.workload import minilm_dir
+    from supermerge.merge_core.checkpoint import open_checkpoint
+    from supermerge.merge_core.data import TaskData, save_task_data
 
     base = minilm_dir()
     config = json.loads((base / "config.json").read_text())
@@ -104,10 +104,10 @@ def run_case(workdir: Path, k: int, mode: str, steps: int, threads: int, rank: i
     ``rank``: singular components kept per task in the compressed mode (None: TSV-M's floor)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
-    from merge_core.workload import minilm_dir
-    from merge_core.config import parse_config
-    from orchestrator.executor import execute
-    from orchestrator.plan import plan
+    from supermerge.merge_core.workload import minilm_dir
+    from supermerge.merge_core.config import parse_config
+    from supermerge.orchestrator.executor import execute
+    from supermerge.orchestrator.plan import plan
 
     torch.set_num_threads(threads)
     models = make_synthetic_models(workdir, k)

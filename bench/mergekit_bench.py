@@ -38,8 +38,8 @@ from typing import Any
 import psutil
 import torch
 
-from merge_core.checkpoint import TensorMeta, open_checkpoint, write_shards_streaming
-from merge_core.merge import tensor_seed
+from supermerge.merge_core.checkpoint import TensorMeta, open_checkpoint, write_shards_streaming
+from supermerge.merge_core.merge import tensor_seed
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def mergekit_command(mergekit: str, config: Path, out: Path) -> list[str]:
 def _threshold_ties(base: Path, models: list[Path], name: str, density: float) -> bool:
     """Whether any model's task vector of tensor ``name`` has several entries tied at TIES' trim
     threshold (where the tools keep different entries)."""
-    from merge_core.methods.ties import _thresholds
+    from supermerge.merge_core.methods.ties import _thresholds
 
     with open_checkpoint(base) as b:
         theta = b.get(name).float().reshape(-1)
@@ -270,7 +270,7 @@ def compare(a: Path, b: Path, ties_of: Any = None) -> dict[str, Any]:
 
 def _stream(spec_json: str) -> int:
     """The supermerge side, run in its own process."""
-    from merge_core.stream import stream_merge
+    from supermerge.merge_core.stream import stream_merge
 
     spec = json.loads(spec_json)
     stream_merge(spec["base"], [(f"ft{i}", m) for i, m in enumerate(spec["models"])], spec["method"],

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.methods import ALL_METHODS, SEEDED
-from merge_core.evaluate import results_table
+from supermerge.merge_core.evaluate import results_table
 
 
 def _mean(xs: list[float]) -> float:

@@ -3,7 +3,7 @@
 One SuperMerge step builds the merged tensors from the k task vectors (``combine``), runs each task's
 batch through the merged model with that task's head, and backpropagates to the merge weights W (then
 one AdamW step on W). The plain step is what fine-tuning the base costs: the same k batches through the
-same model (``merge_core.model.FunctionalModel``, the same heads), gradients for every parameter. Their
+same model (``supermerge.merge_core.model.FunctionalModel``, the same heads), gradients for every parameter. Their
 ratio is the price of merging: the goal is at most 1.5 at k = 8.
 
     python -m bench.step_bench --k 2 4 8 16 --steps 5 [--profile 8] [--storage-dtype bfloat16]
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from merge_core.workload import minilm_dir
-from merge_core.checkpoint import open_checkpoint
-from merge_core.data import TaskData
-from merge_core.methods.learned import (
+from supermerge.merge_core.workload import minilm_dir
+from supermerge.merge_core.checkpoint import open_checkpoint
+from supermerge.merge_core.data import TaskData
+from supermerge.merge_core.methods.learned import (
     LearnedMergeConfig,
     _objective_loss,
     backward_step,
@@ -36,8 +36,8 @@ from merge_core.methods.learned import (
     stack_task_vectors,
     weight_groups,
 )
-from merge_core.model import FunctionalModel
-from merge_core.task_vectors import TaskVector, mergeable_names
+from supermerge.merge_core.model import FunctionalModel
+from supermerge.merge_core.task_vectors import TaskVector, mergeable_names
 
 TASK_VECTOR_STD = 1e-3
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from merge_core.workload import minilm_dir
-from merge_core.checkpoint import open_checkpoint
-from merge_core.methods import wudi
-from merge_core.task_vectors import load_task_vector, stack_deltas
+from supermerge.merge_core.workload import minilm_dir
+from supermerge.merge_core.checkpoint import open_checkpoint
+from supermerge.merge_core.methods import wudi
+from supermerge.merge_core.task_vectors import load_task_vector, stack_deltas
 
 TENSORS = ("encoder.layer.3.output.dense.weight", "encoder.layer.3.intermediate.dense.weight",
            "encoder.layer.3.attention.self.query.weight")

@@ -77,7 +77,7 @@ prefect --no-prompt work-pool create supermerge-local --type process >"$WORK/poo
 SUPERMERGE_ROOT=$ROOT SUPERMERGE_CONFIG=$CONFIG \
   prefect --no-prompt deploy --prefect-file deploy/prefect.yaml --name local >"$WORK/deploy.log" 2>&1 \
   || { echo "prefect deploy failed" >&2; exit 1; }
-"$PY" -m flows.automations --within "$ZOMBIE_WITHIN" >"$WORK/automation.log" 2>&1
+"$PY" -m supermerge.flows.automations --within "$ZOMBIE_WITHIN" >"$WORK/automation.log" 2>&1
 say "pool, deployment and zombie-run automation (within $ZOMBIE_WITHIN s) created"
 start_worker() { background "$WORK/worker$1.log" prefect worker start --pool supermerge-local --type process; }
 start_worker 1

@@ -20,8 +20,8 @@ import torch
 import yaml
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
-from merge_core.data import TaskData, save_task_data
-from merge_core.finetune import FinetuneConfig, finetune_classifier
+from supermerge.merge_core.data import TaskData, save_task_data
+from supermerge.merge_core.finetune import FinetuneConfig, finetune_classifier
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)]
 TRIGGERS = {family: (5 + 12 * i, 6 + 12 * i, 7 + 12 * i) for i, family in enumerate("pqrs")}

@@ -11,7 +11,7 @@ resumes from the checkpoint store. Prefect's docs advise ``within`` = 3 heartbea
 a run is then marked at most 90 s after its last heartbeat, and a heartbeat late by up to 60 s
 (a loaded host) is not taken for a crash.
 
-    python -m flows.automations [--within SECONDS]     # once per server; replaces an older copy
+    python -m supermerge.flows.automations [--within SECONDS]     # once per server; replaces an older copy
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def install(within: float = WITHIN_SECONDS) -> Automation:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.automations", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m supermerge.flows.automations", description=__doc__.splitlines()[0])
     parser.add_argument("--within", type=float, default=WITHIN_SECONDS,
                         help=f"seconds without a heartbeat before a run is marked Crashed (default {WITHIN_SECONDS})")
     args = parser.parse_args(argv)

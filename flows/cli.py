@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from flows.console import os_error_line
-from merge_core.errors import CheckpointError, SupermergeError
+from supermerge.flows.console import os_error_line
+from supermerge.merge_core.errors import CheckpointError, SupermergeError
 
 log = logging.getLogger("supermerge")
 
@@ -45,10 +45,10 @@ def cmd_plan(config_path: Path, *, device: str | None, memory_budget: str | None
              flat: bool, output: Path | None = None) -> int:
     """Print the merge tree, each node's predicted peak memory and device, the fan-in chosen, and the
     checkpoint store's size."""
-    from orchestrator.executor import store_location
-    from orchestrator.plan import plan
-    from orchestrator.options import load_merge_config
-    from orchestrator.store_usage import store_usage
+    from supermerge.orchestrator.executor import store_location
+    from supermerge.orchestrator.plan import plan
+    from supermerge.orchestrator.options import load_merge_config
+    from supermerge.orchestrator.store_usage import store_usage
 
     config = load_merge_config(config_path, output=output, device=device, memory_budget=memory_budget,
                                 max_fan_in=max_fan_in, flat=flat)
@@ -70,10 +70,10 @@ def cmd_merge(
     if prefect:
         return _merge_with_prefect(config_path, output=output, method=method, device=device, overwrite=overwrite,
                                    memory_budget=memory_budget, max_fan_in=max_fan_in, flat=flat, store=store)
-    from orchestrator.executor import REPORT_FILE, execute
-    from orchestrator.memory import format_bytes
-    from orchestrator.options import load_merge_config
-    from orchestrator.plan import plan
+    from supermerge.orchestrator.executor import REPORT_FILE, execute
+    from supermerge.orchestrator.memory import format_bytes
+    from supermerge.orchestrator.options import load_merge_config
+    from supermerge.orchestrator.plan import plan
 
     config = load_merge_config(config_path, output=output, method=method, device=device,
                                memory_budget=memory_budget, max_fan_in=max_fan_in, flat=flat, store=store)
@@ -101,7 +101,7 @@ def cmd_merge(
         print("validation accuracy: " + _fmt(report.val_accuracy))
     if report.test_accuracy:
         print("test accuracy:       " + _fmt(report.test_accuracy))
-    from orchestrator.store_usage import store_usage
+    from supermerge.orchestrator.store_usage import store_usage
 
     if report.store_location is not None and "://" in report.store_location:
         print(f"store: {report.store_location} (local copies in {report.store})")
@@ -112,7 +112,7 @@ def cmd_merge(
 
 def cmd_export(merged: Path, *, task: str | None, every: bool, out: Path, overwrite: bool) -> int:
     """Write one task (or every task) of a merged model as a standard Hugging Face classifier dir."""
-    from merge_core.export import export_all, export_task
+    from supermerge.merge_core.export import export_all, export_task
 
     if every == (task is not None):
         raise SupermergeError("give either --task NAME or --all")
@@ -124,9 +124,9 @@ def cmd_export(merged: Path, *, task: str | None, every: bool, out: Path, overwr
 
 def cmd_store_prune(config_path: Path, *, everything: bool, output: Path | None = None) -> int:
     """Remove the store entries no published output beside the config's output uses (``--all``: all)."""
-    from merge_core.config import load_config
-    from orchestrator.executor import REPORT_FILE, store_location
-    from orchestrator.store_usage import prune, store_usage, used_keys
+    from supermerge.merge_core.config import load_config
+    from supermerge.orchestrator.executor import REPORT_FILE, store_location
+    from supermerge.orchestrator.store_usage import prune, store_usage, used_keys
 
     config = load_config(config_path, {"output": str(output.resolve()) if output else None})
     location = store_location(config)
@@ -145,7 +145,7 @@ def cmd_convert(config_path: Path, *, output: Path | None) -> int:
     """Print supermerge's config for a mergekit config (what `supermerge merge` runs for it)."""
     import yaml
 
-    from merge_core.config import load_config
+    from supermerge.merge_core.config import load_config
 
     config = load_config(config_path, {"output": str(output.resolve()) if output else None})
     raw = config.resolved()
@@ -158,8 +158,8 @@ def cmd_convert(config_path: Path, *, output: Path | None) -> int:
 def check_output(output: Path, *, overwrite: bool) -> None:
     """Refuse, before any work, an output that cannot be written (``output_problem``) or that is the
     checkpoint store beside it, or inside it (the store would be replaced by the merged model)."""
-    from merge_core.checkpoint import output_problem
-    from orchestrator.executor import STORE_DIR
+    from supermerge.merge_core.checkpoint import output_problem
+    from supermerge.orchestrator.executor import STORE_DIR
 
     problem = output_problem(output, overwrite=overwrite)
     if problem is None and STORE_DIR in output.parts:
@@ -179,8 +179,8 @@ def _missing_folders(folder: Path) -> list[Path]:
 
 
 def _merge_with_prefect(config_path: Path, *, output: Path | None, **options) -> int:
-    from flows.local import run_flow
-    from orchestrator.options import load_merge_config
+    from supermerge.flows.local import run_flow
+    from supermerge.orchestrator.options import load_merge_config
 
     shown = {k: options[k] for k in ("method", "device", "memory_budget", "max_fan_in", "flat", "store")}
     check_output(load_merge_config(config_path, output=output, **shown).output, overwrite=options["overwrite"])
@@ -196,9 +196,9 @@ def _merge_with_prefect(config_path: Path, *, output: Path | None, **options) ->
 
 def cmd_evaluate(config_path: Path, models: Sequence[Path], *, device: str | None, references: bool) -> int:
     """Score merged models on every task's test data and print the paper's table."""
-    from merge_core.config import load_config
-    from merge_core.evaluate import results_table
-    from merge_core.job import score_models
+    from supermerge.merge_core.config import load_config
+    from supermerge.merge_core.evaluate import results_table
+    from supermerge.merge_core.job import score_models
 
     config = load_config(config_path, {"device": device})
     merged = {p.name: p for p in (models or [config.output])}
@@ -217,7 +217,7 @@ def cmd_evaluate(config_path: Path, models: Sequence[Path], *, device: str | Non
 def cmd_methods() -> int:
     """List the merge methods with their papers, the defaults a left-out parameter takes, and the grid
     ``search: true`` searches."""
-    from merge_core.methods.registry import METHODS, parameter_defaults
+    from supermerge.merge_core.methods.registry import METHODS, parameter_defaults
 
     for spec in METHODS.values():
         def shown(k: str) -> str:
@@ -233,7 +233,7 @@ def cmd_methods() -> int:
 def cmd_demo(workdir: Path, *, steps: int) -> int:
     """Real end-to-end run: the packaged MiniLM fine-tuned briefly on four real tasks, merged as a tree by
     the Prefect flow hierarchical-merge (embedded server), with flat baselines beside it."""
-    from flows.demo import run_demo
+    from supermerge.flows.demo import run_demo
 
     print(run_demo(workdir, steps=steps, progress=True))
     return 0
@@ -329,11 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["register"]:
-        from flows.registry import register_command  # its own flags (flows/registry.py)
+        from supermerge.flows.registry import register_command  # its own flags (flows/registry.py)
 
         return register_command(argv[1:])
     if argv[:1] == ["unregister"]:
-        from flows.registry import unregister_command
+        from supermerge.flows.registry import unregister_command
 
         return unregister_command(argv[1:])
     args = build_parser().parse_args(argv)

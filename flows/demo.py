@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from merge_core.workload import WorkloadConfig, prepare_workload, write_merge_config
-from merge_core.config import load_config
-from merge_core.evaluate import results_table
-from merge_core.job import score_models
+from supermerge.merge_core.workload import WorkloadConfig, prepare_workload, write_merge_config
+from supermerge.merge_core.config import load_config
+from supermerge.merge_core.evaluate import results_table
+from supermerge.merge_core.job import score_models
 
 DEMO = WorkloadConfig(tasks=("language", "sentiment", "subjectivity", "quote_topic"), n_train=480, n_test=300,
                       max_length=48, epochs=2.0)
@@ -30,9 +30,9 @@ TRAINING_FREE_2025 = ("tsv", "iso_c", "iso_cts", "wudi")
 
 def run_demo(workdir: Path, *, steps: int = 40, progress: bool = True) -> str:
     """Prepare the tasks, run the flow and the baselines, return the results (markdown)."""
-    from flows.local import run_flow
-    from orchestrator.executor import execute
-    from orchestrator.plan import plan
+    from supermerge.flows.local import run_flow
+    from supermerge.orchestrator.executor import execute
+    from supermerge.orchestrator.plan import plan
 
     workdir.mkdir(parents=True, exist_ok=True)
     tasks = prepare_workload(workdir, DEMO, progress=progress)

@@ -1,10 +1,10 @@
 """The ``hierarchical-merge`` Prefect flow: a merge tree with one Prefect task per merge node.
 
-The flow plans (orchestrator.plan, or the previous run's tree grown by newly registered models,
-orchestrator.incremental), then submits one task per merge node, named after the node
+The flow plans (supermerge.orchestrator.plan, or the previous run's tree grown by newly registered models,
+supermerge.orchestrator.incremental), then submits one task per merge node, named after the node
 (``merge-pa+pb``), with its merged children's futures as arguments, so the UI draws the tree's edges
 and independent subtrees run at once, and publishes the root as ``supermerge merge`` does. Each task
-runs ``orchestrator.node.run_node`` and returns its small ``NodeRecord`` dict: models move through the
+runs ``supermerge.orchestrator.node.run_node`` and returns its small ``NodeRecord`` dict: models move through the
 checkpoint store on disk, never through Prefect (a tensor result or parameter would be pickled into
 Prefect's result storage). The store is also the cache: a node finished there, by this flow or by
 ``supermerge merge``, is not merged again (its task run ends in the state ``From store``, tagged
@@ -13,17 +13,17 @@ and the store path are passed ``quote``d: Prefect links a task's inputs to earli
 identity, and a string shared with an earlier node's record would draw a false edge.
 
 Versions (``versions=N``, what the deployment passes): each run publishes ``<output>/v<N>`` and
-switches ``<output>/current`` to it, keeping the newest N (orchestrator.versions), so a schedule or a
+switches ``<output>/current`` to it, keeping the newest N (supermerge.orchestrator.versions), so a schedule or a
 trigger never collides with an earlier output; a run whose tree's root is the one ``current``
 already holds publishes nothing and ends at once, "up to date". ``versions=0`` (the CLI) publishes
 at ``output`` itself and refuses an existing one without ``overwrite``.
 
-Concurrency: one thread pool per device the plan uses, sized by ``orchestrator.parallel.device_slots``
+Concurrency: one thread pool per device the plan uses, sized by ``supermerge.orchestrator.parallel.device_slots``
 (one node per GPU; on the CPU as many nodes as the memory budget holds at once, at most one per core),
 each node submitted to its own device's pool. Pools in the flow's process need no concurrency limits
 on the server (which poll, about a second per hand-off).
 
-Retries come from the config's ``retry:`` section. Artifacts (flows.live): the report (the tree,
+Retries come from the config's ``retry:`` section. Artifacts (supermerge.flows.live): the report (the tree,
 each node's state, predicted vs measured memory, seconds and, with ``evaluate``, the test accuracy
 and rank table) and a progress bar, both posted from the run's first second and at every change.
 """
@@ -48,21 +48,21 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import Task
 from prefect.utilities.annotations import quote
 
-from flows.live import FROM_STORE, MERGED, NOT_RUN, RUNNING, LiveTree, close_crashed_runs
-from merge_core.checkpoint import refuse_existing
-from merge_core.config import MergeConfig
-from merge_core.evaluate import results_table
-from merge_core.job import score_models
-from orchestrator.executor import config_store, finish
-from orchestrator.incremental import plan_with_previous
-from orchestrator.memory import format_bytes
-from orchestrator.options import load_merge_config
-from orchestrator.node import NodeRecord, NodeTask, cached_record, run_node
-from orchestrator.parallel import device_slots, submission_order
-from orchestrator.plan import MergePlan
-from orchestrator.store import Store
-from orchestrator.stores import open_store
-from orchestrator.versions import check_versioned, current, next_version, prune, published_root_key, switch_current
+from supermerge.flows.live import FROM_STORE, MERGED, NOT_RUN, RUNNING, LiveTree, close_crashed_runs
+from supermerge.merge_core.checkpoint import refuse_existing
+from supermerge.merge_core.config import MergeConfig
+from supermerge.merge_core.evaluate import results_table
+from supermerge.merge_core.job import score_models
+from supermerge.orchestrator.executor import config_store, finish
+from supermerge.orchestrator.incremental import plan_with_previous
+from supermerge.orchestrator.memory import format_bytes
+from supermerge.orchestrator.options import load_merge_config
+from supermerge.orchestrator.node import NodeRecord, NodeTask, cached_record, run_node
+from supermerge.orchestrator.parallel import device_slots, submission_order
+from supermerge.orchestrator.plan import MergePlan
+from supermerge.orchestrator.store import Store
+from supermerge.orchestrator.stores import open_store
+from supermerge.orchestrator.versions import check_versioned, current, next_version, prune, published_root_key, switch_current
 
 FLOW_NAME = "hierarchical-merge"
 PROGRESS_KEY = "hierarchical-merge-progress"
@@ -99,7 +99,7 @@ def evaluate_merge(config: MergeConfig, model_dir: str) -> tuple[dict[str, float
 
 
 def show_library_logs() -> None:
-    """Give the loggers named in PREFECT_LOGGING_EXTRA_LOGGERS (orchestrator, merge_core) Prefect's own
+    """Give the loggers named in PREFECT_LOGGING_EXTRA_LOGGERS (supermerge: every module of the product) Prefect's own
     level for them (``prefect.extra``'s, INFO by default) unless they have one: Prefect attaches its
     API handler to them but leaves their level at the root's WARNING, which drops INFO lines."""
     level = logging.getLogger("prefect.extra").getEffectiveLevel()
@@ -165,7 +165,7 @@ def _flow_run() -> Any:
 
 def close_crashed(deployment_id: Any) -> None:
     """Mark the unfinished task runs and tree of this deployment's crashed runs as crashed
-    (flows.live.close_crashed_runs); a failure to do so is logged, and this run goes on."""
+    (supermerge.flows.live.close_crashed_runs); a failure to do so is logged, and this run goes on."""
     logger = get_run_logger()
     try:
         closed = close_crashed_runs(deployment_id, REPORT_KEY, PROGRESS_KEY)

@@ -20,9 +20,9 @@ from uuid import UUID
 from prefect import get_client
 from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
 
-from orchestrator.node import NodeRecord
-from orchestrator.parallel import run_summary
-from orchestrator.plan import MergePlan
+from supermerge.orchestrator.node import NodeRecord
+from supermerge.orchestrator.parallel import run_summary
+from supermerge.orchestrator.plan import MergePlan
 
 PENDING, RUNNING, MERGED, FROM_STORE = "pending", "running", "merged", "from store"
 NOT_RUN = "not run (an input failed)"
@@ -130,7 +130,7 @@ class LiveTree:
 
 def close_crashed_runs(deployment_id: UUID, report_key: str, progress_key: str) -> list[str]:
     """Make the record of this deployment's crashed runs true: a run killed with its host (SIGKILL)
-    cannot say it stopped, and once the zombie-run automation (flows.automations) has marked it
+    cannot say it stopped, and once the zombie-run automation (supermerge.flows.automations) has marked it
     Crashed its task runs still read Running and its tree artifact still reads "in flight". Marks
     those task runs Crashed and posts a last tree version with the unfinished nodes as crashed. Run
     at the start of each deployment run; the names of the runs closed."""

@@ -20,7 +20,7 @@ PREFECT_DEFAULTS = {
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "orchestrator,merge_core",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "supermerge",
     # those loggers also serve merges outside a flow run in the same process (the demo's baselines)
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
@@ -31,6 +31,6 @@ def run_flow(config: Path, **parameters: Any) -> dict[str, Any]:
     flow raises the failing node's own error (a SupermergeError prints as one line in the CLI)."""
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    from flows.hierarchical import hierarchical_merge
+    from supermerge.flows.hierarchical import hierarchical_merge
 
     return hierarchical_merge(config=str(Path(config).resolve()), **parameters)

@@ -6,7 +6,7 @@ data readable and labelled. A model that would make the next merge fail is refus
 not hours into a merge. Then ``registry.yaml`` is replaced atomically and, when a Prefect API is
 configured (``PREFECT_API_URL``), the event ``supermerge.task-model.registered`` is emitted; the
 ``hierarchical-merge/local`` deployment's trigger (deploy/prefect.yaml) re-merges on it, growing
-the previous tree (orchestrator.incremental), so only the new model's path to the root is merged.
+the previous tree (supermerge.orchestrator.incremental), so only the new model's path to the root is merged.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.console import os_error_line
-from merge_core.errors import ConfigError, DataError, SupermergeError
-from merge_core.task_registry import TaskRegistry, read_registry, write_registry
-from merge_core.task_vectors import DEFAULT_HEAD_PREFIXES
+from supermerge.flows.console import os_error_line
+from supermerge.merge_core.errors import ConfigError, DataError, SupermergeError
+from supermerge.merge_core.task_registry import TaskRegistry, read_registry, write_registry
+from supermerge.merge_core.task_vectors import DEFAULT_HEAD_PREFIXES
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,14 @@ def check_model(
     head_prefixes: Sequence[str] = DEFAULT_HEAD_PREFIXES, max_length: int = 64,
 ) -> None:
     """Refuse a model the next merge would refuse, with the checks ``supermerge merge`` runs while it
-    plans (merge_core.preflight): a base that is unreadable or not finite, tensors that do not fit it
+    plans (supermerge.merge_core.preflight): a base that is unreadable or not finite, tensors that do not fit it
     or hold NaN/Inf, a config.json of another architecture, no task head, and validation or test data
     that is unreadable, empty, unlabelled, or labelled outside the head's classes."""
-    from merge_core.checkpoint import open_checkpoint
-    from merge_core.data import load_task_data, require_labelled
-    from merge_core.job import load_tokenizer
-    from merge_core.labels import label_ids
-    from merge_core.preflight import check_base, check_model_config, check_task_data, task_heads
+    from supermerge.merge_core.checkpoint import open_checkpoint
+    from supermerge.merge_core.data import load_task_data, require_labelled
+    from supermerge.merge_core.job import load_tokenizer
+    from supermerge.merge_core.labels import label_ids
+    from supermerge.merge_core.preflight import check_base, check_model_config, check_task_data, task_heads
 
     base_config = check_base(base, max_length=max_length)
     with open_checkpoint(base) as base_ckpt:
@@ -91,7 +91,7 @@ def register(
     (it is kept in registry.yaml), checked against the kept one afterwards. ``replace``: list a model
     under a name already taken (a re-trained model), in the old one's place.
     """
-    from merge_core.config import ModelEntry
+    from supermerge.merge_core.config import ModelEntry
 
     folder = Path(registry).resolve()
     current = read_registry(folder, missing_ok=True)

@@ -25,9 +25,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from merge_core.checkpoint import Checkpoint, open_checkpoint
-from merge_core.deltas import Delta, LowRankDelta, ScaleDelta
-from merge_core.errors import TaskVectorError
+from supermerge.merge_core.checkpoint import Checkpoint, open_checkpoint
+from supermerge.merge_core.deltas import Delta, LowRankDelta, ScaleDelta
+from supermerge.merge_core.errors import TaskVectorError
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from merge_core.errors import CheckpointError
+from supermerge.merge_core.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

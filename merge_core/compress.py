@@ -22,9 +22,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from merge_core.deltas import Delta, LowRankDelta
-from merge_core.errors import ConfigError
-from merge_core.task_vectors import TaskVector
+from supermerge.merge_core.deltas import Delta, LowRankDelta
+from supermerge.merge_core.errors import ConfigError
+from supermerge.merge_core.task_vectors import TaskVector
 
 
 def compressed_rank(shape: Sequence[int], k: int, rank: int | None = None) -> int:
@@ -71,7 +71,7 @@ def compressed_values(shape: Sequence[int], k: int, rank: int | None = None) -> 
 
 def stacked_values(shape: Sequence[int], k: int, rank: int | None = None) -> int:
     """Values the learned merge's stack of k compressed deltas of ``shape`` holds: factored where that
-    is smaller than the dense (k, out, in) stack, else dense (merge_core.methods.learned._factored)."""
+    is smaller than the dense (k, out, in) stack, else dense (supermerge.merge_core.methods.learned._factored)."""
     r = compressed_rank(shape, k, rank)
     dense = 1
     for d in shape:

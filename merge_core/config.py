@@ -13,12 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from merge_core.errors import ConfigError
-from merge_core.max_length import MaxLength, resolve_max_length
-from merge_core.mergekit import from_mergekit, is_mergekit_config
-from merge_core.safe_yaml import load_yaml
-from merge_core.task_registry import with_registry_models
-from merge_core.task_vectors import DEFAULT_HEAD_PREFIXES
+from supermerge.merge_core.errors import ConfigError
+from supermerge.merge_core.max_length import MaxLength, resolve_max_length
+from supermerge.merge_core.mergekit import from_mergekit, is_mergekit_config
+from supermerge.merge_core.safe_yaml import load_yaml
+from supermerge.merge_core.task_registry import with_registry_models
+from supermerge.merge_core.task_vectors import DEFAULT_HEAD_PREFIXES
 
 
 class _Strict(BaseModel):
@@ -52,11 +52,11 @@ class TreeConfig(_Strict):
     """How a clustered tree is shaped: ``balanced`` has depth ceil(log_f k) for k models at fan-in f,
     similarity choosing which models share a merge; ``dendrogram`` opens the similarity dendrogram
     (similar models merge first, but clustered models give chains of depth up to k - 1). See
-    orchestrator.tree."""
+    supermerge.orchestrator.tree."""
     flat: bool = False
     flat_compressed: bool = True
     """When a dense flat merge does not fit the budget, the planner may choose a flat merge over
-    compressed task vectors (each matrix kept as its top singular components, merge_core.compress)
+    compressed task vectors (each matrix kept as its top singular components, supermerge.merge_core.compress)
     before a tree; false: a tree instead. Applies to learned merges over the raw task vectors."""
     memory_budget: str | None = None
     """e.g. '8GB', or a number of bytes; default: a safe fraction of what is free."""
@@ -79,7 +79,7 @@ class MergeConfig(_Strict):
     device: str = "auto"
     max_length: int | None = Field(default=None, ge=2)
     """Tokens per example for merge training and scoring. Left out: the training length the fine-tunes
-    record, else 64 (``merge_core.max_length``); an int once the config is validated."""
+    record, else 64 (``supermerge.merge_core.max_length``); an int once the config is validated."""
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """mergekit's ``dtype``: the dtype merged tensors are written in when ``out_dtype`` is not given
     (the math is float32 whatever it says); default: each tensor's dtype in the base."""
@@ -93,7 +93,7 @@ class MergeConfig(_Strict):
     ``s3://bucket/prefix`` for workers on several machines (needs ``supermerge[distributed]``); left
     out: ``.supermerge-store`` beside the output."""
     registry: Path | None = None
-    """A task-model registry folder (see merge_core.task_registry); its models are appended to ``models``."""
+    """A task-model registry folder (see supermerge.merge_core.task_registry); its models are appended to ``models``."""
     _max_length_from: str = PrivateAttr(default="config")
 
     @field_validator("store")
@@ -120,7 +120,7 @@ class MergeConfig(_Strict):
 
     @model_validator(mode="after")
     def _method_known(self) -> MergeConfig:
-        from merge_core.methods.registry import METHODS
+        from supermerge.merge_core.methods.registry import METHODS
 
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
@@ -152,7 +152,7 @@ class MergeConfig(_Strict):
 
     @model_validator(mode="after")
     def _per_model_values_fit_the_method(self) -> MergeConfig:
-        from merge_core.methods.registry import METHODS
+        from supermerge.merge_core.methods.registry import METHODS
 
         given = [w for w in ("weight", "density") if any(getattr(m, w) is not None for m in self.models)]
         if given and METHODS[self.method].kind == "learned":
@@ -163,7 +163,7 @@ class MergeConfig(_Strict):
             )
         if "density" in given and isinstance(self.parameters.get("density"), list):
             raise ValueError("models[].density and a searched parameters.density (a list) both given; choose one")
-        from merge_core.methods.registry import unknown_parameters
+        from supermerge.merge_core.methods.registry import unknown_parameters
 
         if unknown_parameters(METHODS[self.method], list(self.parameters)) is None:  # else reported first
             try:
@@ -199,7 +199,7 @@ class MergeConfig(_Strict):
         """``parameters`` as the method runs them: the scale under its own name (``lambda`` -> ``lam``),
         and per-model ``weight`` / ``density`` as name -> value maps (a model without its own density
         takes the shared one, else the method's default). The store's keys are made from this."""
-        from merge_core.methods.registry import canonical_parameters, get_method, parameter_defaults
+        from supermerge.merge_core.methods.registry import canonical_parameters, get_method, parameter_defaults
 
         spec = get_method(self.method)
         params = canonical_parameters(spec, self.parameters)
@@ -282,7 +282,7 @@ def parse_config(raw: Any, *, root: Path | None = None, source: str = "config") 
         raise ConfigError(f"{source} has {len(lines)} problem(s):\n" + "\n".join(lines)) from None
     if first:
         raise ConfigError(f"{source} has {len(first)} problem(s):\n" + "\n".join(first))
-    from merge_core.params import parameter_problems
+    from supermerge.merge_core.params import parameter_problems
 
     missing = config.missing_files() + parameter_problems(config.method, config.parameters)
     if missing:
@@ -295,7 +295,7 @@ def parse_config(raw: Any, *, root: Path | None = None, source: str = "config") 
 def _parameter_problems(raw: dict[str, Any]) -> list[str]:
     """Parameter names the config's method does not take: reported first, before anything that a
     misspelt name could cause (a missing lambda would otherwise ask for validation data)."""
-    from merge_core.methods.registry import METHODS, unknown_parameters
+    from supermerge.merge_core.methods.registry import METHODS, unknown_parameters
 
     spec = METHODS.get(raw.get("method", "supermerge")) if isinstance(raw.get("method", "supermerge"), str) else None
     params = raw.get("parameters")

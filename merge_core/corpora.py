@@ -10,7 +10,7 @@ Every corpus is cleaned the same way: whitespace collapsed to single spaces, tex
 order is the files' order, so a corpus is the same list on every machine; subsampling (the
 subjectivity balance, the language cap) is seeded and keeps that order.
 
-Measured with ``python -m merge_core.corpora`` on 2 CPU cores shared with other jobs (load average ~3);
+Measured with ``python -m supermerge.merge_core.corpora`` on 2 CPU cores shared with other jobs (load average ~3);
 load time is from the files on disk, nothing cached. "majority" is the accuracy of always answering
 the largest class.
 
@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from merge_core.errors import ConfigError, DataError
+from supermerge.merge_core.errors import ConfigError, DataError
 
 INSTALL_COMMAND = "bash bench/install_data.sh"
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
@@ -681,7 +681,7 @@ def _subset(corpus: Corpus, indices: list[int]) -> Subset:
 
 def split(corpus: Corpus, *, n_train: int, n_val: int = DEFAULT_VAL_SIZE, n_test: int, seed: int) -> Splits:
     """Train / val / test subsets of ``corpus`` (see :func:`split_indices`); val is 32 by default, as
-    in the paper. Feed a subset to ``merge_core.data.tokenize(s.texts, s.labels, tokenizer)``."""
+    in the paper. Feed a subset to ``supermerge.merge_core.data.tokenize(s.texts, s.labels, tokenizer)``."""
     train, val, test = split_indices(corpus.labels, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed)
     return Splits(_subset(corpus, train), _subset(corpus, val), _subset(corpus, test))
 

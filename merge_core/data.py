@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from merge_core.errors import DataError
+from supermerge.merge_core.errors import DataError
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -135,7 +135,7 @@ def load_task_data(
     """Read JSONL (``text`` + ``label`` per line) or a safetensors file (``labels`` + inputs).
 
     A JSONL ``label`` is a class id, or a class name that ``label_ids`` (the task's fine-tune's
-    ``id2label`` inverted, ``merge_core.labels.label_ids``) maps to one."""
+    ``id2label`` inverted, ``supermerge.merge_core.labels.label_ids``) maps to one."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"data file {path} is a directory; give the .jsonl or .safetensors file in it")
@@ -153,7 +153,7 @@ def load_task_data(
         except (SafetensorError, OSError, ValueError) as e:
             raise DataError(
                 f"data file {path} is not a readable safetensors file ({e}); write it again with "
-                "merge_core.data.save_task_data, or give the examples as .jsonl"
+                "supermerge.merge_core.data.save_task_data, or give the examples as .jsonl"
             ) from None
         if "labels" not in tensors:
             raise DataError(f"{path}: no 'labels' tensor; supervised merges need labels")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from merge_core.errors import ConfigError
+from supermerge.merge_core.errors import ConfigError
 
 
 def resolve_device(name: str = "auto") -> str:

@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from merge_core.data import TaskData
-from merge_core.model import FunctionalModel, correct, task_loss
+from supermerge.merge_core.data import TaskData
+from supermerge.merge_core.model import FunctionalModel, correct, task_loss
 
 
 @torch.no_grad()

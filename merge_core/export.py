@@ -11,7 +11,7 @@ classifier expects (a headless encoder's ``embeddings.*`` become ``bert.embeddin
 linked by every further task ``export_all`` writes.
 
 Label names come from the merge record (``labels``: each fine-tune's ``id2label``, recorded by
-``merge_core.merge.result_record`` through ``merge_core.labels``, the reader that also maps string labels in
+``supermerge.merge_core.merge.result_record`` through ``supermerge.merge_core.labels``, the reader that also maps string labels in
 the data); a task without them gets transformers' ``LABEL_i``.
 """
 
@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from merge_core.checkpoint import MODEL_FILES, RECORD_FILE, SAFETENSORS_INDEX, open_checkpoint, refuse_existing
-from merge_core.errors import CheckpointError, ConfigError
+from supermerge.merge_core.checkpoint import MODEL_FILES, RECORD_FILE, SAFETENSORS_INDEX, open_checkpoint, refuse_existing
+from supermerge.merge_core.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 

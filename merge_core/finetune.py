@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from merge_core.data import TaskData, require_labelled
-from merge_core.errors import CheckpointError
-from merge_core.max_length import write_finetune_record
-from merge_core.model import _quiet_transformers
+from supermerge.merge_core.data import TaskData, require_labelled
+from supermerge.merge_core.errors import CheckpointError
+from supermerge.merge_core.max_length import write_finetune_record
+from supermerge.merge_core.model import _quiet_transformers
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def finetune_classifier(
     """Train ``AutoModelForSequenceClassification`` on ``train``; save to ``out_dir`` atomically.
 
     ``max_length``: the tokens per example ``train`` was cut to, recorded beside the weights
-    (``merge_core.max_length``) so a merge of this fine-tune scores at the length it was trained on;
+    (``supermerge.merge_core.max_length``) so a merge of this fine-tune scores at the length it was trained on;
     None (ready-made token ids) records nothing."""
     from transformers import AutoModelForSequenceClassification
 

@@ -1,6 +1,6 @@
 """The I/O around a merge: tokenizer, validation/test data, task vectors, model parameters, scoring.
 
-The node runner (orchestrator.node) loads a node's inputs with these, and ``supermerge evaluate`` and
+The node runner (supermerge.orchestrator.node) loads a node's inputs with these, and ``supermerge evaluate`` and
 the benchmark score models with them; no orchestration here.
 """
 
@@ -14,17 +14,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from merge_core.checkpoint import Checkpoint, config_dir, open_checkpoint
-from merge_core.config import MergeConfig, ModelEntry
-from merge_core.data import TaskData, load_task_data
-from merge_core.deltas import dense_delta
-from merge_core.devices import resolve_device
-from merge_core.errors import DataError
-from merge_core.evaluate import evaluate
-from merge_core.labels import label_ids
-from merge_core.merge import MergeResult
-from merge_core.model import FunctionalModel
-from merge_core.task_vectors import TaskVector, load_task_vector, match_names, mergeable_names
+from supermerge.merge_core.checkpoint import Checkpoint, config_dir, open_checkpoint
+from supermerge.merge_core.config import MergeConfig, ModelEntry
+from supermerge.merge_core.data import TaskData, load_task_data
+from supermerge.merge_core.deltas import dense_delta
+from supermerge.merge_core.devices import resolve_device
+from supermerge.merge_core.errors import DataError
+from supermerge.merge_core.evaluate import evaluate
+from supermerge.merge_core.labels import label_ids
+from supermerge.merge_core.merge import MergeResult
+from supermerge.merge_core.model import FunctionalModel
+from supermerge.merge_core.task_vectors import TaskVector, load_task_vector, match_names, mergeable_names
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def load_split(
     entries: Sequence[ModelEntry], split: str, tokenizer, max_length: int
 ) -> dict[str, TaskData]:
     """``validation`` or ``test`` data of every model that has it, keyed by model (task) name; labels
-    given by name are mapped through that model's ``id2label`` (``merge_core.labels``)."""
+    given by name are mapped through that model's ``id2label`` (``supermerge.merge_core.labels``)."""
     out = {}
     for m in entries:
         path = getattr(m, split)
@@ -64,7 +64,7 @@ def load_task_vectors(
     """Task vectors of every model; headers of all of them are checked before any tensor is read.
     ``each`` turns every task vector into the form it is kept in as soon as it is loaded (e.g.
     compressed, ``merge.input_compressor``), so the dense form of only one is held at a time."""
-    from merge_core.adapters import is_adapter_dir
+    from supermerge.merge_core.adapters import is_adapter_dir
 
     for m in entries:
         if not is_adapter_dir(m.path):

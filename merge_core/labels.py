@@ -2,7 +2,7 @@
 
 A fine-tune's ``config.json`` ``id2label`` names its head's classes (transformers' placeholders
 ``LABEL_i`` name nothing). Data may give a label as that name instead of its class id
-(``merge_core.data.load_task_data`` maps it through ``label_ids``); the merge record keeps the names
+(``supermerge.merge_core.data.load_task_data`` maps it through ``label_ids``); the merge record keeps the names
 (``merged_labels``) and ``supermerge export`` writes them into the task's ``config.json``. One reader
 for both, so the ids the data is scored with are the ids the exported config names.
 """
@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from merge_core.checkpoint import RECORD_FILE
+from supermerge.merge_core.checkpoint import RECORD_FILE
 
 _DEFAULT_LABEL = re.compile(r"^LABEL_\d+$")
 

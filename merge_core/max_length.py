@@ -5,7 +5,7 @@ at 128), so the training length is the right default; but nothing standard recor
 ``model_max_length`` is the model's position limit copied from the base (512 for MiniLM, 1e30 when
 unset), not a training length, and transformers' config.json has no such field. So the one signal
 read is what a fine-tune says itself: ``supermerge-finetune.json`` beside its weights,
-``{"max_length": N}``, written by ``merge_core.finetune.finetune_classifier`` (or by hand). A model
+``{"max_length": N}``, written by ``supermerge.merge_core.finetune.finetune_classifier`` (or by hand). A model
 without it (a plain-transformers fine-tune, an adapter, a merged model) says nothing.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from merge_core.errors import ConfigError
+from supermerge.merge_core.errors import ConfigError
 
 FINETUNE_RECORD = "supermerge-finetune.json"
 DEFAULT_MAX_LENGTH = 64

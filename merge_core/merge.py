@@ -23,12 +23,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from merge_core.checkpoint import open_checkpoint
-from merge_core.data import TaskData, require_labelled
-from merge_core.errors import ConfigError
-from merge_core.evaluate import task_scores
-from merge_core.methods.learned import LearnedMerge, LearnedMergeConfig, combine, train_merge_weights
-from merge_core.methods.registry import (
+from supermerge.merge_core.checkpoint import open_checkpoint
+from supermerge.merge_core.data import TaskData, require_labelled
+from supermerge.merge_core.errors import ConfigError
+from supermerge.merge_core.evaluate import task_scores
+from supermerge.merge_core.methods.learned import LearnedMerge, LearnedMergeConfig, combine, train_merge_weights
+from supermerge.merge_core.methods.registry import (
     SEARCH,
     MethodSpec,
     canonical_parameters,
@@ -36,8 +36,8 @@ from merge_core.methods.registry import (
     op_arguments,
     parameter_defaults,
 )
-from merge_core.model import FunctionalModel, TaskKind
-from merge_core.task_vectors import TaskVector, mergeable_names, stack_deltas
+from supermerge.merge_core.model import FunctionalModel, TaskKind
+from supermerge.merge_core.task_vectors import TaskVector, mergeable_names, stack_deltas
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def _learned_config(spec: MethodSpec, params: Mapping[str, Any], seed: int) -> L
 
 def input_compressor(method: str, params: Mapping[str, Any], k: int) -> Callable[[TaskVector], TaskVector] | None:
     """How a node runner should hold each of its k task vectors as it loads it: compressed
-    (merge_core.compress) when the method learns over compressed task vectors, so only one dense task
+    (supermerge.merge_core.compress) when the method learns over compressed task vectors, so only one dense task
     vector is ever in memory, not k; None: as loaded."""
     spec = get_method(method)
     if spec.learned is None:
@@ -106,7 +106,7 @@ def input_compressor(method: str, params: Mapping[str, Any], k: int) -> Callable
     config = _learned_config(spec, params, 0)
     if config.basis != "compressed":
         return None
-    from merge_core.compress import compress_task_vector
+    from supermerge.merge_core.compress import compress_task_vector
 
     return functools.partial(compress_task_vector, k=k, rank=config.rank)
 
@@ -289,8 +289,8 @@ def _merge_learned(
     task_vector_device: str | None = None,
     release_task_vectors: bool = False,
 ) -> MergeResult:
-    from merge_core.methods import basis
-    from merge_core.methods.learned import stack_task_vectors
+    from supermerge.merge_core.methods import basis
+    from supermerge.merge_core.methods.learned import stack_task_vectors
 
     heads = _heads(vectors)
     heads_dev = {t: {n: x.to(model.device) for n, x in h.items()} for t, h in heads.items()}
@@ -317,7 +317,7 @@ def _merge_learned(
 def _learned_start(config: LearnedMergeConfig, model: FunctionalModel, base_params, stacked, heads, data):
     """The stacks over ``config.basis``, scaled so W's start is the training-free merge chosen on
     ``data`` when ``config.init_from`` asks for it; and that search (for the record)."""
-    from merge_core.methods import basis
+    from supermerge.merge_core.methods import basis
 
     stacked = basis.to_basis(stacked, config.basis)
     if config.init_from == "constant":
@@ -331,7 +331,7 @@ def _learned_start(config: LearnedMergeConfig, model: FunctionalModel, base_para
 def result_record(result: MergeResult, *, base_path: str | Path, models: Mapping[str, str]) -> dict[str, Any]:
     """How the model was made, saved as supermerge.json beside it; ``labels``: each task's class names
     (its fine-tune's ``id2label``), which ``supermerge export`` writes into the task's config."""
-    from merge_core.labels import merged_labels
+    from supermerge.merge_core.labels import merged_labels
 
     record: dict[str, Any] = {
         "method": result.method,
@@ -372,7 +372,7 @@ def save_result(
     the merged (floating-point) tensors are written in; default: the base's."""
     from safetensors.torch import save as to_bytes
 
-    from merge_core.checkpoint import config_dir, write_model_dir
+    from supermerge.merge_core.checkpoint import config_dir, write_model_dir
 
     extra = {f"heads/{t}.safetensors": to_bytes({n: x.contiguous() for n, x in h.items()})
              for t, h in result.heads.items()}

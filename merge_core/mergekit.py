@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from merge_core.errors import ConfigError
+from supermerge.merge_core.errors import ConfigError
 
 METHODS: dict[str, str] = {
     "task_arithmetic": "task_arithmetic",

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from merge_core.checkpoint import config_dir
-from merge_core.errors import ConfigError
+from supermerge.merge_core.checkpoint import config_dir
+from supermerge.merge_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ A learned merge's parameters are fields of ``LearnedMergeConfig`` (``steps: int`
 tensors by, one value or a list searched on validation data. ``lam: 1e39`` is a finite float64 but
 infinite in fp32, where it is applied, and would publish an all-Inf model: it is refused here. A
 parameter whose defaults are strings (wudi's ``solver``) must be a string; its choices are the method's.
-Unknown names are left to the method (``merge_core.merge``), which lists the ones it takes.
+Unknown names are left to the method (``supermerge.merge_core.merge``), which lists the ones it takes.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def _learned_field_problem(name: str, value: Any, hint: Any) -> str | None:
 def parameter_problems(method: str, params: Mapping[str, Any]) -> list[str]:
     """One line per parameter of ``method`` that has the wrong type or is not finite in fp32, each
     naming ``parameters.<name>``; empty when they are all fine (or the method is unknown)."""
-    from merge_core.methods.learned import LearnedMergeConfig
-    from merge_core.methods.registry import METHODS
+    from supermerge.merge_core.methods.learned import LearnedMergeConfig
+    from supermerge.merge_core.methods.registry import METHODS
 
     spec = METHODS.get(method)
     if spec is None:

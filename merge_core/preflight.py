@@ -18,10 +18,10 @@ from typing import Any
 
 from torch import Tensor
 
-from merge_core.checkpoint import Checkpoint, config_dir, open_checkpoint
-from merge_core.data import TaskData, check_inputs, check_labels
-from merge_core.errors import CheckpointError, ConfigError, DataError, TaskVectorError
-from merge_core.task_vectors import check_finite, load_stored_heads, match_names
+from supermerge.merge_core.checkpoint import Checkpoint, config_dir, open_checkpoint
+from supermerge.merge_core.data import TaskData, check_inputs, check_labels
+from supermerge.merge_core.errors import CheckpointError, ConfigError, DataError, TaskVectorError
+from supermerge.merge_core.task_vectors import check_finite, load_stored_heads, match_names
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def task_heads(base: Checkpoint, path: Path, name: str, head_prefixes: Sequence[
     """task -> {head tensor: shape} of a task model (a merged model: one head per task it serves), read
     from headers where the model is a checkpoint. Checks the model against the base as it goes: its
     tensor names, shapes and dtypes and its finite values (an adapter: its kind, targets and values)."""
-    from merge_core.adapters import check_adapter, is_adapter_dir, load_adapter_task_vector
+    from supermerge.merge_core.adapters import check_adapter, is_adapter_dir, load_adapter_task_vector
 
     if is_adapter_dir(path):
         check_adapter(path, base)

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from merge_core.errors import ConfigError
+from supermerge.merge_core.errors import ConfigError
 
 MAX_VALUES = 100_000
 """The most values (scalars, lists, mappings) a config may hold once its aliases are expanded; a

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from merge_core.adapters import is_adapter_dir
-from merge_core.checkpoint import (
+from supermerge.merge_core.adapters import is_adapter_dir
+from supermerge.merge_core.checkpoint import (
     DEFAULT_SHARD_BYTES,
     Checkpoint,
     TensorMeta,
@@ -38,9 +38,9 @@ from merge_core.checkpoint import (
     open_checkpoint,
     write_shards_streaming,
 )
-from merge_core.deltas import dense_delta
-from merge_core.errors import ConfigError, TaskVectorError
-from merge_core.merge import (
+from supermerge.merge_core.deltas import dense_delta
+from supermerge.merge_core.errors import ConfigError, TaskVectorError
+from supermerge.merge_core.merge import (
     MergeResult,
     _candidates,
     _check_inputs,
@@ -49,8 +49,8 @@ from merge_core.merge import (
     result_record,
     tensor_seed,
 )
-from merge_core.methods.registry import MethodSpec, get_method, op_arguments
-from merge_core.task_vectors import (
+from supermerge.merge_core.methods.registry import MethodSpec, get_method, op_arguments
+from supermerge.merge_core.task_vectors import (
     DEFAULT_HEAD_PREFIXES,
     NameMap,
     TaskVector,
@@ -106,7 +106,7 @@ def _open_sources(
     base: Checkpoint, models: Sequence[tuple[str, Path]], head_prefixes: Sequence[str], files: ExitStack
 ) -> list[_Source]:
     """Check every full checkpoint's headers against the base (all before any tensor is read), then
-    read the heads and the adapters' compact deltas, as ``merge_core.job.load_task_vectors`` does.
+    read the heads and the adapters' compact deltas, as ``supermerge.merge_core.job.load_task_vectors`` does.
     The checkpoints opened stay open until ``files`` closes."""
     opened: dict[str, tuple[Checkpoint, NameMap]] = {}
     for name, path in models:

@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from merge_core.errors import ConfigError
-from merge_core.safe_yaml import load_yaml
+from supermerge.merge_core.errors import ConfigError
+from supermerge.merge_core.safe_yaml import load_yaml
 
 REGISTRY_FILE = "registry.yaml"
 PATH_FIELDS = ("path", "validation", "test")

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from merge_core.checkpoint import Checkpoint, open_checkpoint
-from merge_core.deltas import Delta, dense_delta
-from merge_core.errors import NonFiniteError, TaskVectorError
+from supermerge.merge_core.checkpoint import Checkpoint, open_checkpoint
+from supermerge.merge_core.deltas import Delta, dense_delta
+from supermerge.merge_core.errors import NonFiniteError, TaskVectorError
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def load_task_vector(
     A merged model written by supermerge (``heads/<task>.safetensors`` beside the weights) comes back
     with one head per task it serves, so it can be merged again as a fine-tuned model.
     """
-    from merge_core.adapters import is_adapter_dir, load_adapter_task_vector
+    from supermerge.merge_core.adapters import is_adapter_dir, load_adapter_task_vector
 
     path = Path(path)
     if is_adapter_dir(path):

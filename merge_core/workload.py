@@ -21,10 +21,10 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from merge_core.corpora import INSTALL_COMMAND, DataMissing, Subset, load_corpus, split
-from merge_core.data import tokenize
-from merge_core.errors import DataError
-from merge_core.finetune import FinetuneConfig, finetune_classifier
+from supermerge.merge_core.corpora import INSTALL_COMMAND, DataMissing, Subset, load_corpus, split
+from supermerge.merge_core.data import tokenize
+from supermerge.merge_core.errors import DataError
+from supermerge.merge_core.finetune import FinetuneConfig, finetune_classifier
 
 log = logging.getLogger(__name__)
 

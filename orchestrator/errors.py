@@ -5,7 +5,7 @@ Like merge_core's, each names the model, node or file at fault and says what to 
 while planning, before anything is written, wherever the problem can be seen up front.
 """
 
-from merge_core.errors import SupermergeError
+from supermerge.merge_core.errors import SupermergeError
 
 
 class OrchestratorError(SupermergeError):

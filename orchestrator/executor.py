@@ -28,18 +28,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from merge_core.checkpoint import RECORD_FILE, move_into_place, open_checkpoint, refuse_existing
-from merge_core.config import MergeConfig
-from merge_core.errors import DataError
-from merge_core.evaluate import evaluate
-from merge_core.job import load_split, load_tokenizer
-from merge_core.model import FunctionalModel
-from merge_core.task_vectors import check_finite_model, load_stored_heads, mergeable_names
-from orchestrator.errors import StoreError
-from orchestrator.node import NodeRecord, NodeTask, cached_record, run_node
-from orchestrator.plan import MergePlan
-from orchestrator.store import Store
-from orchestrator.stores import open_store
+from supermerge.merge_core.checkpoint import RECORD_FILE, move_into_place, open_checkpoint, refuse_existing
+from supermerge.merge_core.config import MergeConfig
+from supermerge.merge_core.errors import DataError
+from supermerge.merge_core.evaluate import evaluate
+from supermerge.merge_core.job import load_split, load_tokenizer
+from supermerge.merge_core.model import FunctionalModel
+from supermerge.merge_core.task_vectors import check_finite_model, load_stored_heads, mergeable_names
+from supermerge.orchestrator.errors import StoreError
+from supermerge.orchestrator.node import NodeRecord, NodeTask, cached_record, run_node
+from supermerge.orchestrator.plan import MergePlan
+from supermerge.orchestrator.store import Store
+from supermerge.orchestrator.stores import open_store
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Clustering k+1 task vectors can reshape the whole tree, and a reshaped tree shar
 old one, so nearly every node would be merged again. Instead each new model becomes a leaf beside its
 most similar existing leaf (task-vector cosine): it joins that leaf's merge node when the node has
 room under the fan-in, else the two become a new merge of their own in the leaf's place. Every subtree
-off that path keeps its children, tasks and data, so its store key (orchestrator.store.node_key) and
+off that path keeps its children, tasks and data, so its store key (supermerge.orchestrator.store.node_key) and
 its finished checkpoint; only the nodes from the new leaf up to the root are merged.
 
 The previous tree is read from the ``merge_report.json`` that publishing writes beside the output.
@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from merge_core.config import MergeConfig
-from orchestrator.errors import MemoryBudgetError, StoreError, TreeError
-from orchestrator.executor import REPORT_FILE
-from orchestrator.plan import MergePlan, plan
-from orchestrator.similarity import Similarity, task_vector_similarity
-from orchestrator.tree import MergeTree, Nested
+from supermerge.merge_core.config import MergeConfig
+from supermerge.orchestrator.errors import MemoryBudgetError, StoreError, TreeError
+from supermerge.orchestrator.executor import REPORT_FILE
+from supermerge.orchestrator.plan import MergePlan, plan
+from supermerge.orchestrator.similarity import Similarity, task_vector_similarity
+from supermerge.orchestrator.tree import MergeTree, Nested
 
 log = logging.getLogger(__name__)
 

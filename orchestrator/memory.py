@@ -2,7 +2,7 @@
 
 The paper's eq. 6 gives a learned merge's peak as ``4 N_params + 4 N_trainable + 8 N_trainable +
 4 k N_task_vector`` bytes: the frozen model, W's gradients and AdamW's two moments, and the k task
-vectors. Running it (merge_core.merge) holds more, and ``predict_node_peak_bytes`` counts that too:
+vectors. Running it (supermerge.merge_core.merge) holds more, and ``predict_node_peak_bytes`` counts that too:
 
 - the stacked task vectors, ``(k, *shape)`` per tensor, beyond the loaded ones: the node runner moves
   each loaded delta into its stack, so for full fine-tunes they are paid once (adapters, loaded
@@ -41,11 +41,11 @@ from typing import Any, Literal
 
 import psutil
 
-from merge_core.checkpoint import config_dir, open_checkpoint
-from merge_core.errors import ConfigError
-from merge_core.methods.registry import Temporaries
-from merge_core.task_vectors import mergeable_names
-from orchestrator.errors import MemoryBudgetError
+from supermerge.merge_core.checkpoint import config_dir, open_checkpoint
+from supermerge.merge_core.errors import ConfigError
+from supermerge.merge_core.methods.registry import Temporaries
+from supermerge.merge_core.task_vectors import mergeable_names
+from supermerge.orchestrator.errors import MemoryBudgetError
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ RUNTIME_BYTES = 32 * 2**20
 """What a node that runs the model adds beyond the tensors counted here: gradients of activations in
 flight during backward, temporaries of the op at the peak, small blocks on the heap. Measured on the
 packaged MiniLM (CPU, one thread, model code imported while planning, the allocator set by
-``orchestrator.measure.return_large_blocks_promptly``): whole predictions sat 1-10 % above the
+``supermerge.orchestrator.measure.return_large_blocks_promptly``): whole predictions sat 1-10 % above the
 measured peaks of all 28 nodes of ``bench/memory_bench.py`` (k = 4, 8, 16; flat and fan-in 2), i.e.
 the counted tensors alone already cover them; ``merged_param_grads`` is the likely excess (the
 embedding's gradient arrives at the end of backward, when most activations are freed). Kept as a
@@ -135,7 +135,7 @@ def load_model_code(base: str | os.PathLike[str], kind: Literal["classification"
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from merge_core.model import _quiet_transformers
+    from supermerge.merge_core.model import _quiet_transformers
 
     folder = config_dir(base)
     if folder is None:
@@ -199,10 +199,10 @@ class NodeWorkload:
     LoRA adapters' factored stacks are counted as dense, an upper bound."""
     scaled_search: bool = False
     """The method is affine in a scale parameter, so its grid search also holds the unscaled merge
-    direction (merge_core.merge's ``_grid_params``): a third model-sized copy."""
+    direction (supermerge.merge_core.merge's ``_grid_params``): a third model-sized copy."""
     streamed: bool = False
     """A per-tensor method with fixed parameters, merged disk to disk one tensor at a time
-    (merge_core.stream): ``loaded_values`` then counts only adapters' compact deltas (full models are
+    (supermerge.merge_core.stream): ``loaded_values`` then counts only adapters' compact deltas (full models are
     read tensor by tensor), and nothing runs the model."""
     temporaries: Temporaries = dataclasses.field(default_factory=Temporaries)
     """A per-tensor method's op temporaries (``MethodSpec.temporaries``)."""
@@ -210,10 +210,10 @@ class NodeWorkload:
     """Tensors a streamed merge reads and writes beside its stack (``streamed_io_bytes``)."""
     stack_values: int | None = None
     """Values a learned merge's stacks hold in all; None: ``k * N``, dense. Compressed task vectors
-    (merge_core.compress) are stacked factored, ``compressed_stack_values``."""
+    (supermerge.merge_core.compress) are stacked factored, ``compressed_stack_values``."""
     mapped_bytes: int = 0
     """File pages a streamed merge holds mapped at most: it unmaps its inputs after every
-    ``merge_core.stream.UNMAP_BYTES`` read, so that plus one tensor of each input, or all the input
+    ``supermerge.merge_core.stream.UNMAP_BYTES`` read, so that plus one tensor of each input, or all the input
     files where they are smaller (``streamed_mapped_bytes``)."""
 
 
@@ -254,7 +254,7 @@ class PeakBytes:
     widening and the result cast back to the stored dtype (``streamed_io_bytes``)."""
     transfer_buffers: int = 0
     """On a GPU whose task vectors stay in host memory: the fp32 chunk of every model's task vector
-    that each step copies to the GPU (merge_core.methods.learned._ChunkedSum), with its source copy."""
+    that each step copies to the GPU (supermerge.merge_core.methods.learned._ChunkedSum), with its source copy."""
     device_terms: tuple[str, ...] = ()
     """Terms that live on the node's accelerator; the rest are host RAM. Empty on CPU."""
 
@@ -290,7 +290,7 @@ class PeakBytes:
 def streamed_mapped_bytes(largest_tensor_bytes: int, k: int, input_bytes: int) -> int:
     """File pages a streamed merge of ``k`` inputs maps at most (see ``NodeWorkload.mapped_bytes``):
     ``largest_tensor_bytes`` as stored, ``input_bytes`` the base's and the inputs' weight files."""
-    from merge_core.stream import UNMAP_BYTES
+    from supermerge.merge_core.stream import UNMAP_BYTES
 
     return min(input_bytes, UNMAP_BYTES + (k + 1) * largest_tensor_bytes)
 
@@ -389,7 +389,7 @@ def predict_node_peak_bytes(
             # the stacks are built on the GPU while the loaded deltas they replace are on the host
             terms = dataclasses.replace(terms, stacked_task_vectors=work.stack_bytes_per_value * stack)
         if offload:
-            from merge_core.methods.learned import TRANSFER_CHUNK
+            from supermerge.merge_core.methods.learned import TRANSFER_CHUNK
 
             on_device = tuple(t for t in on_device if t != "stacked_task_vectors") + ("transfer_buffers",)
             chunk = work.k * min(TRANSFER_CHUNK, shape.largest_tensor)
@@ -630,8 +630,8 @@ def _check_shapes(shape: ModelShape) -> None:
 
 def compressed_loaded_values(shape: ModelShape, k: int, rank: int | None = None) -> int:
     """fp32 values one full fine-tune's task vector holds once compressed for a merge of ``k``
-    (merge_core.compress: its matrices as top-r factors, the rest dense)."""
-    from merge_core.compress import compressed_values
+    (supermerge.merge_core.compress: its matrices as top-r factors, the rest dense)."""
+    from supermerge.merge_core.compress import compressed_values
 
     _check_shapes(shape)
     return sum(compressed_values(s, k, rank) for s in shape.tensor_shapes)
@@ -639,7 +639,7 @@ def compressed_loaded_values(shape: ModelShape, k: int, rank: int | None = None)
 
 def compressed_stack_values(shape: ModelShape, k: int, rank: int | None = None) -> int:
     """Values a learned merge's stacks of ``k`` compressed task vectors hold (factored where smaller)."""
-    from merge_core.compress import stacked_values
+    from supermerge.merge_core.compress import stacked_values
 
     _check_shapes(shape)
     return sum(stacked_values(s, k, rank) for s in shape.tensor_shapes)
@@ -648,7 +648,7 @@ def compressed_stack_values(shape: ModelShape, k: int, rank: int | None = None) 
 def loaded_values(path: str | os.PathLike[str], n_params: int) -> int:
     """fp32 values a model's loaded task vector holds: N for a full model, the stored size of an
     adapter (read from its header)."""
-    from merge_core.adapters import adapter_weights_file, is_adapter_dir
+    from supermerge.merge_core.adapters import adapter_weights_file, is_adapter_dir
 
     if not is_adapter_dir(path):
         return n_params
@@ -658,7 +658,7 @@ def loaded_values(path: str | os.PathLike[str], n_params: int) -> int:
 
 def weight_file_bytes(path: str | os.PathLike[str]) -> int:
     """Bytes of a model's weight files (an adapter's adapter file), from the file system."""
-    from merge_core.adapters import adapter_weights_file, is_adapter_dir
+    from supermerge.merge_core.adapters import adapter_weights_file, is_adapter_dir
 
     if is_adapter_dir(path):
         return adapter_weights_file(Path(path)).stat().st_size

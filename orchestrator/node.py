@@ -28,17 +28,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from merge_core.checkpoint import open_checkpoint
-from merge_core.config import ModelEntry
-from merge_core.data import TaskData, load_task_data
-from merge_core.job import load_task_vectors, load_tokenizer
-from merge_core.merge import input_compressor, merge, save_result
-from merge_core.stream import stream_merge, streamable
-from merge_core.task_vectors import check_finite_result
-from orchestrator.errors import NodeOutOfMemoryError, StoreError
-from orchestrator.measure import STREAM_MMAP_THRESHOLD_BYTES, PeakMeter, PeakReading, return_large_blocks_promptly
-from orchestrator.memory import exceeds_prediction, format_bytes, prediction_margin
-from orchestrator.store import KEY_FIELD, Store, data_digest
+from supermerge.merge_core.checkpoint import open_checkpoint
+from supermerge.merge_core.config import ModelEntry
+from supermerge.merge_core.data import TaskData, load_task_data
+from supermerge.merge_core.job import load_task_vectors, load_tokenizer
+from supermerge.merge_core.merge import input_compressor, merge, save_result
+from supermerge.merge_core.stream import stream_merge, streamable
+from supermerge.merge_core.task_vectors import check_finite_result
+from supermerge.orchestrator.errors import NodeOutOfMemoryError, StoreError
+from supermerge.orchestrator.measure import STREAM_MMAP_THRESHOLD_BYTES, PeakMeter, PeakReading, return_large_blocks_promptly
+from supermerge.orchestrator.memory import exceeds_prediction, format_bytes, prediction_margin
+from supermerge.orchestrator.store import KEY_FIELD, Store, data_digest
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class NodeTask:
     """The dtype the node writes its merged tensors in (the config's ``out_dtype``, root only); None:
     the base's."""
     label_ids: dict[str, dict[str, int]] = field(default_factory=dict)
-    """task -> {class name: class id} from each task's fine-tune (``merge_core.labels``), for validation
+    """task -> {class name: class id} from each task's fine-tune (``supermerge.merge_core.labels``), for validation
     data that gives labels by name; tasks whose fine-tune names no classes are left out."""
 
     @property
@@ -124,7 +124,7 @@ class NodeRecord:
     cached: bool = False
     over_prediction: bool = False
     """The measured peak exceeded the prediction by more than the planner's margin
-    (``orchestrator.memory.exceeds_prediction``)."""
+    (``supermerge.orchestrator.memory.exceeds_prediction``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -285,7 +285,7 @@ def _merge_node(node: NodeTask, store: Store, progress: bool) -> NodeRecord:
 
 
 def _stream_node(node: NodeTask, store: Store, entries: list[ModelEntry], progress: bool) -> NodeRecord:
-    """A per-tensor method with fixed parameters, merged disk to disk (merge_core.stream): writing is
+    """A per-tensor method with fixed parameters, merged disk to disk (supermerge.merge_core.stream): writing is
     the merge, so the peak is read once every tensor is written, just before the record is."""
     started = time.perf_counter()
     records: list[NodeRecord] = []

@@ -1,11 +1,11 @@
 """The checkpoint store on S3 (``s3://bucket/prefix``), for workers on several machines.
 
-Keys and what counts as finished are ``orchestrator.store``'s; only publishing and locking change,
+Keys and what counts as finished are ``supermerge.orchestrator.store``'s; only publishing and locking change,
 because S3 has neither rename nor flock. Layout under the prefix:
 
 ``<key>/<token>/<file>``  the entry's files, uploaded under a fresh random ``token`` (the temporary key)
 ``<key>/manifest.json``   written last, in one PUT: the key, the token, and every file's size and sha256
-``.locks/<key>.lock``     the writer's lease (``orchestrator.s3_lease``)
+``.locks/<key>.lock``     the writer's lease (``supermerge.orchestrator.s3_lease``)
 
 **Atomic publish**: a reader treats an entry as present only when its manifest exists, names its key,
 and every file it lists downloads with the recorded size and sha256; the manifest is the one object
@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merge_core.checkpoint import file_sha256, move_into_place
-from orchestrator.errors import StoreError
-from orchestrator.s3_lease import DEFAULT_POLL_SECONDS, DEFAULT_TTL_SECONDS, S3Lease
-from orchestrator.store import KEY_FIELD, LOCKS_DIR, CheckpointStore
+from supermerge.merge_core.checkpoint import file_sha256, move_into_place
+from supermerge.orchestrator.errors import StoreError
+from supermerge.orchestrator.s3_lease import DEFAULT_POLL_SECONDS, DEFAULT_TTL_SECONDS, S3Lease
+from supermerge.orchestrator.store import KEY_FIELD, LOCKS_DIR, CheckpointStore
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from merge_core.config import MergeConfig, load_config, parse_config
+from supermerge.merge_core.config import MergeConfig, load_config, parse_config
 
 log = logging.getLogger(__name__)
 

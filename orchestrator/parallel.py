@@ -4,7 +4,7 @@ The Prefect flow runs independent subtrees at once; this module decides how many
 once on each device and the order to hand them out in. Once every node is done, the flow publishes the
 root through ``executor.finish``, the step ``executor.execute`` ends with (same ``merge_report.json``),
 so either way of running gives the same output and the next run can reuse its tree
-(orchestrator.incremental).
+(supermerge.orchestrator.incremental).
 
 Slots: one node at a time per GPU (two merges on one GPU would share the memory the planner gave to
 each); on the CPU as many nodes as the host budget holds at the largest CPU node's predicted peak
@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from orchestrator.memory import format_bytes
-from orchestrator.node import NodeRecord, NodeTask
-from orchestrator.plan import MergePlan
+from supermerge.orchestrator.memory import format_bytes
+from supermerge.orchestrator.node import NodeRecord, NodeTask
+from supermerge.orchestrator.plan import MergePlan
 
 
 def device_slots(plan: MergePlan, *, cpu_count: int | None = None, max_parallel: int | None = None) -> dict[str, int]:

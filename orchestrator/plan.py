@@ -20,19 +20,19 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from merge_core.checkpoint import open_checkpoint
-from merge_core.config import MergeConfig
-from merge_core.data import TaskData
-from merge_core.devices import resolve_device
-from merge_core.errors import ConfigError, DataError
-from merge_core.job import load_split, load_tokenizer
-from merge_core.labels import label_ids
-from merge_core.methods.learned import STORAGE_DTYPES, LearnedMergeConfig, weight_groups
-from merge_core.methods.registry import MethodSpec, Temporaries, get_method
-from merge_core.stream import streamable
-from merge_core.preflight import check_base, check_model_config, check_task_data, model_config, task_heads
-from orchestrator.errors import MemoryBudgetError, TreeError
-from orchestrator.memory import (
+from supermerge.merge_core.checkpoint import open_checkpoint
+from supermerge.merge_core.config import MergeConfig
+from supermerge.merge_core.data import TaskData
+from supermerge.merge_core.devices import resolve_device
+from supermerge.merge_core.errors import ConfigError, DataError
+from supermerge.merge_core.job import load_split, load_tokenizer
+from supermerge.merge_core.labels import label_ids
+from supermerge.merge_core.methods.learned import STORAGE_DTYPES, LearnedMergeConfig, weight_groups
+from supermerge.merge_core.methods.registry import MethodSpec, Temporaries, get_method
+from supermerge.merge_core.stream import streamable
+from supermerge.merge_core.preflight import check_base, check_model_config, check_task_data, model_config, task_heads
+from supermerge.orchestrator.errors import MemoryBudgetError, TreeError
+from supermerge.orchestrator.memory import (
     FP32,
     Budget,
     MemoryInventory,
@@ -54,10 +54,10 @@ from orchestrator.memory import (
     streamed_mapped_bytes,
     weight_file_bytes,
 )
-from orchestrator.node import ChildRef, NodeTask
-from orchestrator.similarity import Similarity, task_vector_similarity
-from orchestrator.store import data_digest, model_key, node_key
-from orchestrator.tree import MergeTree, balanced_depth, cluster_tree, flat_tree, tree_from_groups
+from supermerge.orchestrator.node import ChildRef, NodeTask
+from supermerge.orchestrator.similarity import Similarity, task_vector_similarity
+from supermerge.orchestrator.store import data_digest, model_key, node_key
+from supermerge.orchestrator.tree import MergeTree, balanced_depth, cluster_tree, flat_tree, tree_from_groups
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class MergePlan:
         fewest = balanced_depth(k, self.fan_in)
         why = {
             "flat": "one merge of every model",
-            "flat-compressed": "one merge of every model over compressed task vectors, merge_core.compress",
+            "flat-compressed": "one merge of every model over compressed task vectors, supermerge.merge_core.compress",
             "groups": "tree.groups, as given",
             "balanced": "similarity chose which models share a merge, the fan-in fixed the depth",
             "dendrogram": "tree.shape: dendrogram, the similarity dendrogram opened top-down",
@@ -166,7 +166,7 @@ def _learned_config(spec: MethodSpec, params: Mapping[str, Any]) -> LearnedMerge
 
 def _candidate_count(spec: MethodSpec, params: Mapping[str, Any]) -> int:
     """How many grid-search candidates a per-tensor method tries (a list value or search: true)."""
-    from merge_core.merge import _candidates
+    from supermerge.merge_core.merge import _candidates
 
     return len(_candidates(spec, params)) if spec.kind == "per_tensor" else 1
 
@@ -200,7 +200,7 @@ class _Inputs:
     keys: dict[str, str]
     base_key: str
     streamed: bool = False
-    """A per-tensor method with fixed parameters: every node merges disk to disk (merge_core.stream)."""
+    """A per-tensor method with fixed parameters: every node merges disk to disk (supermerge.merge_core.stream)."""
     temporaries: Temporaries = dataclasses.field(default_factory=Temporaries)
     file_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
     """Weight-file bytes of each model and of the base (key ``""``): what a streamed node reads."""
@@ -330,7 +330,7 @@ def _check_models(config: MergeConfig, *, needs_heads: bool, progress: bool) -> 
 
 
 def _check_data(config: MergeConfig, heads: Mapping[str, Mapping[str, Any]], splits: Mapping[str, Mapping[str, TaskData]]) -> None:
-    """Each task's validation and test data against its head and the model (merge_core.preflight)."""
+    """Each task's validation and test data against its head and the model (supermerge.merge_core.preflight)."""
     base_config = model_config(config.base)
     for m in config.models:
         for split, data in splits.items():
@@ -372,7 +372,7 @@ COMPRESSED_REASON = ("flat over compressed task vectors: a dense flat merge does
 
 
 def _compressible(config: MergeConfig, spec: MethodSpec, inputs: _Inputs) -> bool:
-    """Whether the planner may merge flat over compressed task vectors (merge_core.compress): a
+    """Whether the planner may merge flat over compressed task vectors (supermerge.merge_core.compress): a
     learned merge over the raw task vectors (another basis is the user's choice), unless
     ``tree.flat_compressed`` is false."""
     return (config.tree.flat_compressed and spec.kind == "learned" and inputs.learned is not None

@@ -33,7 +33,7 @@ from typing import Any
 
 from fsspec.asyn import sync
 
-from orchestrator.errors import StoreError
+from supermerge.orchestrator.errors import StoreError
 
 log = logging.getLogger(__name__)
 

@@ -26,12 +26,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from merge_core.adapters import AdapterTaskVector, is_adapter_dir, load_adapter_task_vector
-from merge_core.checkpoint import Checkpoint, open_checkpoint
-from merge_core.deltas import dense_delta
-from merge_core.errors import ConfigError, TaskVectorError
-from merge_core.merge import tensor_seed
-from merge_core.task_vectors import DEFAULT_HEAD_PREFIXES, NameMap, match_names, mergeable_names
+from supermerge.merge_core.adapters import AdapterTaskVector, is_adapter_dir, load_adapter_task_vector
+from supermerge.merge_core.checkpoint import Checkpoint, open_checkpoint
+from supermerge.merge_core.deltas import dense_delta
+from supermerge.merge_core.errors import ConfigError, TaskVectorError
+from supermerge.merge_core.merge import tensor_seed
+from supermerge.merge_core.task_vectors import DEFAULT_HEAD_PREFIXES, NameMap, match_names, mergeable_names
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ the new one instead.
 Backends (``open_store``): a local path is this module's ``CheckpointStore``; a shared filesystem
 (NFS, Lustre) mounted on every worker works the same way where it honours ``flock`` across machines
 (NFSv4 does; an NFSv3 mount without lockd does not, so use S3 there). An ``s3://bucket/prefix`` URL is
-``orchestrator.object_store.ObjectStore``: the same keys, record and checksums, published by a
+``supermerge.orchestrator.object_store.ObjectStore``: the same keys, record and checksums, published by a
 manifest object written last (S3 has no rename) and locked by a lease object created with a
 conditional put (S3 has no flock); entries are read through a local cache, since safetensors mmaps a
 local file.
@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from merge_core.checkpoint import (
+from supermerge.merge_core.checkpoint import (
     RECORD_FILE,
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
@@ -55,8 +55,8 @@ from merge_core.checkpoint import (
     read_record,
     verify_checksums,
 )
-from merge_core.data import TaskData
-from orchestrator.errors import StoreError
+from supermerge.merge_core.data import TaskData
+from supermerge.orchestrator.errors import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def _digest(obj: Any) -> str:
 
 
 def file_fingerprint(f: Path) -> dict[str, Any]:
-    """Size and sha256 of a file's bytes (``merge_core.checkpoint.file_sha256``: once per process)."""
+    """Size and sha256 of a file's bytes (``supermerge.merge_core.checkpoint.file_sha256``: once per process)."""
     return {"size": f.stat().st_size, "sha256": file_sha256(f)}
 
 
@@ -245,7 +245,7 @@ class CheckpointStore:
 
 class Store(Protocol):
     """What the node runner, executor and flow use: ``CheckpointStore`` (a folder) and
-    ``orchestrator.object_store.ObjectStore`` (S3) both are one. ``root`` is a local folder (an object
+    ``supermerge.orchestrator.object_store.ObjectStore`` (S3) both are one. ``root`` is a local folder (an object
     store's cache); ``path(key)`` a local model dir to load or write; ``location`` what a worker opens."""
 
     @property

@@ -1,7 +1,7 @@
 """Which store a location names: a local (or shared-mount) folder, or an S3 bucket.
 
-Its own module because it knows both backends: ``orchestrator.object_store`` builds on
-``orchestrator.store``, so the choice between them sits above both (no import circle).
+Its own module because it knows both backends: ``supermerge.orchestrator.object_store`` builds on
+``supermerge.orchestrator.store``, so the choice between them sits above both (no import circle).
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from orchestrator.errors import StoreError
-from orchestrator.object_store import ObjectStore, default_cache_dir, s3_filesystem
-from orchestrator.store import CheckpointStore, Store
+from supermerge.orchestrator.errors import StoreError
+from supermerge.orchestrator.object_store import ObjectStore, default_cache_dir, s3_filesystem
+from supermerge.orchestrator.store import CheckpointStore, Store
 
 
 def open_store(location: str | os.PathLike[str], *, cache_dir: Path | None = None) -> Store:

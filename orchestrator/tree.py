@@ -13,7 +13,7 @@ through the same nested-list form (a list is a merge of its items; a string is a
   level unmerged. The next level's items are the groups, their similarity the mean over the models'
   pairs beneath them. Every model goes through at most ``ceil(log_f k)`` merges, each trained without
   knowing what comes after it, so errors compound over as few greedy merges as the fan-in allows, and
-  the nodes of one level are independent (they run side by side, orchestrator.parallel).
+  the nodes of one level are independent (they run side by side, supermerge.orchestrator.parallel).
 - ``cluster_tree``, shape ``dendrogram``: agglomerative clustering (average linkage on ``1 - cosine``)
   of the task vectors, then the binary dendrogram is opened top-down: a node's children start as its two dendrogram
   branches, and the branch that joined at the largest distance (the least coherent one) is replaced by
@@ -39,7 +39,7 @@ from typing import Any, Literal
 import networkx as nx
 import numpy as np
 
-from orchestrator.errors import TreeError
+from supermerge.orchestrator.errors import TreeError
 
 MERGE_PREFIX = "merge-"
 SHOWN_TASKS = 4
@@ -285,7 +285,7 @@ def cluster_tree(
     if k < 2:
         raise TreeError(f"a merge needs at least 2 models, got {k}")
     if not np.isfinite(sim).all():
-        raise TreeError("similarity holds NaN or Inf; recompute it (orchestrator.similarity) from finite task vectors")
+        raise TreeError("similarity holds NaN or Inf; recompute it (supermerge.orchestrator.similarity) from finite task vectors")
     sim = (sim + sim.T) / 2.0
     if shape == "balanced":
         return MergeTree.from_nested(_balanced(names, sim, max_fan_in), names)

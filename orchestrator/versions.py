@@ -17,8 +17,8 @@ import re
 import shutil
 from pathlib import Path
 
-from merge_core.errors import CheckpointError
-from orchestrator.executor import REPORT_FILE
+from supermerge.merge_core.errors import CheckpointError
+from supermerge.orchestrator.executor import REPORT_FILE
 
 log = logging.getLogger(__name__)
 

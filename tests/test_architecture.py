@@ -15,7 +15,9 @@ from pathlib import Path
 import networkx as nx
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("merge_core", "orchestrator", "flows", "bench", "deploy")
+PACKAGES = {"merge_core": "supermerge.merge_core", "orchestrator": "supermerge.orchestrator",
+            "flows": "supermerge.flows", "bench": "bench", "deploy": "deploy"}
+"""Folder -> the dotted name its modules import as (pyproject maps the product's folders under supermerge)."""
 FORBIDDEN: dict[str, frozenset[str]] = {
     "merge_core": frozenset({"orchestrator", "flows", "bench", "deploy", "tests"}),
     "orchestrator": frozenset({"flows", "bench", "deploy", "tests"}),
@@ -35,14 +37,21 @@ class Import:
     where: str
 
 
-def module_files(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
-    """Dotted module name -> file, for every .py under the packages (``pkg/__init__.py`` is ``pkg``)."""
+def module_files(root: Path, packages: dict[str, str]) -> dict[str, Path]:
+    """Dotted module name -> file, for every .py under the package folders (``pkg/__init__.py`` is ``pkg``)."""
     modules = {}
-    for package in packages:
-        for path in sorted((root / package).rglob("*.py")):
-            parts = path.relative_to(root).with_suffix("").parts
-            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    for folder, name in packages.items():
+        for path in sorted((root / folder).rglob("*.py")):
+            parts = path.relative_to(root / folder).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            modules[".".join([name, *parts])] = path
     return modules
+
+
+def floor(module: str) -> str:
+    """The folder a module lies in: ``supermerge.flows.cli`` -> ``flows``, ``bench.report`` -> ``bench``."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "supermerge" and len(parts) > 1 else parts[0]
 
 
 def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> str:
@@ -87,16 +96,15 @@ def _known_prefix(name: str, known: set[str]) -> str | None:
     return None
 
 
-def import_graph(root: Path, packages: tuple[str, ...]) -> list[Import]:
+def import_graph(root: Path, packages: dict[str, str]) -> list[Import]:
     modules = module_files(root, packages)
     known = set(modules)
     return [i for m, p in modules.items() for i in imports_of(m, p, known, root)]
 
 
 def upward_imports(edges: list[Import], forbidden: dict[str, frozenset[str]]) -> list[str]:
-    return [f"{e.where}: {e.source} imports {e.target} ({e.source.split('.')[0]} may not import "
-            f"{e.target.split('.')[0]})"
-            for e in edges if e.target.split(".")[0] in forbidden.get(e.source.split(".")[0], ())]
+    return [f"{e.where}: {e.source} imports {e.target} ({floor(e.source)} may not import {floor(e.target)})"
+            for e in edges if floor(e.target) in forbidden.get(floor(e.source), ())]
 
 
 def import_circles(edges: list[Import]) -> list[str]:
@@ -130,9 +138,23 @@ def test_no_import_circle():
 def test_the_walker_sees_the_project_imports():
     """Guards the two tests above against passing on an empty graph."""
     edges = {(e.source, e.target) for e in import_graph(ROOT, PACKAGES)}
-    assert ("flows.hierarchical", "orchestrator.node") in edges
-    assert ("orchestrator.plan", "merge_core.config") in edges
-    assert any(s.startswith("bench.") and t.startswith("merge_core.") for s, t in edges)
+    assert ("supermerge.flows.hierarchical", "supermerge.orchestrator.node") in edges
+    assert ("supermerge.orchestrator.plan", "supermerge.merge_core.config") in edges
+    assert any(s.startswith("bench.") and t.startswith("supermerge.merge_core.") for s, t in edges)
+
+
+def test_nothing_imports_the_folders_by_their_bare_names():
+    """The product's modules import as supermerge.*; a bare ``merge_core.x`` (it resolves when the
+    repository root is on sys.path) would load a second copy of the module, with its own classes."""
+    bare = []
+    for folder in ("merge_core", "orchestrator", "flows", "bench", "deploy", "tests"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                bare += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names
+                         if n.split(".")[0] in ("merge_core", "orchestrator", "flows")]
+    assert not bare, "import these as supermerge.<folder>...:\n" + "\n".join(bare)
 
 
 def test_the_walker_resolves_relative_and_lazy_imports_and_finds_circles_and_upward_arrows(tmp_path):
@@ -147,7 +169,7 @@ def test_the_walker_resolves_relative_and_lazy_imports_and_finds_circles_and_upw
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    edges = import_graph(tmp_path, ("low", "high"))
+    edges = import_graph(tmp_path, {"low": "low", "high": "high"})
     assert {(e.source, e.target, e.where) for e in edges} == {
         ("low", "low.a", "low/__init__.py:1"),
         ("low.a", "high.b", "low/a.py:2"),

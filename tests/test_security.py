@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from merge_core.config import parse_config
-from merge_core.errors import ConfigError
+from supermerge.merge_core.config import parse_config
+from supermerge.merge_core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = [p for folder in ("merge_core", "orchestrator", "flows", "bench", "deploy")

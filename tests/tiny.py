@@ -48,7 +48,7 @@ TASK_TOKENS: dict[str, range] = {
 
 def make_task_data(task: str, n: int, seed: int, seq_len: int = 12):
     """Random token sentences labelled by a rule that differs per task (binary, ~40 % positive)."""
-    from merge_core.data import TaskData
+    from supermerge.merge_core.data import TaskData
 
     triggers = TASK_TOKENS[task]
     g = torch.Generator().manual_seed(seed)
@@ -63,8 +63,8 @@ def make_task_data(task: str, n: int, seed: int, seq_len: int = 12):
 def task_vectors_and_validation(base_dir: Path, finetuned: dict[str, Path], tasks: tuple[str, ...]):
     """The task vectors of ``tasks``' tiny fine-tunes and 32 validation examples each (seeds 100, 101, ...):
     the setup the learned-merge tests share."""
-    from merge_core.checkpoint import open_checkpoint
-    from merge_core.task_vectors import load_task_vector
+    from supermerge.merge_core.checkpoint import open_checkpoint
+    from supermerge.merge_core.task_vectors import load_task_vector
 
     with open_checkpoint(base_dir) as base:
         vectors = [load_task_vector(base, finetuned[t], name=t) for t in tasks]
@@ -75,7 +75,7 @@ def task_vectors_and_validation(base_dir: Path, finetuned: dict[str, Path], task
 def make_finetuned(base_dir: Path, task: str, out_dir: Path, *, lora_rank: int | None = None,
                    seed: int = 0, n: int = 256, epochs: float = 12.0) -> Path:
     """Full fine-tune (or LoRA) of the tiny base on one synthetic task."""
-    from merge_core.finetune import FinetuneConfig, finetune_classifier
+    from supermerge.merge_core.finetune import FinetuneConfig, finetune_classifier
 
     lr = 3e-3 if lora_rank else 1e-3
     config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=32, seed=seed, lora_rank=lora_rank)

@@ -1,1 +1,1 @@
-"""Merge operators, one module per paper; merge_core.methods.registry is the one list of them."""
+"""Merge operators, one module per paper; supermerge.merge_core.methods.registry is the one list of them."""

@@ -2,7 +2,7 @@
 kept in [0, 1], initialised at 0.3, trained by minimising the entropy of the merged model's
 predictions on UNLABELLED validation inputs (Adam, lr 1e-3 in the paper)."""
 
-from merge_core.methods.learned import LearnedMergeConfig
+from supermerge.merge_core.methods.learned import LearnedMergeConfig
 
 PAPER = "https://arxiv.org/abs/2310.02575"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from merge_core.methods.task_arithmetic import check_stack
+from supermerge.merge_core.methods.task_arithmetic import check_stack
 
 PAPER = "https://arxiv.org/abs/2203.05482"
 

@@ -2,7 +2,7 @@
 weights over the TSV-decorrelated per-task pieces instead of the raw task vectors, and W started at
 the merge a training-free method chose on the same validation data.
 
-``basis: tsv`` replaces every matrix's k task vectors by their TSV-M pieces (merge_core.methods.tsv):
+``basis: tsv`` replaces every matrix's k task vectors by their TSV-M pieces (supermerge.merge_core.methods.tsv):
 task i's top ``min(out, in) // k`` singular triplets with the stacked U and V^T orthogonalised, held
 factored (``FactoredStack``: ``r * (out + in)`` values instead of ``k * out * in``). Every other tensor
 (and a matrix with fewer than k singular values) gets ``tau_i / k``. With every coefficient equal to
@@ -14,7 +14,7 @@ scales the basis by ``scale / init`` so that W's starting coefficients ``init`` 
 exactly; tanh then bounds each coefficient to +-(scale / init) times the basis.
 
 ``basis: compressed`` weights the task vectors with their matrices cut to their top singular
-components (merge_core.compress), held factored like LoRA deltas; ``init_from: training_free`` then
+components (supermerge.merge_core.compress), held factored like LoRA deltas; ``init_from: training_free`` then
 starts at Task Arithmetic over the compressed task vectors.
 """
 
@@ -25,13 +25,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from merge_core.compress import compress_task_vector
-from merge_core.data import TaskData
-from merge_core.evaluate import task_scores
-from merge_core.methods import task_arithmetic, tsv
-from merge_core.methods.learned import FactoredStack, LearnedMergeConfig, TaskVectorStack, combine
-from merge_core.model import FunctionalModel
-from merge_core.task_vectors import TaskVector
+from supermerge.merge_core.compress import compress_task_vector
+from supermerge.merge_core.data import TaskData
+from supermerge.merge_core.evaluate import task_scores
+from supermerge.merge_core.methods import task_arithmetic, tsv
+from supermerge.merge_core.methods.learned import FactoredStack, LearnedMergeConfig, TaskVectorStack, combine
+from supermerge.merge_core.model import FunctionalModel
+from supermerge.merge_core.task_vectors import TaskVector
 
 SCALE_GRIDS: dict[str, tuple[float, ...]] = {
     "task_vectors": task_arithmetic.PARAM_GRID["lam"],
@@ -77,7 +77,7 @@ def to_basis(stacked: Mapping[str, TaskVectorStack], basis: str) -> dict[str, Ta
 
 def compress_inputs(vectors: Sequence[TaskVector], config: LearnedMergeConfig, *,
                     release: bool = False) -> list[TaskVector]:
-    """The inputs as ``config.basis`` weights them: compressed (merge_core.compress, ``config.rank``)
+    """The inputs as ``config.basis`` weights them: compressed (supermerge.merge_core.compress, ``config.rank``)
     under basis compressed, else as given. Compressing is idempotent (compact deltas stay), so a node
     runner that compressed each task vector as it loaded it (to hold one dense one at a time) passes
     them on unchanged. ``release``: empty the given vectors' deltas, which the compressed ones replace."""

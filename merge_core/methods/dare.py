@@ -6,7 +6,7 @@ its expected value, then combine.
 
 ``combine="ta"``: ``base + lam * sum_i weight_i * dare(tau_i)`` (Task Arithmetic on the sparsified
 vectors; mergekit's ``dare_linear``). ``combine="ties"``: TIES' sign election and disjoint mean on the
-sparsified vectors, times lam, with TIES' two ``weighting`` rules (merge_core.methods.ties). By default
+sparsified vectors, times lam, with TIES' two ``weighting`` rules (supermerge.merge_core.methods.ties). By default
 (``trim_density=1``) nothing is trimmed by magnitude after the random drop, as in mergekit's and PEFT's
 ``dare_ties``: the random drop already does the sparsifying. The DARE authors' code instead ran full
 TIES (with its magnitude trim) on the dropped vectors; ``trim_density < 1`` reproduces that. Note that
@@ -28,9 +28,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from merge_core.errors import ConfigError
-from merge_core.methods import task_arithmetic, ties
-from merge_core.methods.task_arithmetic import check_lam, check_stack, check_weights, per_model
+from supermerge.merge_core.errors import ConfigError
+from supermerge.merge_core.methods import task_arithmetic, ties
+from supermerge.merge_core.methods.task_arithmetic import check_lam, check_stack, check_weights, per_model
 
 PAPER = "https://arxiv.org/abs/2311.03099"
 

@@ -25,10 +25,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from merge_core.errors import ConfigError
-from merge_core.methods.task_arithmetic import check_stack
-from merge_core.methods.ties import scaled_onto, sum_over_tasks
-from merge_core.methods.tsv import check_alpha, mean_of_tasks, orthogonal_factor
+from supermerge.merge_core.errors import ConfigError
+from supermerge.merge_core.methods.task_arithmetic import check_stack
+from supermerge.merge_core.methods.ties import scaled_onto, sum_over_tasks
+from supermerge.merge_core.methods.tsv import check_alpha, mean_of_tasks, orthogonal_factor
 
 PAPER = "https://arxiv.org/abs/2502.04959"
 

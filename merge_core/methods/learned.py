@@ -26,11 +26,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from merge_core.data import TaskData, require_labelled
-from merge_core.deltas import LowRankDelta, dense_delta
-from merge_core.errors import ConfigError
-from merge_core.model import FunctionalModel, prediction_entropy, task_loss
-from merge_core.task_vectors import TaskVector, stack_deltas
+from supermerge.merge_core.data import TaskData, require_labelled
+from supermerge.merge_core.deltas import LowRankDelta, dense_delta
+from supermerge.merge_core.errors import ConfigError
+from supermerge.merge_core.model import FunctionalModel, prediction_entropy, task_loss
+from supermerge.merge_core.task_vectors import TaskVector, stack_deltas
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,8 @@ class LearnedMergeConfig:
 
     basis: Literal["task_vectors", "tsv", "compressed"] = "task_vectors"
     """What W weights: the raw task vectors, (tsv) each matrix's TSV-M decorrelated per-task pieces
-    (merge_core.methods.basis; all coefficients alpha = TSV-M at alpha), or (compressed) each task
-    vector with its matrices cut to their top ``rank`` singular components (merge_core.compress):
+    (supermerge.merge_core.methods.basis; all coefficients alpha = TSV-M at alpha), or (compressed) each task
+    vector with its matrices cut to their top ``rank`` singular components (supermerge.merge_core.compress):
     k tasks then hold about one to two dense task vectors' memory, not k."""
     rank: int | None = None
     """basis compressed: singular components kept per task and matrix; None: TSV-M's

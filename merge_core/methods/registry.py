@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from merge_core.errors import ConfigError
-from merge_core.methods import adamerging, average, dare, iso, supermerge, task_arithmetic, ties, tsv, wudi
-from merge_core.methods.learned import LearnedMergeConfig
+from supermerge.merge_core.errors import ConfigError
+from supermerge.merge_core.methods import adamerging, average, dare, iso, supermerge, task_arithmetic, ties, tsv, wudi
+from supermerge.merge_core.methods.learned import LearnedMergeConfig
 
 MergeOp = Callable[..., Tensor]
 """``op(base, deltas, *, seed, **params) -> merged``: base (shape S), deltas (k, *S) fp32 -> fp32 S."""

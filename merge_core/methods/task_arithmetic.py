@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from merge_core.errors import ConfigError, TaskVectorError
+from supermerge.merge_core.errors import ConfigError, TaskVectorError
 
 PAPER = "https://arxiv.org/abs/2212.04089"
 

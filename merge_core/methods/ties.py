@@ -34,8 +34,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from merge_core.errors import ConfigError
-from merge_core.methods.task_arithmetic import check_lam, check_stack, check_weights, per_model, weight_column
+from supermerge.merge_core.errors import ConfigError
+from supermerge.merge_core.methods.task_arithmetic import check_lam, check_stack, check_weights, per_model, weight_column
 
 PAPER = "https://arxiv.org/abs/2306.01708"
 

@@ -26,9 +26,9 @@ import math
 import torch
 from torch import Tensor
 
-from merge_core.errors import ConfigError
-from merge_core.methods.task_arithmetic import check_stack
-from merge_core.methods.ties import scaled_onto
+from supermerge.merge_core.errors import ConfigError
+from supermerge.merge_core.methods.task_arithmetic import check_stack
+from supermerge.merge_core.methods.ties import scaled_onto
 
 PAPER = "https://arxiv.org/abs/2412.00081"
 

@@ -31,10 +31,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from merge_core.errors import ConfigError, TaskVectorError
-from merge_core.methods.task_arithmetic import check_stack
-from merge_core.methods.ties import scaled_onto, sum_over_tasks
-from merge_core.methods.tsv import check_alpha, mean_of_tasks
+from supermerge.merge_core.errors import ConfigError, TaskVectorError
+from supermerge.merge_core.methods.task_arithmetic import check_stack
+from supermerge.merge_core.methods.ties import scaled_onto, sum_over_tasks
+from supermerge.merge_core.methods.tsv import check_alpha, mean_of_tasks
 
 PAPER = "https://arxiv.org/abs/2503.08099"
 

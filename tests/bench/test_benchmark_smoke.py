@@ -8,7 +8,7 @@ import json
 import pytest
 
 from bench.benchmark import BenchConfig, load_results, run_benchmark, save_results
-from merge_core.corpora import DataMissing
+from supermerge.merge_core.corpora import DataMissing
 from bench.report import write_report
 
 

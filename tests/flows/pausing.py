@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-import orchestrator.node
+import supermerge.orchestrator.node
 
 WHERE = ("merging", "saved")
 
@@ -34,7 +34,7 @@ def hold(marker: Path, until: Path | None) -> None:
 
 def pause_at(key: str, where: str, marker: Path, until: Path | None) -> None:
     """Wrap the node runner's writer so the node with ``key`` holds before or after it writes."""
-    save = orchestrator.node.save_result
+    save = supermerge.orchestrator.node.save_result
 
     def paused(result: Any, out_dir: Any, **kwargs: Any) -> Any:
         ours = Path(out_dir).name == key
@@ -45,7 +45,7 @@ def pause_at(key: str, where: str, marker: Path, until: Path | None) -> None:
             hold(marker, until)
         return written
 
-    orchestrator.node.save_result = paused
+    supermerge.orchestrator.node.save_result = paused
 
 
 def main(argv: list[str]) -> int:
@@ -61,10 +61,10 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     pause_at(args.key, args.where, args.marker, args.until)
     if args.what == "merge":
-        from flows.cli import main as cli
+        from supermerge.flows.cli import main as cli
 
         return cli(["merge", args.config, *args.rest])
-    from flows.hierarchical import hierarchical_merge
+    from supermerge.flows.hierarchical import hierarchical_merge
 
     params = json.loads(args.rest[0]) if args.rest else {}
     state = hierarchical_merge(config=args.config, return_state=True, **params)

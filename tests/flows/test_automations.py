@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from flows.automations import NAME, install, zombie_automation
+from supermerge.flows.automations import NAME, install, zombie_automation
 
 
 def test_the_automation_crashes_a_run_whose_heartbeats_stop_for_within_seconds() -> None:

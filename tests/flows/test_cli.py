@@ -12,8 +12,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from flows.cli import main
-from merge_core.data import save_task_data
+from supermerge.flows.cli import main
+from supermerge.merge_core.data import save_task_data
 from tests.errors_doc import check_row, documented_cases, generic
 from tests.orchestrator.families import FAMILIES, NAMES, config_dict, one_thread
 from tests.tiny import TINY_VOCAB, make_finetuned, make_task_data
@@ -80,7 +80,7 @@ def test_help_explains_commands_and_config(capsys):
 
 
 def test_methods_lists_every_registered_method(capsys):
-    from merge_core.methods.registry import METHODS
+    from supermerge.merge_core.methods.registry import METHODS
 
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
@@ -131,7 +131,7 @@ def test_string_labels_merge_and_score_like_the_class_ids(workspace, tiny_finetu
 
 
 def test_plan_says_where_max_length_came_from(workspace, tiny_finetuned, capsys):
-    from merge_core.max_length import write_finetune_record
+    from supermerge.merge_core.max_length import write_finetune_record
 
     assert main(["plan", str(workspace / "config.yaml")]) == 0
     assert "max_length 64 (default)" in capsys.readouterr().out
@@ -345,7 +345,7 @@ def _label_name_without_names(ws, ft, mp):
 
 
 def _max_length_records_differ(ws, ft, mp):
-    from merge_core.max_length import write_finetune_record
+    from supermerge.merge_core.max_length import write_finetune_record
 
     write_finetune_record(_copy_model(ws, ft, "recorded"), 32)
     return "set max_length in the config", []
@@ -376,12 +376,12 @@ def _budget_below_process(ws, ft, mp):
 
 
 def _budget_fits_no_plan(ws, ft, mp):
-    from orchestrator.memory import MemoryInventory
+    from supermerge.orchestrator.memory import MemoryInventory
 
     # the machine as the planner sees it, fixed: a terabyte free and a process holding nothing, so the
     # node's prediction (tens of MB) meets a 20 MB budget on every machine
     empty = MemoryInventory(ram_available_bytes=10**12, ram_total_bytes=10**12, process_bytes=0)
-    mp.setattr("orchestrator.plan.read_inventory", lambda: empty)
+    mp.setattr("supermerge.orchestrator.plan.read_inventory", lambda: empty)
     return "no merge plan fits", ["--memory-budget", "20MB"]
 
 
@@ -450,8 +450,8 @@ def _files(*roots: Path) -> dict[str, tuple[int, int]]:
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_gives_one_clear_error_and_writes_nothing(workspace, tiny_base_dir, tiny_finetuned, capsys,
                                                             monkeypatch, case):
-    from flows.cli import build_parser, cmd_merge
-    from merge_core.errors import SupermergeError
+    from supermerge.flows.cli import build_parser, cmd_merge
+    from supermerge.merge_core.errors import SupermergeError
 
     what, make_bad = BAD_INPUTS[case]
     expected, options = make_bad(workspace, tiny_finetuned, monkeypatch)

@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 import yaml
 from safetensors.torch import load_file, save_file
 
-from flows.cli import INTERRUPTED, build_parser, cmd_merge, main
-from merge_core.data import TaskData, save_task_data
-from merge_core.errors import SupermergeError
+from supermerge.flows.cli import INTERRUPTED, build_parser, cmd_merge, main
+from supermerge.merge_core.data import TaskData, save_task_data
+from supermerge.merge_core.errors import SupermergeError
 from tests.errors_doc import check_row, generic
 from tests.flows.test_cli import (  # noqa: F401 - fixtures used by name
     _copy_model,
@@ -269,15 +269,15 @@ def test_bad_input_is_refused_before_work_in_one_line(workspace, tiny_base_dir, 
 def test_a_bare_integer_memory_budget_is_a_number_of_bytes(workspace, capsys):
     _edit_config(workspace, tree={"memory_budget": 64 * 2**30})
     assert main(["plan", str(workspace / "config.yaml")]) == 0
-    from merge_core.config import load_config
+    from supermerge.merge_core.config import load_config
 
     assert load_config(workspace / "config.yaml").tree.memory_budget == str(64 * 2**30)
 
 
 def test_a_training_only_config_difference_is_merged_with_a_warning(workspace, tiny_base_dir, tiny_finetuned,
                                                                     caplog):
-    from merge_core.config import load_config
-    from orchestrator.plan import plan
+    from supermerge.merge_core.config import load_config
+    from supermerge.orchestrator.plan import plan
 
     copy = _copy_model(workspace, tiny_finetuned, "dropout")
     cfg = json.loads((copy / "config.json").read_text())
@@ -318,7 +318,7 @@ def test_a_non_finite_result_names_node_and_tensor_and_nothing_enters_the_store(
     lines = [line for line in err.splitlines() if line.startswith("supermerge:")]
     assert len(lines) == 1 and "merge-alpha+" in lines[0] and KEY[5:] in lines[0] and "Traceback" not in err, err
     assert _left_behind(workspace) == []
-    from merge_core.errors import NonFiniteError
+    from supermerge.merge_core.errors import NonFiniteError
 
     args = build_parser().parse_args(["merge", str(workspace / "config.yaml")])
     with pytest.raises(NonFiniteError) as refused:
@@ -435,7 +435,7 @@ def test_a_changed_value_with_the_same_size_and_mtime_is_merged_again(workspace,
 def test_a_published_model_used_as_input_keeps_its_key_only_while_its_files_are_unchanged(
     workspace, tiny_finetuned
 ):
-    from orchestrator.store import model_key
+    from supermerge.orchestrator.store import model_key
 
     _edit_config(workspace, method="task_arithmetic", parameters={"lam": 0.5})
     assert main(["merge", str(workspace / "config.yaml")]) == 0
@@ -514,6 +514,6 @@ def test_random_finite_inputs_publish_a_finite_model_or_are_refused_writing_noth
                                         "searches no grid), got [0.1, 0.2]"]),
 ])
 def test_parameter_problems_are_all_reported_by_name(method, params, expected):
-    from merge_core.params import parameter_problems
+    from supermerge.merge_core.params import parameter_problems
 
     assert parameter_problems(method, params) == expected

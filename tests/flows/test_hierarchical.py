@@ -18,11 +18,11 @@ from uuid import UUID
 import pytest
 import yaml
 
-from flows.hierarchical import FROM_STORE_STATE, FROM_STORE_TAG, PROGRESS_KEY, REPORT_KEY, hierarchical_merge
-from flows.registry import register
-from orchestrator.executor import REPORT_FILE
-from orchestrator.incremental import path_to_root
-from orchestrator.tree import MergeTree
+from supermerge.flows.hierarchical import FROM_STORE_STATE, FROM_STORE_TAG, PROGRESS_KEY, REPORT_KEY, hierarchical_merge
+from supermerge.flows.registry import register
+from supermerge.orchestrator.executor import REPORT_FILE
+from supermerge.orchestrator.incremental import path_to_root
+from supermerge.orchestrator.tree import MergeTree
 from tests.orchestrator.families import one_thread
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -220,11 +220,11 @@ def test_registered_model_merges_only_its_path_to_the_root(
 def test_a_failing_node_is_retried_then_fails_the_flow_and_its_parent_never_runs(
     tiny_base_dir: Path, family_models: dict[str, dict[str, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import flows.hierarchical
+    import supermerge.flows.hierarchical
 
     config = _write_config(tmp_path, tiny_base_dir, family_models, ["pa", "pb", "qa"], registry=None)
     calls: list[tuple[str, ...]] = []
-    real = flows.hierarchical.run_node
+    real = supermerge.flows.hierarchical.run_node
 
     def disk_gone_for_pa_pb(node: Any, store: Any, **kwargs: Any) -> Any:
         calls.append(node.tasks)
@@ -232,7 +232,7 @@ def test_a_failing_node_is_retried_then_fails_the_flow_and_its_parent_never_runs
             raise OSError("No space left on device")
         return real(node, store, **kwargs)
 
-    monkeypatch.setattr(flows.hierarchical, "run_node", disk_gone_for_pa_pb)
+    monkeypatch.setattr(supermerge.flows.hierarchical, "run_node", disk_gone_for_pa_pb)
     state = hierarchical_merge(config=str(config), return_state=True)
     assert state.is_failed() and "No space left" in (state.message or "")
     assert calls == [("pa", "pb"), ("pa", "pb")]  # tried twice (retries: 1); the root never ran
@@ -253,7 +253,7 @@ def test_cli_prefect_option_runs_the_flow_and_gives_the_plain_executors_bytes(
     from prefect import get_client
     from prefect.client.schemas.sorting import FlowRunSort
 
-    from flows.cli import main
+    from supermerge.flows.cli import main
 
     config = _write_config(tmp_path, tiny_base_dir, family_models, ["pa", "pb", "qa"], registry=None)
     plain, flowed = tmp_path / "plain" / "merged", tmp_path / "flowed" / "merged"
@@ -277,19 +277,19 @@ def test_a_node_out_of_memory_fails_alone_and_its_independent_sibling_completes(
     """pa+pb and qa+qb hang under the root; qa+qb's merge cannot allocate. It fails with the node's own
     clear error (tried twice: retries 1), pa+pb completes and stays in the store for the next run, the
     root never runs, and nothing is published."""
-    import orchestrator.node
-    from orchestrator.executor import default_store_dir
-    from orchestrator.store import CheckpointStore
+    import supermerge.orchestrator.node
+    from supermerge.orchestrator.executor import default_store_dir
+    from supermerge.orchestrator.store import CheckpointStore
 
     config = _write_config(tmp_path, tiny_base_dir, family_models, ["pa", "pb", "qa", "qb"], registry=None)
-    merge = orchestrator.node.merge
+    merge = supermerge.orchestrator.node.merge
 
     def qa_qb_runs_out(base: Any, vectors: Any, *args: Any, **kwargs: Any) -> Any:
         if sorted(v.name for v in vectors) == ["qa", "qb"]:
             raise MemoryError
         return merge(base, vectors, *args, **kwargs)
 
-    monkeypatch.setattr(orchestrator.node, "merge", qa_qb_runs_out)
+    monkeypatch.setattr(supermerge.orchestrator.node, "merge", qa_qb_runs_out)
     state = hierarchical_merge(config=str(config), return_state=True)
     assert state.is_failed() and "(2 inputs, 2 tasks) ran out of memory on cpu (MemoryError)" in (state.message or "")
     runs = {r.name.removeprefix("merge-"): r for r in _merge_task_runs(state.state_details.flow_run_id)}
@@ -311,7 +311,7 @@ def test_versioned_runs_publish_v1_then_up_to_date_then_v2_and_keep_the_newest(
 ) -> None:
     """What the deployment does (versions=N): a new version per run with something new, ``current``
     switched to it, the oldest beyond N deleted; a run with nothing new publishes nothing, in seconds."""
-    from orchestrator.versions import CURRENT
+    from supermerge.orchestrator.versions import CURRENT
 
     config = _copy(workspace, tmp_path)
     versioned = str(config.parent / "out" / "versioned")

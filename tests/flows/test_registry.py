@@ -11,11 +11,11 @@ import pytest
 import yaml
 from transformers import BertForSequenceClassification
 
-from flows.cli import main
-from flows.registry import EVENT, RESOURCE_PREFIX, register, register_command
-from merge_core.config import parse_config
-from merge_core.errors import ConfigError, DataError, TaskVectorError
-from merge_core.task_registry import REGISTRY_FILE, read_registry
+from supermerge.flows.cli import main
+from supermerge.flows.registry import EVENT, RESOURCE_PREFIX, register, register_command
+from supermerge.merge_core.config import parse_config
+from supermerge.merge_core.errors import ConfigError, DataError, TaskVectorError
+from supermerge.merge_core.task_registry import REGISTRY_FILE, read_registry
 from tests.orchestrator.families import FamilyModels
 from tests.tiny import tiny_config
 
@@ -80,7 +80,7 @@ def test_a_config_naming_the_registry_merges_its_models_after_its_own(
     raw = {"base": str(tiny_base_dir), "output": str(tmp_path / "out"), "registry": "registry",
            "models": [{"name": n, "path": str(family_models[n]["path"])} for n in ("pa", "pb")]}
     (tmp_path / "merge.yaml").write_text(yaml.safe_dump(raw))
-    from merge_core.config import load_config
+    from supermerge.merge_core.config import load_config
 
     assert [m.name for m in load_config(tmp_path / "merge.yaml").models] == ["pa", "pb"]  # empty registry
     _register(family_models, "qa", registry, base=tiny_base_dir)
@@ -149,7 +149,7 @@ def _damaged_copy(models: FamilyModels, task: str, tmp_path: Path, edit) -> Path
 def test_register_refuses_what_the_next_merge_would_refuse(
     tiny_base_dir: Path, family_models: FamilyModels, tmp_path: Path
 ) -> None:
-    """The merge's own checks (merge_core.preflight): a NaN bias, labels outside the head's classes,
+    """The merge's own checks (supermerge.merge_core.preflight): a NaN bias, labels outside the head's classes,
     a null text, another architecture's config.json; nothing is listed."""
     registry = tmp_path / "registry"
     val = family_models["pa"]["validation"]
@@ -185,7 +185,7 @@ def test_register_refuses_what_the_next_merge_would_refuse(
 def test_unregister_takes_a_model_off_and_refuses_an_unknown_name(
     tiny_base_dir: Path, family_models: FamilyModels, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from flows.registry import unregister
+    from supermerge.flows.registry import unregister
 
     registry = tmp_path / "registry"
     _register(family_models, "pa", registry, base=tiny_base_dir)

@@ -25,11 +25,11 @@ from typing import Any
 import pytest
 import yaml
 
-from flows.cli import main
-from orchestrator.executor import REPORT_FILE, STORE_DIR
-from orchestrator.node import run_node
-from orchestrator.plan import plan
-from orchestrator.store import LOCKS_DIR, CheckpointStore
+from supermerge.flows.cli import main
+from supermerge.orchestrator.executor import REPORT_FILE, STORE_DIR
+from supermerge.orchestrator.node import run_node
+from supermerge.orchestrator.plan import plan
+from supermerge.orchestrator.store import LOCKS_DIR, CheckpointStore
 from tests.orchestrator.families import FamilyModels, config_dict, make_config, one_thread
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,9 +37,9 @@ REPO = Path(__file__).resolve().parents[2]
 KILLED_WHILE_WRITING = """
 import json, os, signal, sys
 from pathlib import Path
-import merge_core.checkpoint as checkpoint
-from orchestrator.node import NodeTask, run_node
-from orchestrator.store import CheckpointStore
+import supermerge.merge_core.checkpoint as checkpoint
+from supermerge.orchestrator.node import NodeTask, run_node
+from supermerge.orchestrator.store import CheckpointStore
 
 write = checkpoint._write_shards
 
@@ -189,7 +189,7 @@ def test_the_flow_killed_mid_node_resumes_reusing_finished_nodes(
     one merging, as with the plain executor; the flow's resumed run reuses the first."""
     from prefect.settings import PREFECT_API_URL
 
-    from flows.hierarchical import hierarchical_merge
+    from supermerge.flows.hierarchical import hierarchical_merge
 
     config = _write_config(tmp_path, tiny_base_dir, family_models, TREE)
     output, store = tmp_path / "out" / "merged", CheckpointStore(tmp_path / "out" / STORE_DIR)
@@ -233,7 +233,7 @@ def test_two_overlapping_merges_at_once_merge_their_common_node_once(
         _wait_for(marker, a, "run A merging pa+pb")
         b_log = tmp_path / "b.log"
         with b_log.open("wb") as log:
-            b = subprocess.Popen([sys.executable, "-m", "flows.cli", "-v", "merge", str(config_b), "--output",
+            b = subprocess.Popen([sys.executable, "-m", "supermerge.flows.cli", "-v", "merge", str(config_b), "--output",
                                   str(outputs["b"])], cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
         waiting = f"waiting for {shared / STORE_DIR / common['key']}"
         deadline = time.monotonic() + WAIT_SECONDS

@@ -13,11 +13,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, BertModel, GPT2Config, GPT2Model
 from transformers.utils import logging as hf_logging
 
-from merge_core.adapters import AdapterTaskVector, is_adapter_dir, load_adapter_task_vector
-from merge_core.checkpoint import open_checkpoint
-from merge_core.deltas import LowRankDelta, ScaleDelta, dense_delta
-from merge_core.errors import TaskVectorError
-from merge_core.task_vectors import load_task_vector
+from supermerge.merge_core.adapters import AdapterTaskVector, is_adapter_dir, load_adapter_task_vector
+from supermerge.merge_core.checkpoint import open_checkpoint
+from supermerge.merge_core.deltas import LowRankDelta, ScaleDelta, dense_delta
+from supermerge.merge_core.errors import TaskVectorError
+from supermerge.merge_core.task_vectors import load_task_vector
 from tests.tiny import tiny_config
 
 ADAPTER_FILE = "adapter_model.safetensors"

@@ -1,4 +1,4 @@
-"""SuperMerge over the TSV-M pieces and started at a training-free merge (merge_core.methods.basis)."""
+"""SuperMerge over the TSV-M pieces and started at a training-free merge (supermerge.merge_core.methods.basis)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from merge_core.merge import merge
-from merge_core.methods import basis, tsv
-from merge_core.methods.learned import FactoredStack, combine
+from supermerge.merge_core.merge import merge
+from supermerge.merge_core.methods import basis, tsv
+from supermerge.merge_core.methods.learned import FactoredStack, combine
 from tests.tiny import task_vectors_and_validation
 
 TASKS = ("alpha", "beta")

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModel
 
-from merge_core.checkpoint import (
+from supermerge.merge_core.checkpoint import (
     CHECKSUMS_FIELD,
     RECORD_FILE,
     config_dir,
@@ -22,7 +22,7 @@ from merge_core.checkpoint import (
     verify_checksums,
     write_model_dir,
 )
-from merge_core.errors import CheckpointError
+from supermerge.merge_core.errors import CheckpointError
 
 
 def _tensors() -> dict[str, torch.Tensor]:

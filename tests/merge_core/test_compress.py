@@ -1,4 +1,4 @@
-"""Compressed task vectors (merge_core.compress) and SuperMerge learned over them."""
+"""Compressed task vectors (supermerge.merge_core.compress) and SuperMerge learned over them."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from merge_core.checkpoint import open_checkpoint
-from merge_core.compress import compress_delta, compress_task_vector, compressed_rank, compressed_values, stacked_values
-from merge_core.deltas import LowRankDelta, dense_delta, stored_numel
-from merge_core.errors import ConfigError
-from merge_core.merge import merge
-from merge_core.methods.learned import FactoredStack, LearnedMergeConfig, combine, stack_task_vectors
+from supermerge.merge_core.checkpoint import open_checkpoint
+from supermerge.merge_core.compress import compress_delta, compress_task_vector, compressed_rank, compressed_values, stacked_values
+from supermerge.merge_core.deltas import LowRankDelta, dense_delta, stored_numel
+from supermerge.merge_core.errors import ConfigError
+from supermerge.merge_core.merge import merge
+from supermerge.merge_core.methods.learned import FactoredStack, LearnedMergeConfig, combine, stack_task_vectors
 from tests.tiny import task_vectors_and_validation
 
 TASKS = ("alpha", "beta", "gamma")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from merge_core import corpora
-from merge_core.corpora import (
+from supermerge.merge_core import corpora
+from supermerge.merge_core.corpora import (
     CORPORA,
     LANGUAGES,
     Corpus,
@@ -29,7 +29,7 @@ from merge_core.corpora import (
     strip_tweet,
     wordnet_glosses,
 )
-from merge_core.errors import ConfigError, DataError
+from supermerge.merge_core.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "bench" / "install_data.sh"

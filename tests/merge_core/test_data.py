@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-from merge_core.checkpoint import open_checkpoint
-from merge_core.data import TaskData, load_task_data
-from merge_core.errors import DataError
-from merge_core.job import load_tokenizer
-from merge_core.labels import label_ids
-from merge_core.evaluate import task_scores
-from merge_core.model import FunctionalModel
-from merge_core.task_vectors import mergeable_names
+from supermerge.merge_core.checkpoint import open_checkpoint
+from supermerge.merge_core.data import TaskData, load_task_data
+from supermerge.merge_core.errors import DataError
+from supermerge.merge_core.job import load_tokenizer
+from supermerge.merge_core.labels import label_ids
+from supermerge.merge_core.evaluate import task_scores
+from supermerge.merge_core.model import FunctionalModel
+from supermerge.merge_core.task_vectors import mergeable_names
 from tests.tiny import make_task_data
 
 
@@ -69,7 +69,7 @@ def test_a_long_line_is_cut_before_it_is_tokenised_and_gives_the_same_tokens(tin
 
     from transformers import AutoTokenizer
 
-    from merge_core.data import cut_text, tokenize
+    from supermerge.merge_core.data import cut_text, tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base_dir)
     words = [f"w{i % 59}" for i in range(400)]

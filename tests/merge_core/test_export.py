@@ -12,10 +12,10 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from flows.cli import main
-from merge_core.checkpoint import open_checkpoint
-from merge_core.model import FunctionalModel
-from merge_core.stream import stream_merge
+from supermerge.flows.cli import main
+from supermerge.merge_core.checkpoint import open_checkpoint
+from supermerge.merge_core.model import FunctionalModel
+from supermerge.merge_core.stream import stream_merge
 from tests.tiny import make_task_data
 
 LOAD = """

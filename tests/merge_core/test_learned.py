@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from merge_core.checkpoint import open_checkpoint
-from merge_core.deltas import LowRankDelta
-from merge_core.methods.learned import (
+from supermerge.merge_core.checkpoint import open_checkpoint
+from supermerge.merge_core.deltas import LowRankDelta
+from supermerge.merge_core.methods.learned import (
     FactoredStack,
     LearnedMergeConfig,
     combine,
@@ -18,10 +18,10 @@ from merge_core.methods.learned import (
     stack_task_vectors,
     weight_groups,
 )
-from merge_core.errors import ConfigError
-from merge_core.merge import merge
-from merge_core.model import FunctionalModel
-from merge_core.task_vectors import TaskVector, load_task_vector, mergeable_names, stack_deltas
+from supermerge.merge_core.errors import ConfigError
+from supermerge.merge_core.merge import merge
+from supermerge.merge_core.model import FunctionalModel
+from supermerge.merge_core.task_vectors import TaskVector, load_task_vector, mergeable_names, stack_deltas
 from tests.tiny import make_task_data
 
 TASKS = ("alpha", "beta")
@@ -101,7 +101,7 @@ def test_per_task_backward_gives_the_joint_loss_and_gradient(tiny_base_dir, setu
     """One task's activations at a time (the default) is the same step as all tasks at once."""
     import dataclasses
 
-    from merge_core.methods.learned import backward_step
+    from supermerge.merge_core.methods.learned import backward_step
 
     model, base, stacked, group_of, heads, batches, config, g = _loss_inputs(tiny_base_dir, setup, transform)
     assert len(batches) > 1 and config.backward == "per_task"
@@ -147,7 +147,7 @@ def test_supermerge_loss_falls_and_beats_task_arithmetic(tiny_base_dir, tiny_fin
     ta = merge(tiny_base_dir, vectors, "task_arithmetic", val=val)
     losses = sm.learned.losses
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
-    from merge_core.evaluate import evaluate
+    from supermerge.merge_core.evaluate import evaluate
 
     model = FunctionalModel(tiny_base_dir)
     names = [n for n in sm.tensors if sm.tensors[n].is_floating_point()]
@@ -280,7 +280,7 @@ def test_supermerge_with_bf16_storage_is_close_to_fp32(tiny_base_dir, setup):
 def test_chunked_sum_matches_tensordot_in_value_and_gradient(monkeypatch, dtype):
     """The path that reads a stack chunk by chunk (bf16 storage, or host memory on a GPU run) gives
     the dense contraction's value and gradient; small chunks so the loop runs many times."""
-    from merge_core.methods import learned
+    from supermerge.merge_core.methods import learned
 
     monkeypatch.setattr(learned, "TRANSFER_CHUNK", 7)
     stack = torch.randn(3, 5, 6).to(dtype)
@@ -309,7 +309,7 @@ def test_task_vectors_offloaded_to_host_memory_train_the_same_weights(tiny_base_
 def test_a_merged_input_starts_at_its_tasks_times_init_capped():
     """A tree node's input that serves m tasks already carries its own weights: it starts at m * init
     (capped at 0.9) instead of shrinking its tasks by init once more; ``same`` keeps the paper's init."""
-    from merge_core.methods.learned import MERGED_INIT_CAP, initial_coefficients, initial_weights
+    from supermerge.merge_core.methods.learned import MERGED_INIT_CAP, initial_coefficients, initial_weights
 
     config = LearnedMergeConfig(init=0.3)
     assert initial_coefficients([1, 2, 3, 5], config) == pytest.approx([0.3, 0.6, MERGED_INIT_CAP, MERGED_INIT_CAP])

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from merge_core.config import parse_config
-from merge_core.errors import ConfigError
-from merge_core.finetune import FinetuneConfig, finetune_classifier
-from merge_core.max_length import FINETUNE_RECORD, recorded_max_length, resolve_max_length, write_finetune_record
+from supermerge.merge_core.config import parse_config
+from supermerge.merge_core.errors import ConfigError
+from supermerge.merge_core.finetune import FinetuneConfig, finetune_classifier
+from supermerge.merge_core.max_length import FINETUNE_RECORD, recorded_max_length, resolve_max_length, write_finetune_record
 from tests.tiny import make_task_data
 
 

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSequenceClassification
 
-from merge_core.checkpoint import open_checkpoint
-from merge_core.merge import merge, save_result
-from merge_core.model import FunctionalModel
-from merge_core.task_vectors import load_task_vector
+from supermerge.merge_core.checkpoint import open_checkpoint
+from supermerge.merge_core.merge import merge, save_result
+from supermerge.merge_core.model import FunctionalModel
+from supermerge.merge_core.task_vectors import load_task_vector
 from tests.tiny import make_task_data
 
 TASKS = ("alpha", "beta")

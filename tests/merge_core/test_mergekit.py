@@ -21,8 +21,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flows.cli import main
-from merge_core.checkpoint import open_checkpoint
+from supermerge.flows.cli import main
+from supermerge.merge_core.checkpoint import open_checkpoint
 
 REFERENCE = Path(__file__).with_name("mergekit_reference.json")
 VENV = Path(os.environ.get("MERGEKIT_VENV", "/work/venvs/mergekit"))

@@ -10,9 +10,9 @@ import pytest
 import torch
 from peft.utils import merge_utils as peft_merge
 
-from merge_core.errors import ConfigError, TaskVectorError
-from merge_core.methods import average, dare, iso, task_arithmetic, ties, tsv, wudi
-from merge_core.methods.registry import METHODS
+from supermerge.merge_core.errors import ConfigError, TaskVectorError
+from supermerge.merge_core.methods import average, dare, iso, task_arithmetic, ties, tsv, wudi
+from supermerge.merge_core.methods.registry import METHODS
 
 # Three task vectors of six entries, worked by hand for every method below.
 BASE = torch.ones(6)
@@ -305,7 +305,7 @@ def test_misstacked_deltas_raise(name: str) -> None:
 
 
 def test_registry_grids_are_small_and_valid() -> None:
-    from merge_core.methods.registry import METHODS
+    from supermerge.merge_core.methods.registry import METHODS
 
     per_tensor = [s for s in METHODS.values() if s.kind == "per_tensor"]
     assert {s.name for s in per_tensor} == set(OPS)

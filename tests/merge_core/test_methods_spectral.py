@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merge_core.errors import ConfigError
-from merge_core.methods import iso, tsv, wudi
-from merge_core.methods.registry import METHODS
+from supermerge.merge_core.errors import ConfigError
+from supermerge.merge_core.methods import iso, tsv, wudi
+from supermerge.merge_core.methods.registry import METHODS
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -235,7 +235,7 @@ def test_declared_temporaries_cover_what_the_op_allocates_on_matrices(name: str,
 
 
 def test_wudi_takes_the_official_procedure_as_parameters() -> None:
-    from merge_core.merge import _candidates
+    from supermerge.merge_core.merge import _candidates
 
     assert _candidates(METHODS["wudi"], {"solver": "adam", "steps": 10, "alpha": 1.0}) == [
         {"solver": "adam", "steps": 10, "alpha": 1.0}]

@@ -15,18 +15,18 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModel, AutoModelForSequenceClassification
 from transformers.utils import logging as hf_logging
 
-from merge_core.checkpoint import (
+from supermerge.merge_core.checkpoint import (
     SAFETENSORS_INDEX,
     TensorMeta,
     open_checkpoint,
     plan_shards,
     write_shards_streaming,
 )
-from merge_core.errors import CheckpointError, ConfigError, TaskVectorError
-from merge_core import stream
-from merge_core.merge import merge, save_result
-from merge_core.stream import stream_merge, streamable
-from merge_core.task_vectors import load_task_vector
+from supermerge.merge_core.errors import CheckpointError, ConfigError, TaskVectorError
+from supermerge.merge_core import stream
+from supermerge.merge_core.merge import merge, save_result
+from supermerge.merge_core.stream import stream_merge, streamable
+from supermerge.merge_core.task_vectors import load_task_vector
 
 TASKS = ("alpha", "beta", "gamma")
 FIXED = {

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import BertForSequenceClassification
 
-from merge_core.checkpoint import open_checkpoint
-from merge_core.errors import CheckpointError, TaskVectorError
-from merge_core.task_vectors import load_task_vector, mergeable_names, stack_deltas
+from supermerge.merge_core.checkpoint import open_checkpoint
+from supermerge.merge_core.errors import CheckpointError, TaskVectorError
+from supermerge.merge_core.task_vectors import load_task_vector, mergeable_names, stack_deltas
 from tests.tiny import tiny_config
 
 

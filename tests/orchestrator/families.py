@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from merge_core.config import MergeConfig, parse_config
-from merge_core.data import TaskData, save_task_data
-from merge_core.finetune import FinetuneConfig, finetune_classifier
+from supermerge.merge_core.config import MergeConfig, parse_config
+from supermerge.merge_core.data import TaskData, save_task_data
+from supermerge.merge_core.finetune import FinetuneConfig, finetune_classifier
 from tests.tiny import TINY_VOCAB
 
 TRIGGERS = {fam: (5 + 12 * i, 6 + 12 * i, 7 + 12 * i) for i, fam in enumerate("pqrs")}

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from merge_core.errors import CheckpointError
-from orchestrator.executor import REPORT_FILE, ExecutionReport, execute
-from orchestrator.memory import MemoryInventory
-from orchestrator.node import NodeRecord, NodeTask, load_validation, run_node
-from orchestrator.plan import MergePlan, plan
-from orchestrator.store import KEY_FIELD, CheckpointStore
+from supermerge.merge_core.errors import CheckpointError
+from supermerge.orchestrator.executor import REPORT_FILE, ExecutionReport, execute
+from supermerge.orchestrator.memory import MemoryInventory
+from supermerge.orchestrator.node import NodeRecord, NodeTask, load_validation, run_node
+from supermerge.orchestrator.plan import MergePlan, plan
+from supermerge.orchestrator.store import KEY_FIELD, CheckpointStore
 from tests.orchestrator.families import NAMES, make_config, one_thread
 
 PLENTY = MemoryInventory(ram_available_bytes=10**12, ram_total_bytes=10**12, process_bytes=0)
@@ -148,13 +148,13 @@ def test_an_existing_output_is_refused_before_any_node_runs(tiny_base_dir, famil
 
 def test_a_per_tensor_method_with_fixed_parameters_streams_each_node(tiny_base_dir, family_models, tmp_path):
     """TIES with one value per parameter needs no model run: every node is merged disk to disk
-    (merge_core.stream), planned as such (no model weights, k times the largest tensor), and gives
+    (supermerge.merge_core.stream), planned as such (no model weights, k times the largest tensor), and gives
     the bytes the load-everything merge() gives."""
-    from merge_core.checkpoint import open_checkpoint
-    from merge_core.job import load_task_vectors
-    from merge_core.merge import merge
-    from merge_core.methods.registry import METHODS
-    from merge_core.task_vectors import DEFAULT_HEAD_PREFIXES
+    from supermerge.merge_core.checkpoint import open_checkpoint
+    from supermerge.merge_core.job import load_task_vectors
+    from supermerge.merge_core.merge import merge
+    from supermerge.merge_core.methods.registry import METHODS
+    from supermerge.merge_core.task_vectors import DEFAULT_HEAD_PREFIXES
 
     config = make_config(tiny_base_dir, family_models, tmp_path / "merged", tree={"flat": True},
                          method="ties", parameters={"density": 0.3, "lam": 1.2})
@@ -191,7 +191,7 @@ def test_a_store_entry_changed_after_writing_is_reported_and_merged_again_to_the
     import shutil
     import time
 
-    from merge_core.checkpoint import read_record, verify_checksums
+    from supermerge.merge_core.checkpoint import read_record, verify_checksums
     from tests.errors_doc import check_row
 
     store = CheckpointStore(tmp_path / "store")
@@ -207,7 +207,7 @@ def test_a_store_entry_changed_after_writing_is_reported_and_merged_again_to_the
         assert not store.is_finished(node.key)
 
     called: list[str] = []
-    with caplog.at_level(logging.WARNING, logger="orchestrator.node"):
+    with caplog.at_level(logging.WARNING, logger="supermerge.orchestrator.node"):
         execute(p, store_dir=store.root, runner=lambda node, s: called.append(node.id) or run_node(node, s))
     assert called == [n.id for n in damaged]
     warnings = [r.getMessage() for r in caplog.records if "is not usable" in r.getMessage()]

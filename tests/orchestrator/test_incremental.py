@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from merge_core.config import MergeConfig
-from orchestrator.errors import StoreError, TreeError
-from orchestrator.executor import REPORT_FILE
-from orchestrator.incremental import PreviousTree, grow_tree, path_to_root, read_previous_tree, reusable
-from orchestrator.similarity import Similarity
-from orchestrator.tree import MergeTree
+from supermerge.merge_core.config import MergeConfig
+from supermerge.orchestrator.errors import StoreError, TreeError
+from supermerge.orchestrator.executor import REPORT_FILE
+from supermerge.orchestrator.incremental import PreviousTree, grow_tree, path_to_root, read_previous_tree, reusable
+from supermerge.orchestrator.similarity import Similarity
+from supermerge.orchestrator.tree import MergeTree
 
 
 def _similarity(names: list[str], pairs: dict[tuple[str, str], float]) -> Similarity:

@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from merge_core.checkpoint import open_checkpoint
-from merge_core.errors import ConfigError
-from merge_core.methods.ties import scaled_onto
-from merge_core.model import FunctionalModel
-from merge_core.task_vectors import mergeable_names
-from orchestrator import measure
-from orchestrator.errors import MemoryBudgetError
-from orchestrator.measure import PeakMeter
-from orchestrator.memory import (
+from supermerge.merge_core.checkpoint import open_checkpoint
+from supermerge.merge_core.errors import ConfigError
+from supermerge.merge_core.methods.ties import scaled_onto
+from supermerge.merge_core.model import FunctionalModel
+from supermerge.merge_core.task_vectors import mergeable_names
+from supermerge.orchestrator import measure
+from supermerge.orchestrator.errors import MemoryBudgetError
+from supermerge.orchestrator.measure import PeakMeter
+from supermerge.orchestrator.memory import (
     RUNTIME_BYTES,
     SAFE_GPU_FRACTION,
     SAFE_RAM_FRACTION,
@@ -121,7 +121,7 @@ def test_streamed_io_counts_the_widening_and_cast_only_for_narrow_dtypes():
     base = torch.ones(values, dtype=torch.bfloat16)
     direction = torch.ones(values)
     with torch.profiler.profile(profile_memory=True) as prof:
-        out = scaled_onto(base, direction, 0.5).to(torch.bfloat16)  # what merge_core.stream yields
+        out = scaled_onto(base, direction, 0.5).to(torch.bfloat16)  # what supermerge.merge_core.stream yields
     allocated = sum(e.cpu_memory_usage for e in prof.key_averages() if e.cpu_memory_usage > 0)
     assert out.dtype == torch.bfloat16
     assert allocated >= (4 + 2) * values  # widening + cast: with the read copy, what the term counts

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 import torch
 
-import orchestrator.node
-from orchestrator.errors import NodeOutOfMemoryError, StoreError
-from orchestrator.memory import MemoryInventory, format_bytes
-from orchestrator.node import NodeTask, cached_record, run_node
-from orchestrator.plan import plan
-from orchestrator.store import CheckpointStore
+import supermerge.orchestrator.node
+from supermerge.orchestrator.errors import NodeOutOfMemoryError, StoreError
+from supermerge.orchestrator.memory import MemoryInventory, format_bytes
+from supermerge.orchestrator.node import NodeTask, cached_record, run_node
+from supermerge.orchestrator.plan import plan
+from supermerge.orchestrator.store import CheckpointStore
 from tests.errors_doc import check_row
 from tests.orchestrator.families import FamilyModels, make_config
 
@@ -40,7 +40,7 @@ def test_a_node_needing_more_than_predicted_is_reported_and_flagged(
     """The merge holds 64 MiB more than the planner counted (a 34 MB prediction): measured, warned
     about, flagged in the record, in the stored record and in a cached reuse of the node."""
     node = _node(tiny_base_dir, family_models, tmp_path, ["pa", "pb"])
-    merge = orchestrator.node.merge
+    merge = supermerge.orchestrator.node.merge
 
     def merge_holding_more(*args: Any, **kwargs: Any) -> Any:
         unplanned = torch.ones(16 * 2**20)  # 64 MiB, every page touched
@@ -48,9 +48,9 @@ def test_a_node_needing_more_than_predicted_is_reported_and_flagged(
         del unplanned
         return result
 
-    monkeypatch.setattr(orchestrator.node, "merge", merge_holding_more)
+    monkeypatch.setattr(supermerge.orchestrator.node, "merge", merge_holding_more)
     store = CheckpointStore(tmp_path / "store")
-    with caplog.at_level(logging.WARNING, logger="orchestrator.node"):
+    with caplog.at_level(logging.WARNING, logger="supermerge.orchestrator.node"):
         record = run_node(node, store)
     assert record.measured_peak_bytes > 64 * 2**20 > record.predicted_peak_bytes and record.over_prediction
     [warning] = [r.getMessage() for r in caplog.records if "exceeds the predicted" in r.getMessage()]
@@ -78,7 +78,7 @@ def test_out_of_memory_in_a_node_is_one_clear_error_and_nothing_is_stored(
     def allocation_fails(*args: Any, **kwargs: Any) -> Any:
         raise OUT_OF_MEMORY[raised]
 
-    monkeypatch.setattr(orchestrator.node, "merge", allocation_fails)
+    monkeypatch.setattr(supermerge.orchestrator.node, "merge", allocation_fails)
     store = CheckpointStore(tmp_path / "store")
     with pytest.raises(NodeOutOfMemoryError) as failed:
         run_node(node, store)
@@ -104,7 +104,7 @@ def test_an_error_that_is_not_out_of_memory_passes_through_unchanged(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise bug
 
-    monkeypatch.setattr(orchestrator.node, "merge", broken)
+    monkeypatch.setattr(supermerge.orchestrator.node, "merge", broken)
     with pytest.raises(RuntimeError) as failed:
         run_node(node, CheckpointStore(tmp_path / "store"))
     assert failed.value is bug

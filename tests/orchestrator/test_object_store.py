@@ -15,16 +15,16 @@ import torch
 pytest.importorskip("s3fs", reason="the s3:// store needs s3fs: pip install 'supermerge[distributed]'")
 moto_server = pytest.importorskip("moto.server", reason="moto's S3 server is missing: pip install 'supermerge[distributed]'")
 
-from merge_core.checkpoint import write_model_dir  # noqa: E402
-from merge_core.config import parse_config  # noqa: E402
-from orchestrator.errors import StoreError  # noqa: E402
-from orchestrator.executor import execute  # noqa: E402
-from orchestrator.memory import MemoryInventory  # noqa: E402
-from orchestrator.object_store import MANIFEST, ObjectStore  # noqa: E402
-from orchestrator.plan import plan  # noqa: E402
-from orchestrator.s3_lease import S3Lease  # noqa: E402
-from orchestrator.store import KEY_FIELD  # noqa: E402
-from orchestrator.stores import open_store  # noqa: E402
+from supermerge.merge_core.checkpoint import write_model_dir  # noqa: E402
+from supermerge.merge_core.config import parse_config  # noqa: E402
+from supermerge.orchestrator.errors import StoreError  # noqa: E402
+from supermerge.orchestrator.executor import execute  # noqa: E402
+from supermerge.orchestrator.memory import MemoryInventory  # noqa: E402
+from supermerge.orchestrator.object_store import MANIFEST, ObjectStore  # noqa: E402
+from supermerge.orchestrator.plan import plan  # noqa: E402
+from supermerge.orchestrator.s3_lease import S3Lease  # noqa: E402
+from supermerge.orchestrator.store import KEY_FIELD  # noqa: E402
+from supermerge.orchestrator.stores import open_store  # noqa: E402
 
 PLENTY = MemoryInventory(ram_available_bytes=10**12, ram_total_bytes=10**12, process_bytes=0)
 

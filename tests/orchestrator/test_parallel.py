@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from orchestrator.node import ChildRef
-from orchestrator.parallel import device_slots, submission_order
+from supermerge.orchestrator.node import ChildRef
+from supermerge.orchestrator.parallel import device_slots, submission_order
 
 MB = 2**20
 

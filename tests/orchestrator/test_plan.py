@@ -7,12 +7,12 @@ import re
 
 import pytest
 
-from merge_core.config import parse_config
-from merge_core.errors import DataError
-from orchestrator.errors import MemoryBudgetError, TreeError
-from orchestrator.memory import MemoryInventory
-from orchestrator.node import NodeTask
-from orchestrator.plan import plan
+from supermerge.merge_core.config import parse_config
+from supermerge.merge_core.errors import DataError
+from supermerge.orchestrator.errors import MemoryBudgetError, TreeError
+from supermerge.orchestrator.memory import MemoryInventory
+from supermerge.orchestrator.node import NodeTask
+from supermerge.orchestrator.plan import plan
 from tests.orchestrator.families import FAMILIES, NAMES, config_dict, make_config
 
 PLENTY = MemoryInventory(ram_available_bytes=10**12, ram_total_bytes=10**12, process_bytes=0)
@@ -194,8 +194,8 @@ def test_tree_shape_is_balanced_by_default_and_dendrogram_on_request(tiny_base_d
 def test_flat_compressed_is_chosen_only_when_it_fits_and_dense_flat_does_not(tiny_base_dir, family_models, tmp_path):
     """The planner's order: a dense flat merge, then flat over compressed task vectors, then trees.
     Each budget is set from the predictions themselves, so the test checks the choice, not a size."""
-    from orchestrator.executor import execute
-    from orchestrator.memory import FP32, compressed_loaded_values, model_shape
+    from supermerge.orchestrator.executor import execute
+    from supermerge.orchestrator.memory import FP32, compressed_loaded_values, model_shape
 
     dense = plan(_config(tiny_base_dir, family_models, tmp_path), inventory=PLENTY)
     assert dense.shape == "flat" and "basis" not in dense.root.parameters
@@ -239,7 +239,7 @@ def test_flat_compressed_is_chosen_only_when_it_fits_and_dense_flat_does_not(tin
 def test_basis_compressed_given_in_the_config_is_predicted_compressed(tiny_base_dir, family_models, tmp_path):
     """``basis: compressed`` asked for by the user (not chosen by the planner) is predicted over
     compressed task vectors too, flat and in a tree (each node compresses for its own k)."""
-    from orchestrator.memory import FP32, compressed_loaded_values, compressed_stack_values, model_shape
+    from supermerge.orchestrator.memory import FP32, compressed_loaded_values, compressed_stack_values, model_shape
 
     k, shape = len(NAMES), model_shape(tiny_base_dir, "classification")
     params = {"steps": 3, "lr": 0.05, "basis": "compressed"}
@@ -261,8 +261,8 @@ def test_basis_compressed_given_in_the_config_is_predicted_compressed(tiny_base_
 
 def test_a_balanced_trees_first_level_is_handed_out_at_once(tiny_base_dir, family_models, tmp_path):
     """8 models at fan-in 2: the 4 leaf merges share no input, come first in the submission order and
-    the CPU has a slot for each (orchestrator.parallel), so they run side by side; a chain had one."""
-    from orchestrator.parallel import device_slots, submission_order
+    the CPU has a slot for each (supermerge.orchestrator.parallel), so they run side by side; a chain had one."""
+    from supermerge.orchestrator.parallel import device_slots, submission_order
 
     p = plan(_config(tiny_base_dir, family_models, tmp_path, max_fan_in=2), inventory=PLENTY)
     order = submission_order(p)

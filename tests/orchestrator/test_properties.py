@@ -23,12 +23,12 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertModel
 
-from merge_core.config import parse_config
-from merge_core.data import TaskData, save_task_data
-from merge_core.errors import SupermergeError
-from orchestrator.executor import execute
-from orchestrator.memory import MemoryInventory, parse_bytes
-from orchestrator.plan import plan
+from supermerge.merge_core.config import parse_config
+from supermerge.merge_core.data import TaskData, save_task_data
+from supermerge.merge_core.errors import SupermergeError
+from supermerge.orchestrator.executor import execute
+from supermerge.orchestrator.memory import MemoryInventory, parse_bytes
+from supermerge.orchestrator.plan import plan
 from tests.errors_doc import documented_errors
 
 MACHINE = MemoryInventory(ram_available_bytes=10**12, ram_total_bytes=10**12, process_bytes=0)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from merge_core.checkpoint import Checkpoint, open_checkpoint
-from merge_core.errors import ConfigError, TaskVectorError
-from merge_core.task_vectors import load_task_vector, match_names, mergeable_names
-from orchestrator.similarity import (
+from supermerge.merge_core.checkpoint import Checkpoint, open_checkpoint
+from supermerge.merge_core.errors import ConfigError, TaskVectorError
+from supermerge.merge_core.task_vectors import load_task_vector, match_names, mergeable_names
+from supermerge.orchestrator.similarity import (
     CheckpointDeltas,
     approximation_error,
     similarity_from_sources,

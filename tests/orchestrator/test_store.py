@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from merge_core.checkpoint import write_model_dir
-from orchestrator.errors import StoreError
-from orchestrator.store import (
+from supermerge.merge_core.checkpoint import write_model_dir
+from supermerge.orchestrator.errors import StoreError
+from supermerge.orchestrator.store import (
     KEY_FIELD,
     CheckpointStore,
     data_digest,
@@ -249,9 +249,9 @@ def test_store_refuses_keys_that_are_not_digests(tmp_path):
 
 
 def test_open_store_takes_a_folder_or_an_s3_url_and_the_config_says_which(tmp_path, tiny_base_dir):
-    from merge_core.config import parse_config
-    from merge_core.errors import ConfigError
-    from orchestrator.stores import open_store
+    from supermerge.merge_core.config import parse_config
+    from supermerge.merge_core.errors import ConfigError
+    from supermerge.orchestrator.stores import open_store
 
     local = open_store(tmp_path / "store")
     assert local == CheckpointStore(tmp_path / "store") and local.location == str(tmp_path / "store")

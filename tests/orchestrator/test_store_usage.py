@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from orchestrator.store_usage import prune, store_usage, used_keys
+from supermerge.orchestrator.store_usage import prune, store_usage, used_keys
 
 
 def test_usage_counts_hard_linked_bytes_as_shared_and_prune_keeps_what_outputs_name(tmp_path):

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.errors import TreeError
-from orchestrator.similarity import task_vector_similarity
-from orchestrator.tree import MergeTree, balanced_depth, cluster_tree, flat_tree, node_id, tree_from_groups
+from supermerge.orchestrator.errors import TreeError
+from supermerge.orchestrator.similarity import task_vector_similarity
+from supermerge.orchestrator.tree import MergeTree, balanced_depth, cluster_tree, flat_tree, node_id, tree_from_groups
 from tests.orchestrator.families import FAMILIES, NAMES
 
 

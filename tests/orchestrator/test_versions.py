@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from merge_core.errors import CheckpointError
-from orchestrator.executor import REPORT_FILE
-from orchestrator.versions import (CURRENT, check_versioned, current, next_version, prune, published_root_key,
+from supermerge.merge_core.errors import CheckpointError
+from supermerge.orchestrator.executor import REPORT_FILE
+from supermerge.orchestrator.versions import (CURRENT, check_versioned, current, next_version, prune, published_root_key,
                                    switch_current, versions)
 
 
