@@ -138,7 +138,7 @@ def run_case(workdir: Path, k: int, mode: str, steps: int, threads: int, rank: i
                 "node": r.id, "inputs": len(nodes[r.id].children), "tasks": len(nodes[r.id].tasks),
                 "predicted_bytes": r.predicted_peak_bytes, "measured_bytes": r.measured_peak_bytes,
                 "ratio": r.measured_peak_bytes / r.predicted_peak_bytes, "method": r.peak_method,
-                "predicted_terms": nodes[r.id].predicted,
+                "predicted_terms": nodes[r.id].to_dict()["predicted"],
             }
             for r in report.nodes
         ],

@@ -71,7 +71,7 @@ def cmd_merge(
         return _merge_with_prefect(config_path, output=output, method=method, device=device, overwrite=overwrite,
                                    memory_budget=memory_budget, max_fan_in=max_fan_in, flat=flat, store=store)
     from supermerge.orchestrator.executor import REPORT_FILE, execute
-    from supermerge.orchestrator.memory import format_bytes
+    from supermerge.orchestrator.sizes import format_bytes
     from supermerge.orchestrator.options import load_merge_config
     from supermerge.orchestrator.plan import plan
 

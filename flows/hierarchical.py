@@ -55,7 +55,7 @@ from supermerge.merge_core.evaluate import results_table
 from supermerge.merge_core.job import score_models
 from supermerge.orchestrator.executor import config_store, finish
 from supermerge.orchestrator.incremental import plan_with_previous
-from supermerge.orchestrator.memory import format_bytes
+from supermerge.orchestrator.sizes import format_bytes
 from supermerge.orchestrator.options import load_merge_config
 from supermerge.orchestrator.node import NodeRecord, NodeTask, cached_record, run_node
 from supermerge.orchestrator.parallel import device_slots, submission_order

@@ -54,12 +54,19 @@ def check_model(
     from supermerge.merge_core.data import load_task_data, require_labelled
     from supermerge.merge_core.job import load_tokenizer
     from supermerge.merge_core.labels import label_ids
-    from supermerge.merge_core.preflight import check_base, check_model_config, check_task_data, task_heads
+    from supermerge.merge_core.preflight import (
+        check_base,
+        check_model_config,
+        check_task_data,
+        model_config,
+        task_heads,
+    )
 
-    base_config = check_base(base, max_length=max_length)
+    base_config = model_config(base)
     with open_checkpoint(base) as base_ckpt:
+        check_base(base_ckpt, base_config, max_length=max_length)
         heads = task_heads(base_ckpt, model_dir, task, head_prefixes)
-    check_model_config(base_config, model_dir)
+    check_model_config(base_config, model_dir, model_config(model_dir))
     head = heads.get(task, next(iter(heads.values())) if len(heads) == 1 else None)
     if head is None:
         raise DataError(f"{model_dir} carries no task head ({', '.join(head_prefixes)}*) for task {task!r}, so it "

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from supermerge.merge_core.checkpoint import Checkpoint, config_dir, open_checkpoint
+from supermerge.merge_core.checkpoint import Checkpoint, config_dir, file_sha256, open_checkpoint
 from supermerge.merge_core.config import MergeConfig, ModelEntry
 from supermerge.merge_core.data import TaskData, load_task_data
 from supermerge.merge_core.deltas import dense_delta
@@ -51,6 +54,56 @@ def load_split(
         if path is not None:
             out[m.name] = load_task_data(path, tokenizer, max_length, label_ids(m.path, m.name))
     return out
+
+
+class DataCache:
+    """The data files of one run, each read and tokenised once: planning reads every task's validation
+    and test data to check it, each merge node trains on its subtree's validation data, and the run
+    scores the root on the test data. Kept by (file, its sha256, the base whose tokenizer reads it,
+    max_length, label ids), so a file changed during the run is read again (and the node's data
+    digest refuses it). Thread-safe: the parallel executor's nodes share one."""
+
+    def __init__(self) -> None:
+        self._data: dict[tuple[Any, ...], TaskData] = {}
+        self._tokenizers: dict[Path, Any] = {}
+        self._lock = threading.Lock()
+
+    def tokenizer(self, base: str | os.PathLike[str]):
+        """``load_tokenizer(base)``, loaded once per base folder."""
+        key = Path(base).resolve()
+        with self._lock:
+            if key not in self._tokenizers:
+                self._tokenizers[key] = load_tokenizer(base)
+            return self._tokenizers[key]
+
+    def load(self, path: str | os.PathLike[str], base: str | os.PathLike[str], max_length: int,
+             label_ids: Mapping[str, int] | None = None) -> TaskData:
+        """``load_task_data(path, base's tokenizer, max_length, label_ids)``, read once per run."""
+        f = Path(path)
+        try:
+            digest = file_sha256(f) if f.is_file() else None
+        except OSError:
+            digest = None  # unreadable: load_task_data below says why, naming the file
+        key = (str(f.resolve()), digest, str(Path(base).resolve()), max_length, tuple(sorted((label_ids or {}).items())))
+        with self._lock:
+            known = self._data.get(key)
+        if known is not None:
+            return known
+        data = load_task_data(path, self.tokenizer(base), max_length, label_ids)
+        with self._lock:
+            return self._data.setdefault(key, data)
+
+    def split(self, entries: Sequence[ModelEntry], split: str, base: str | os.PathLike[str], max_length: int,
+              labels: Mapping[str, Mapping[str, int] | None] | None = None) -> dict[str, TaskData]:
+        """``validation`` or ``test`` data of every model that has it (``load_split``); ``labels``: each
+        task's label ids when the caller read them already (else read from the model)."""
+        out = {}
+        for m in entries:
+            path = getattr(m, split)
+            if path is not None:
+                ids = labels[m.name] if labels is not None and m.name in labels else label_ids(m.path, m.name)
+                out[m.name] = self.load(path, base, max_length, ids)
+        return out
 
 
 def load_task_vectors(
@@ -102,16 +155,17 @@ def score_models(
     models: Mapping[str, str | os.PathLike[str] | None],
     *,
     progress: bool = False,
+    data: DataCache | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Test accuracy of each named model on every task it has a head for.
+    """Test accuracy of each named model on every task it has a head for (``data``: the run's data
+    files, when they were read already).
 
     ``models`` maps a row name to a model path (a merged dir, a fine-tuned model, an adapter) or None
     for the pretrained base, which is scored with each task's own fine-tuned head. The special row
     ``individual`` scores every task's own fine-tuned model on its task (the upper bound).
     """
     device = resolve_device(config.device)
-    tokenizer = load_tokenizer(config.base)
-    test = load_split(config.models, "test", tokenizer, config.max_length)
+    test = (data if data is not None else DataCache()).split(config.models, "test", config.base, config.max_length)
     if not test:
         raise DataError("no model in the config has test data; add 'test:' files to score models")
     model = FunctionalModel(config.base, config.kind, device)

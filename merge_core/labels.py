@@ -14,24 +14,30 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from supermerge.merge_core.checkpoint import RECORD_FILE
 
 _DEFAULT_LABEL = re.compile(r"^LABEL_\d+$")
 
 
-def read_labels(path: str | os.PathLike[str], name: str) -> dict[str, dict[str, str]]:
+def read_labels(
+    path: str | os.PathLike[str], name: str, *, config: Mapping[str, Any] | None = None
+) -> dict[str, dict[str, str]]:
     """task -> {class index (str): label name} that a model at ``path`` carries: a merged model's record
     (every task beneath it), or a fine-tune's ``config.json`` ``id2label`` (for task ``name``) unless
-    those are transformers' placeholders ``LABEL_i``."""
+    those are transformers' placeholders ``LABEL_i``. ``config``: that config.json as the caller
+    already parsed it (a plan's ``ModelInventory``), so it is not read again."""
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
     record = folder / RECORD_FILE
     if record.is_file():
         return dict(json.loads(record.read_text()).get("labels", {}))
-    config = folder / "config.json"
-    if not config.is_file():
-        return {}
-    id2label = json.loads(config.read_text()).get("id2label") or {}
+    if config is None:
+        file = folder / "config.json"
+        if not file.is_file():
+            return {}
+        config = json.loads(file.read_text())
+    id2label = config.get("id2label") or {}
     if not id2label or all(_DEFAULT_LABEL.match(str(v)) for v in id2label.values()):
         return {}
     return {name: {str(k): str(v) for k, v in sorted(id2label.items(), key=lambda kv: int(kv[0]))}}

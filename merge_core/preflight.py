@@ -67,21 +67,19 @@ def max_positions(base_config: Mapping[str, Any] | None) -> int | None:
     return None
 
 
-def check_base(base: str | os.PathLike[str], *, max_length: int) -> dict[str, Any] | None:
-    """The base's config (None for a bare weights file), refused when unreadable, when ``max_length``
-    exceeds its positions, or when a value of the base is NaN or Inf (reads the base once)."""
-    config = model_config(base)
+def check_base(base: Checkpoint, config: Mapping[str, Any] | None, *, max_length: int) -> None:
+    """Refuse the base (``config``: its parsed config.json, None for a bare weights file) when
+    ``max_length`` exceeds its positions, or when a value of the base is NaN or Inf (reads the base once)."""
     positions = max_positions(config)
     if positions is not None and max_length > positions:
         raise ConfigError(f"max_length {max_length} is more than the base's {positions} positions "
-                          f"(max_position_embeddings in {config_dir(base)}/config.json); set max_length <= {positions}")
-    with open_checkpoint(base) as ckpt:
+                          f"(max_position_embeddings in {config_dir(base.path)}/config.json); set max_length <= {positions}")
+    with base:
         try:
-            check_finite(ckpt)
+            check_finite(base)
         except TaskVectorError as e:
             raise TaskVectorError(f"{e}: it is the base, so every merged tensor would be NaN or Inf; restore "
                                   "the base from its source") from None
-    return config
 
 
 def _differences(base: Mapping[str, Any], tuned: Mapping[str, Any]) -> list[str]:
@@ -89,13 +87,12 @@ def _differences(base: Mapping[str, Any], tuned: Mapping[str, Any]) -> list[str]
     return sorted(k for k in set(base) & set(tuned) if k not in LABEL_FIELDS and base[k] != tuned[k])
 
 
-def check_model_config(base_config: Mapping[str, Any] | None, model: Path) -> None:
-    """A full fine-tune's config.json against the base's: TaskVectorError when they differ in the
-    architecture (anything but label and training-only fields), a warning for training-only fields."""
-    if base_config is None or config_dir(model) is None:
+def check_model_config(base_config: Mapping[str, Any] | None, model: Path, tuned: Mapping[str, Any] | None) -> None:
+    """A full fine-tune's config.json (``tuned``, parsed; None when it has none) against the base's:
+    TaskVectorError when they differ in the architecture (anything but label and training-only
+    fields), a warning for training-only fields."""
+    if base_config is None or tuned is None:
         return
-    tuned = model_config(model)
-    assert tuned is not None
     differ = _differences(base_config, tuned)
     shown = ", ".join(f"{k} ({tuned[k]!r}, the base's {base_config[k]!r})" for k in differ)
     hard = [k for k in differ if k not in TRAINING_FIELDS]
@@ -122,17 +119,19 @@ def head_classes(head: Mapping[str, Tensor | tuple[int, ...]]) -> int | None:
     return None
 
 
-def task_heads(base: Checkpoint, path: Path, name: str, head_prefixes: Sequence[str]) -> dict[str, dict[str, Any]]:
+def task_heads(base: Checkpoint, path: Path, name: str, head_prefixes: Sequence[str],
+               tuned: Checkpoint | None = None) -> dict[str, dict[str, Any]]:
     """task -> {head tensor: shape} of a task model (a merged model: one head per task it serves), read
     from headers where the model is a checkpoint. Checks the model against the base as it goes: its
-    tensor names, shapes and dtypes and its finite values (an adapter: its kind, targets and values)."""
+    tensor names, shapes and dtypes and its finite values (an adapter: its kind, targets and values).
+    ``tuned``: the model's checkpoint, its header already read (opened here when None)."""
     from supermerge.merge_core.adapters import check_adapter, is_adapter_dir, load_adapter_task_vector
 
     if is_adapter_dir(path):
         check_adapter(path, base)
         head = load_adapter_task_vector(path, base).head
         return {name: {n: tuple(t.shape) for n, t in head.items()}} if head else {}
-    with open_checkpoint(path) as tuned:
+    with tuned if tuned is not None else open_checkpoint(path) as tuned:
         names = match_names(base, tuned, head_prefixes)
         check_finite(tuned)
         head = {n: tuned.shape(n) for n in names.head}

@@ -32,7 +32,7 @@ from supermerge.merge_core.checkpoint import RECORD_FILE, move_into_place, open_
 from supermerge.merge_core.config import MergeConfig
 from supermerge.merge_core.errors import DataError
 from supermerge.merge_core.evaluate import evaluate
-from supermerge.merge_core.job import load_split, load_tokenizer
+from supermerge.merge_core.job import DataCache
 from supermerge.merge_core.model import FunctionalModel
 from supermerge.merge_core.task_vectors import check_finite_model, load_stored_heads, mergeable_names
 from supermerge.orchestrator.errors import StoreError
@@ -116,7 +116,7 @@ def execute(
     output = plan.config.output
     refuse_existing(output, overwrite=overwrite)
     store = config_store(plan.config, store_dir)
-    run = runner if runner is not None else (lambda node, s: run_node(node, s, progress=progress))
+    run = runner if runner is not None else (lambda node, s: run_node(node, s, progress=progress, data=plan.data))
     started = time.perf_counter()
     records: list[NodeRecord] = []
     for node in tqdm(plan.nodes, desc="merge tree", disable=not progress, unit="node"):
@@ -129,7 +129,7 @@ def execute(
     if stored is None:
         raise StoreError(f"the root {plan.root.id} is not finished in {store.root} after running every node; "
                          "the node runner did not write it")
-    test_accuracy = score_model(plan.config, root_dir, plan.root.device, progress=progress)
+    test_accuracy = score_model(plan.config, root_dir, plan.root.device, progress=progress, data=plan.data)
     return finish(plan, store, records, time.perf_counter() - started, overwrite=overwrite,
                   test_accuracy=test_accuracy)
 
@@ -161,11 +161,12 @@ def finish(
     return report
 
 
-def score_model(config: MergeConfig, model_dir: Path, device: str, *, progress: bool = False) -> dict[str, float]:
+def score_model(config: MergeConfig, model_dir: Path, device: str, *, progress: bool = False,
+                data: DataCache | None = None) -> dict[str, float]:
     """Test accuracy of a merged model dir on every config task with test data (each with its head
-    from ``heads/``); empty when no model has test data."""
-    tokenizer = load_tokenizer(config.base)
-    test = load_split(config.models, "test", tokenizer, config.max_length)
+    from ``heads/``); empty when no model has test data. ``data``: the run's data files (the plan's,
+    which read the test data already)."""
+    test = (data if data is not None else DataCache()).split(config.models, "test", config.base, config.max_length)
     if not test:
         return {}
     heads = load_stored_heads(model_dir)

@@ -30,14 +30,16 @@ from torch import Tensor
 
 from supermerge.merge_core.checkpoint import open_checkpoint
 from supermerge.merge_core.config import ModelEntry
-from supermerge.merge_core.data import TaskData, load_task_data
-from supermerge.merge_core.job import load_task_vectors, load_tokenizer
+from supermerge.merge_core.data import TaskData
+from supermerge.merge_core.job import DataCache, load_task_vectors
 from supermerge.merge_core.merge import input_compressor, merge, save_result
+from supermerge.merge_core.peak import PeakBytes
 from supermerge.merge_core.stream import stream_merge, streamable
 from supermerge.merge_core.task_vectors import check_finite_result
 from supermerge.orchestrator.errors import NodeOutOfMemoryError, StoreError
 from supermerge.orchestrator.measure import STREAM_MMAP_THRESHOLD_BYTES, PeakMeter, PeakReading, return_large_blocks_promptly
-from supermerge.orchestrator.memory import exceeds_prediction, format_bytes, prediction_margin
+from supermerge.orchestrator.budget import exceeds_prediction, prediction_margin
+from supermerge.orchestrator.sizes import format_bytes
 from supermerge.orchestrator.store import KEY_FIELD, Store, data_digest
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ class NodeTask:
 
     ``tasks``: the task models of the node's subtree; ``validation``: task -> validation data file,
     for those tasks; ``data_digest``: the digest of that data when planned (checked again when run);
-    ``predicted``: the memory planner's per-term prediction (bytes) for ``device``.
+    ``predicted``: the memory planner's per-term prediction (bytes) for ``device`` (a dict in ``to_dict``).
     """
 
     id: str
@@ -76,7 +78,7 @@ class NodeTask:
     head_prefixes: tuple[str, ...]
     data_digest: str
     device: str
-    predicted: dict[str, int] = field(default_factory=dict)
+    predicted: PeakBytes | None = None
     task_vector_device: str | None = None
     """Where a learned merge keeps its stacked task vectors: None for ``device``, 'cpu' when the
     planner put the model on a GPU that cannot also hold k task vectors (pinned host memory)."""
@@ -90,14 +92,16 @@ class NodeTask:
     @property
     def predicted_peak_bytes(self) -> int:
         """The prediction the measured peak is compared with: the GPU's share on a GPU, else all."""
-        return int(self.predicted.get("peak", 0))
+        return self.predicted.peak if self.predicted is not None else 0
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON data: what a Prefect task receives (``from_dict`` reads it back)."""
+        return {**dataclasses.asdict(self), "predicted": self.predicted.to_dict() if self.predicted else {}}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> NodeTask:
         raw = dict(raw)
+        raw["predicted"] = PeakBytes.from_dict(raw["predicted"]) if raw.get("predicted") else None
         raw["children"] = tuple(ChildRef(**c) for c in raw["children"])
         raw["tasks"] = tuple(raw["tasks"])
         raw["head_prefixes"] = tuple(raw["head_prefixes"])
@@ -124,7 +128,7 @@ class NodeRecord:
     cached: bool = False
     over_prediction: bool = False
     """The measured peak exceeded the prediction by more than the planner's margin
-    (``supermerge.orchestrator.memory.exceeds_prediction``)."""
+    (``supermerge.orchestrator.budget.exceeds_prediction``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,13 +138,13 @@ def child_path(child: ChildRef, store: Store) -> Path:
     return Path(child.path) if child.path is not None else store.path(child.key)
 
 
-def load_validation(node: NodeTask) -> dict[str, TaskData]:
-    """The node's subtree's validation data, checked against the digest it was planned with."""
+def load_validation(node: NodeTask, data: DataCache | None = None) -> dict[str, TaskData]:
+    """The node's subtree's validation data, checked against the digest it was planned with. ``data``:
+    the run's data files (read once per run; a node run on its own reads them here)."""
     if not node.validation:
         return {}
-    tokenizer = load_tokenizer(node.base)
-    val = {t: load_task_data(p, tokenizer, node.max_length, node.label_ids.get(t))
-           for t, p in sorted(node.validation.items())}
+    data = data if data is not None else DataCache()
+    val = {t: data.load(p, node.base, node.max_length, node.label_ids.get(t)) for t, p in sorted(node.validation.items())}
     if data_digest(val) != node.data_digest:
         raise StoreError(
             f"node {node.id}: the validation data of {sorted(val)} changed since the plan was made; "
@@ -187,8 +191,9 @@ def out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(m in str(e) for m in OUT_OF_MEMORY_MESSAGES)
 
 
-def run_node(node: NodeTask, store: Store, *, progress: bool = False) -> NodeRecord:
+def run_node(node: NodeTask, store: Store, *, progress: bool = False, data: DataCache | None = None) -> NodeRecord:
     """Merge ``node``'s children into ``store`` (a finished node is returned from the store as is).
+    ``data``: the run's data files, read once per run (the plan's ``MergePlan.data``).
 
     Raises NodeOutOfMemoryError when the node runs out of memory, StoreError when an input is not
     finished in the store."""
@@ -207,7 +212,7 @@ def run_node(node: NodeTask, store: Store, *, progress: bool = False) -> NodeRec
                         node.id, store.path(node.key), problem)
         failure = None
         try:
-            return _merge_node(node, store, progress)
+            return _merge_node(node, store, progress, data)
         except (MemoryError, RuntimeError) as e:
             if not out_of_memory(e):
                 raise
@@ -233,7 +238,7 @@ def _out_of_memory_message(node: NodeTask, failure: str) -> str:
     )
 
 
-def _merge_node(node: NodeTask, store: Store, progress: bool) -> NodeRecord:
+def _merge_node(node: NodeTask, store: Store, progress: bool, data: DataCache | None) -> NodeRecord:
     """Load the children (each merged one under a shared lock, checked before it is read), merge,
     and write the result under the node's key (the caller holds its exclusive lock)."""
     with ExitStack() as held:
@@ -256,7 +261,7 @@ def _merge_node(node: NodeTask, store: Store, progress: bool) -> NodeRecord:
         return_large_blocks_promptly()
         started = time.perf_counter()
         with PeakMeter(node.device) as meter:
-            val = load_validation(node)
+            val = load_validation(node, data)
             with open_checkpoint(node.base) as base:
                 vectors = load_task_vectors(base, entries, head_prefixes=node.head_prefixes, progress=progress,
                                             each=input_compressor(node.method, node.parameters, len(entries)))
@@ -275,7 +280,7 @@ def _merge_node(node: NodeTask, store: Store, progress: bool) -> NodeRecord:
     save_result(
         result, store.path(node.key), base_path=node.base,
         models={e.name: str(e.path) for e in entries}, overwrite=store.occupied(node.key),
-        extra_record={KEY_FIELD: node.key, "node": record.to_dict(), "predicted": node.predicted},
+        extra_record={KEY_FIELD: node.key, "node": record.to_dict(), "predicted": node.to_dict()["predicted"]},
         out_dtype=node.out_dtype,
     )
     store.publish(node.key)
@@ -293,7 +298,7 @@ def _stream_node(node: NodeTask, store: Store, entries: list[ModelEntry], progre
 
         def measured() -> dict[str, Any]:
             records.append(_node_record(node, store, time.perf_counter() - started, meter.current(), {}))
-            return {KEY_FIELD: node.key, "node": records[-1].to_dict(), "predicted": node.predicted, "streamed": True}
+            return {KEY_FIELD: node.key, "node": records[-1].to_dict(), "predicted": node.to_dict()["predicted"], "streamed": True}
 
         stream_merge(
             node.base, [(e.name, e.path) for e in entries], node.method, node.parameters, store.path(node.key),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from supermerge.orchestrator.memory import format_bytes
+from supermerge.orchestrator.sizes import format_bytes
 from supermerge.orchestrator.node import NodeRecord, NodeTask
 from supermerge.orchestrator.plan import MergePlan
 
@@ -30,9 +30,9 @@ def device_slots(plan: MergePlan, *, cpu_count: int | None = None, max_parallel:
     slots = {d: 1 for d in devices if d != "cpu"}
     if "cpu" in devices:
         gpu_host = sum(
-            max(int(n.predicted.get("host", 0)) for n in plan.nodes if n.device == d) for d in slots
+            max(n.predicted.host_bytes if n.predicted else 0 for n in plan.nodes if n.device == d) for d in slots
         )
-        largest = max(int(n.predicted.get("total", n.predicted_peak_bytes)) for n in plan.nodes if n.device == "cpu")
+        largest = max(n.predicted.total if n.predicted else 0 for n in plan.nodes if n.device == "cpu")
         fit = (plan.budget.host - gpu_host) // max(largest, 1)
         cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
         slots["cpu"] = max(1, min(int(fit), cores, max_parallel or cores))

@@ -20,42 +20,27 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from supermerge.merge_core.checkpoint import open_checkpoint
 from supermerge.merge_core.config import MergeConfig
 from supermerge.merge_core.data import TaskData
 from supermerge.merge_core.devices import resolve_device
 from supermerge.merge_core.errors import ConfigError, DataError
-from supermerge.merge_core.job import load_split, load_tokenizer
-from supermerge.merge_core.labels import label_ids
+from supermerge.merge_core.job import DataCache
 from supermerge.merge_core.methods.learned import STORAGE_DTYPES, LearnedMergeConfig, weight_groups
+from supermerge.merge_core.methods.learned_peak import LearnedWorkload, compressed_loaded_values, compressed_stack_values
+from supermerge.merge_core.methods.per_tensor_peak import PerTensorWorkload
 from supermerge.merge_core.methods.registry import MethodSpec, Temporaries, get_method
+from supermerge.merge_core.peak import ModelShape, Workload
+from supermerge.merge_core.preflight import check_base, check_model_config, check_task_data, task_heads
 from supermerge.merge_core.stream import streamable
-from supermerge.merge_core.preflight import check_base, check_model_config, check_task_data, model_config, task_heads
+from supermerge.merge_core.stream_peak import StreamedWorkload, streamed_io_bytes, streamed_mapped_bytes
+from supermerge.orchestrator.budget import Budget, make_budget
 from supermerge.orchestrator.errors import MemoryBudgetError, TreeError
-from supermerge.orchestrator.memory import (
-    FP32,
-    Budget,
-    MemoryInventory,
-    ModelShape,
-    NodeWorkload,
-    Placement,
-    compressed_loaded_values,
-    compressed_stack_values,
-    describe,
-    format_bytes,
-    largest_tensor_bytes,
-    load_model_code,
-    loaded_values,
-    make_budget,
-    model_shape,
-    place_node,
-    read_inventory,
-    streamed_io_bytes,
-    streamed_mapped_bytes,
-    weight_file_bytes,
-)
+from supermerge.orchestrator.hardware import MemoryInventory, read_inventory
+from supermerge.orchestrator.model_inventory import ModelInventory
 from supermerge.orchestrator.node import ChildRef, NodeTask
+from supermerge.orchestrator.placement import Placement, describe, place_node
 from supermerge.orchestrator.similarity import Similarity, task_vector_similarity
+from supermerge.orchestrator.sizes import format_bytes
 from supermerge.orchestrator.store import data_digest, model_key, node_key
 from supermerge.orchestrator.tree import MergeTree, balanced_depth, cluster_tree, flat_tree, tree_from_groups
 
@@ -80,6 +65,8 @@ class MergePlan:
     inventory: MemoryInventory
     similarity: Similarity | None = None
     shape: str = "flat"
+    data: DataCache = dataclasses.field(default_factory=lambda: DataCache())
+    """The run's validation and test data, read and tokenised once (planning read them already)."""
 
     @property
     def root(self) -> NodeTask:
@@ -112,9 +99,9 @@ class MergePlan:
         for n in self.nodes:
             p = n.predicted
             lines.append(
-                f"| {n.id} | {len(n.children)} | {len(n.tasks)} | {n.device} | {format_bytes(p['peak'])} "
-                f"| {format_bytes(p['eq6'])} | {format_bytes(p['task_vectors'] + p['stacked_task_vectors'])} "
-                f"| {format_bytes(p['activations'])} |"
+                f"| {n.id} | {len(n.children)} | {len(n.tasks)} | {n.device} | {format_bytes(p.peak)} "
+                f"| {format_bytes(p.eq6)} | {format_bytes(p.task_vectors + p.stacked_task_vectors)} "
+                f"| {format_bytes(p.activations)} |"
             )
         return "\n".join(lines)
 
@@ -134,7 +121,7 @@ class MergePlan:
     def _annotation(self, node_id: str) -> str:
         n = self.node(node_id)
         where = f"{n.device} (task vectors in host memory)" if n.task_vector_device else n.device
-        return f"[{len(n.tasks)} tasks] {where}, predicted {format_bytes(n.predicted['peak'])}"
+        return f"[{len(n.tasks)} tasks] {where}, predicted {format_bytes(n.predicted.peak)}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -205,6 +192,8 @@ class _Inputs:
     file_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
     """Weight-file bytes of each model and of the base (key ``""``): what a streamed node reads."""
     largest_stored_bytes: int = 0
+    labels: dict[str, dict[str, int] | None] = dataclasses.field(default_factory=dict)
+    """Each task's label name -> class id (its fine-tune's ``id2label``), None where it names none."""
 
 
 def _seq_len(data: TaskData) -> int:
@@ -212,46 +201,66 @@ def _seq_len(data: TaskData) -> int:
     return int(ids.shape[1]) if ids.dim() > 1 else 1
 
 
-def _workload(inputs: _Inputs, tree: MergeTree, node: str, compressed: bool = False) -> NodeWorkload:
-    """What ``node`` holds; ``compressed``: a learned merge over compressed task vectors (a full
-    fine-tune's task vector then holds ``compressed_loaded_values``; adapters stay as loaded), which
-    the planner chose (flat-compressed) or the config asks for (``basis: compressed``,
-    ``supermerge_compressed``)."""
-    children = tree.children(node)
-    compressed = compressed or (inputs.learned is not None and inputs.learned.basis == "compressed")
+def _workload(inputs: _Inputs, tree: MergeTree, node: str, compressed: bool = False) -> Workload:
+    """What ``node`` holds, as its engine's formula needs it: streamed, in memory per tensor, or learned
+    (``compressed``: over compressed task vectors, see ``_learned_workload``)."""
     if inputs.streamed:
-        n = inputs.shape.n_params
-        read = inputs.file_bytes[""] + sum(inputs.file_bytes[c] if tree.is_model(c) else inputs.file_bytes[""]
-                                           for c in children)
-        return NodeWorkload(
-            k=len(children), n_groups=0, batches=(), learned=False, streamed=True,
-            loaded_values=sum(inputs.loaded[c] for c in children if tree.is_model(c) and inputs.loaded[c] != n),
-            temporaries=inputs.temporaries,
-            mapped_bytes=streamed_mapped_bytes(inputs.largest_stored_bytes, len(children), read),
-            io_bytes=streamed_io_bytes(inputs.largest_stored_bytes, inputs.shape.largest_tensor),
+        return _streamed_workload(inputs, tree, node)
+    if inputs.learned is None:
+        return PerTensorWorkload(
+            k=len(tree.children(node)), loaded_values=sum(_loaded_per_child(inputs, tree, node)),
+            batches=_batches(inputs, tree, node, None), candidates=inputs.candidates,
+            scaled_search=inputs.scaled_search, temporaries=inputs.temporaries,
         )
-    per_child = [inputs.loaded[c] if tree.is_model(c) else inputs.shape.n_params for c in children]
-    loaded = sum(per_child)
-    stack_values = None
-    if compressed:
-        rank = inputs.learned.rank if inputs.learned is not None else None
-        full = compressed_loaded_values(inputs.shape, len(children), rank)
-        loaded = sum(full if v == inputs.shape.n_params else v for v in per_child)
-        stack_values = compressed_stack_values(inputs.shape, len(children), rank)
-    batches = []
+    return _learned_workload(inputs, inputs.learned, tree, node, compressed)
+
+
+def _loaded_per_child(inputs: _Inputs, tree: MergeTree, node: str) -> list[int]:
+    """fp32 values each child's loaded task vector holds (a merged child is a full model)."""
+    return [inputs.loaded[c] if tree.is_model(c) else inputs.shape.n_params for c in tree.children(node)]
+
+
+def _batches(inputs: _Inputs, tree: MergeTree, node: str, batch_size: int | None) -> tuple[tuple[int, int], ...]:
+    """One (examples, sequence length) per task of the subtree with validation data, at most
+    ``batch_size`` examples (a learned merge's step)."""
+    out = []
     for t in tree.tasks(node):
         if t in inputs.val:
-            rows = len(inputs.val[t])
-            if inputs.learned is not None:
-                rows = min(rows, inputs.learned.batch_size)
-            batches.append((rows, _seq_len(inputs.val[t])))
-    return NodeWorkload(
-        k=len(children), loaded_values=loaded, n_groups=inputs.n_groups, batches=tuple(batches),
-        learned=inputs.learned is not None, candidates=inputs.candidates, temporaries=inputs.temporaries,
-        per_task_backward=inputs.learned is None or inputs.learned.backward == "per_task",
-        scaled_search=inputs.scaled_search,
-        stack_bytes_per_value=(STORAGE_DTYPES[inputs.learned.storage_dtype].itemsize if inputs.learned
-                               else FP32),
+            rows = len(inputs.val[t]) if batch_size is None else min(len(inputs.val[t]), batch_size)
+            out.append((rows, _seq_len(inputs.val[t])))
+    return tuple(out)
+
+
+def _streamed_workload(inputs: _Inputs, tree: MergeTree, node: str) -> StreamedWorkload:
+    children = tree.children(node)
+    n = inputs.shape.n_params
+    read = inputs.file_bytes[""] + sum(inputs.file_bytes[c] if tree.is_model(c) else inputs.file_bytes[""]
+                                       for c in children)
+    return StreamedWorkload(
+        k=len(children),
+        loaded_values=sum(inputs.loaded[c] for c in children if tree.is_model(c) and inputs.loaded[c] != n),
+        temporaries=inputs.temporaries,
+        mapped_bytes=streamed_mapped_bytes(inputs.largest_stored_bytes, len(children), read),
+        io_bytes=streamed_io_bytes(inputs.largest_stored_bytes, inputs.shape.largest_tensor),
+    )
+
+
+def _learned_workload(inputs: _Inputs, learned: LearnedMergeConfig, tree: MergeTree, node: str,
+                      compressed: bool) -> LearnedWorkload:
+    """``compressed``: over compressed task vectors (a full fine-tune's task vector then holds
+    ``compressed_loaded_values``; adapters stay as loaded), which the planner chose (flat-compressed)
+    or the config asks for (``basis: compressed``, ``supermerge_compressed``)."""
+    k = len(tree.children(node))
+    per_child = _loaded_per_child(inputs, tree, node)
+    loaded, stack_values = sum(per_child), None
+    if compressed or learned.basis == "compressed":
+        full = compressed_loaded_values(inputs.shape, k, learned.rank)
+        loaded = sum(full if v == inputs.shape.n_params else v for v in per_child)
+        stack_values = compressed_stack_values(inputs.shape, k, learned.rank)
+    return LearnedWorkload(
+        k=k, loaded_values=loaded, n_groups=inputs.n_groups, batches=_batches(inputs, tree, node, learned.batch_size),
+        per_task_backward=learned.backward == "per_task",
+        stack_bytes_per_value=STORAGE_DTYPES[learned.storage_dtype].itemsize,
         stack_values=stack_values,
     )
 
@@ -297,26 +306,30 @@ def _node_tasks(inputs: _Inputs, tree: MergeTree, placements: Mapping[str, Place
             head_prefixes=tuple(config.head_prefixes),
             data_digest=digest,
             device=placement.device,
-            predicted=placement.predicted.to_dict(),
+            predicted=placement.predicted,
             task_vector_device=placement.task_vector_device,
             out_dtype=out_dtype,
-            label_ids={t: ids for t in tasks if t in val and (ids := label_ids(entries[t].path, t)) is not None},
+            label_ids={t: ids for t in tasks if t in val and (ids := inputs.labels.get(t)) is not None},
         ))
     return nodes
 
 
-def _check_models(config: MergeConfig, *, needs_heads: bool, progress: bool) -> dict[str, dict[str, Any]]:
+def _check_models(config: MergeConfig, models: ModelInventory, *, needs_heads: bool,
+                  progress: bool) -> dict[str, dict[str, Any]]:
     """Every model against the base, and, where data is scored, that it carries a task head: seen now,
     not after hours of merging. A full fine-tune's header must fit the base (one error per model listing
     its problems), its config.json the base's architecture, and its values be finite (every tensor is
     read once, one at a time: about the time to read the models from disk); an adapter must be of a
     supported kind, fit the base, and be finite. Returns each task's head (tensor -> shape)."""
+    from supermerge.merge_core.adapters import is_adapter_dir
+
     headless, heads = [], {}
-    base_config = model_config(config.base)
-    with open_checkpoint(config.base) as base:
+    base_config = models.config(config.base)
+    with models.checkpoint(config.base) as base:
         for m in tqdm(config.models, desc="checking models", disable=not progress, leave=False, unit="model"):
-            found = task_heads(base, Path(m.path), m.name, config.head_prefixes)
-            check_model_config(base_config, Path(m.path))
+            tuned = None if is_adapter_dir(m.path) else models.checkpoint(m.path)
+            found = task_heads(base, Path(m.path), m.name, config.head_prefixes, tuned)
+            check_model_config(base_config, Path(m.path), models.config(m.path))
             heads.update(found)
             if not found:
                 headless.append(m.name)
@@ -329,20 +342,22 @@ def _check_models(config: MergeConfig, *, needs_heads: bool, progress: bool) -> 
     return heads
 
 
-def _check_data(config: MergeConfig, heads: Mapping[str, Mapping[str, Any]], splits: Mapping[str, Mapping[str, TaskData]]) -> None:
+def _check_data(config: MergeConfig, base_config: Mapping[str, Any] | None, heads: Mapping[str, Mapping[str, Any]],
+                splits: Mapping[str, Mapping[str, TaskData]]) -> None:
     """Each task's validation and test data against its head and the model (supermerge.merge_core.preflight)."""
-    base_config = model_config(config.base)
     for m in config.models:
         for split, data in splits.items():
             if m.name in data:
                 check_task_data(m.name, data[m.name], heads.get(m.name), str(getattr(m, split)), base_config)
 
 
-def _read_inputs(config: MergeConfig, spec: MethodSpec, progress: bool) -> _Inputs:
+def _read_inputs(config: MergeConfig, spec: MethodSpec, models: ModelInventory, data: DataCache,
+                 progress: bool) -> _Inputs:
     learned = _learned_config(spec, config.method_parameters())
-    check_base(config.base, max_length=config.max_length)
-    tokenizer = load_tokenizer(config.base)
-    val = load_split(config.models, "validation", tokenizer, config.max_length)
+    base_config = models.config(config.base)
+    check_base(models.checkpoint(config.base), base_config, max_length=config.max_length)
+    labels = {m.name: models.label_ids(m.path, m.name) for m in config.models}
+    val = data.split(config.models, "validation", config.base, config.max_length, labels)
     if spec.kind == "learned" or _candidate_count(spec, config.method_parameters()) > 1:
         missing = [m.name for m in config.models if m.name not in val]
         if missing:
@@ -350,21 +365,22 @@ def _read_inputs(config: MergeConfig, spec: MethodSpec, progress: bool) -> _Inpu
                 f"method {spec.name!r} trains or searches on validation data, but model(s) {missing} have no "
                 "'validation:' file; add one per model (the paper uses 32 examples a task)"
             )
-    test = load_split(config.models, "test", tokenizer, config.max_length)  # read now: scored only at the end
-    heads = _check_models(config, needs_heads=bool(val) or bool(test), progress=progress)
-    _check_data(config, heads, {"validation": val, "test": test})
-    shape = model_shape(config.base, config.kind)
+    # read now, so bad test data is refused before any work; the run scores the root on it at the end
+    test = data.split(config.models, "test", config.base, config.max_length, labels)
+    heads = _check_models(config, models, needs_heads=bool(val) or bool(test), progress=progress)
+    _check_data(config, base_config, heads, {"validation": val, "test": test})
+    shape = models.shape()
     n_groups = len(weight_groups(list(shape.tensor_names), learned.granularity)[0]) if learned else 0
     keys = {m.name: model_key(m.path) for m in config.models}
-    loaded = {m.name: loaded_values(m.path, shape.n_params) for m in config.models}
+    loaded = {m.name: models.loaded_values(m.path) for m in config.models}
     candidates = _candidate_count(spec, config.method_parameters())
     streamed = streamable(config.method, config.method_parameters())
-    files = {m.name: weight_file_bytes(m.path) for m in config.models} if streamed else {}
+    files = {m.name: models.weight_file_bytes(m.path) for m in config.models} if streamed else {}
     if streamed:
-        files[""] = weight_file_bytes(config.base)
+        files[""] = models.weight_file_bytes(config.base)
     return _Inputs(config, shape, val, learned, candidates, candidates > 1 and spec.scale is not None, n_groups,
                    loaded, keys, model_key(config.base), streamed, spec.temporaries, files,
-                   largest_tensor_bytes(config.base) if streamed else 0)
+                   models.largest_tensor_bytes(config.base) if streamed else 0, labels)
 
 
 COMPRESSED_REASON = ("flat over compressed task vectors: a dense flat merge does not fit the budget, this one "
@@ -398,20 +414,25 @@ def plan(
     inventory: MemoryInventory | None = None,
     similarity: Similarity | None = None,
     progress: bool = False,
+    data: DataCache | None = None,
 ) -> MergePlan:
     """Plan a (hierarchical) merge of the config's models; refuse before any work if none fits.
 
     ``inventory``: what is free (read now when None); ``similarity``: the task vectors' similarity
-    (computed, streaming, only if a clustered tree is needed).
+    (computed, streaming, only if a clustered tree is needed); ``data``: the run's data files, read
+    once (new when None; the plan keeps it, so the nodes and the final scoring read no file again).
+    Each input's header and config.json are read once (``ModelInventory``).
     """
     names = [m.name for m in config.models]
     k = len(names)
     _check_tree_config(config, k)
     spec = get_method(config.method)
     requested = resolve_device(config.device)
-    inputs = _read_inputs(config, spec, progress)
+    models = ModelInventory(config.base, config.kind)
+    data = data if data is not None else DataCache()
+    inputs = _read_inputs(config, spec, models, data, progress)
     if not inputs.streamed and (spec.kind == "learned" or inputs.val or inputs.candidates > 1):
-        load_model_code(config.base, config.kind)
+        models.load_model_code()
     inventory = inventory if inventory is not None else read_inventory()
     budget = make_budget(config.tree.memory_budget, inventory)
     cached: list[Similarity] = [similarity] if similarity is not None else []
@@ -420,7 +441,7 @@ def plan(
         if not cached:
             cached.append(task_vector_similarity(
                 config.base, {m.name: m.path for m in config.models}, head_prefixes=config.head_prefixes,
-                progress=progress,
+                progress=progress, open_model=models.checkpoint,
             ))
         if cached[0].names != names:
             raise TreeError(f"the similarity given covers {cached[0].names}, the config's models are {names}")
@@ -472,7 +493,7 @@ def plan(
                      else "groups" if tree_config.groups is not None else tree_config.shape)
             if compressed:
                 reason = f"{reason} (dense flat needs {format_bytes(dense_flat_needs)})"
-            return MergePlan(config, tree, tree.fan_in, reason, nodes, budget, inventory, used, shape)
+            return MergePlan(config, tree, tree.fan_in, reason, nodes, budget, inventory, used, shape, data)
         if len(tree.merges()) == 1 and not compressed:
             dense_flat_needs = max(p.predicted.total for _, p in misfits)
         node, p = max(misfits, key=lambda m: m[1].predicted.total)

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -195,13 +195,15 @@ def task_vector_similarity(
     include: str | None = None,
     seed: int = 0,
     progress: bool = False,
+    open_model: Callable[[str | os.PathLike[str]], Checkpoint] = open_checkpoint,
 ) -> Similarity:
     """Cosine similarity of the task vectors of ``models`` (name -> fine-tuned dir/file or adapter dir).
 
     Every model's headers are checked against the base first (one error listing all problems);
-    adapters are loaded compact and made dense per tensor.
+    adapters are loaded compact and made dense per tensor. ``open_model`` opens a checkpoint (a plan
+    passes its ``ModelInventory.checkpoint``, whose headers are already read).
     """
-    with open_checkpoint(base_path) as base:
+    with open_model(base_path) as base:
         opened: list[Checkpoint] = []
         try:
             sources: dict[str, DeltaSource] = {}
@@ -209,7 +211,7 @@ def task_vector_similarity(
                 if is_adapter_dir(path):
                     sources[name] = AdapterDeltas(load_adapter_task_vector(Path(path), base))
                     continue
-                ckpt = open_checkpoint(path)
+                ckpt = open_model(path)
                 opened.append(ckpt)
                 sources[name] = CheckpointDeltas(ckpt, match_names(base, ckpt, head_prefixes))
             return similarity_from_sources(

@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from supermerge.orchestrator.memory import format_bytes
+from supermerge.orchestrator.sizes import format_bytes
 
 
 @dataclass(frozen=True)

@@ -376,7 +376,7 @@ def _budget_below_process(ws, ft, mp):
 
 
 def _budget_fits_no_plan(ws, ft, mp):
-    from supermerge.orchestrator.memory import MemoryInventory
+    from supermerge.orchestrator.hardware import MemoryInventory
 
     # the machine as the planner sees it, fixed: a terabyte free and a process holding nothing, so the
     # node's prediction (tens of MB) meets a 20 MB budget on every machine

@@ -10,7 +10,7 @@ import torch
 
 from supermerge.merge_core.errors import CheckpointError
 from supermerge.orchestrator.executor import REPORT_FILE, ExecutionReport, execute
-from supermerge.orchestrator.memory import MemoryInventory
+from supermerge.orchestrator.hardware import MemoryInventory
 from supermerge.orchestrator.node import NodeRecord, NodeTask, load_validation, run_node
 from supermerge.orchestrator.plan import MergePlan, plan
 from supermerge.orchestrator.store import KEY_FIELD, CheckpointStore
@@ -164,10 +164,10 @@ def test_a_per_tensor_method_with_fixed_parameters_streams_each_node(tiny_base_d
         largest = max(base.shape(n)[0] * (base.shape(n)[1] if len(base.shape(n)) > 1 else 1)
                       for n in base.keys() if base.dtype(n).is_floating_point)
         vectors = load_task_vectors(base, config.models, head_prefixes=DEFAULT_HEAD_PREFIXES)
-    assert root.device == "cpu" and root.predicted["model_weights"] == root.predicted["activations"] == 0
-    assert root.predicted["stacked_task_vectors"] == 4 * len(NAMES) * largest
-    assert root.predicted["op_temporaries"] == 4 * METHODS["ties"].temporaries.values(len(NAMES), largest)
-    assert root.predicted["io_tensors"] == 4 * largest  # fp32 base: its read copy, no widening or cast
+    assert root.device == "cpu" and root.predicted.model_weights == root.predicted.activations == 0
+    assert root.predicted.stacked_task_vectors == 4 * len(NAMES) * largest
+    assert root.predicted.op_temporaries == 4 * METHODS["ties"].temporaries.values(len(NAMES), largest)
+    assert root.predicted.io_tensors == 4 * largest  # fp32 base: its read copy, no widening or cast
 
     report = execute(p)
     [record] = report.nodes

@@ -17,25 +17,15 @@ from supermerge.merge_core.task_vectors import mergeable_names
 from supermerge.orchestrator import measure
 from supermerge.orchestrator.errors import MemoryBudgetError
 from supermerge.orchestrator.measure import PeakMeter
-from supermerge.orchestrator.memory import (
-    RUNTIME_BYTES,
-    SAFE_GPU_FRACTION,
-    SAFE_RAM_FRACTION,
-    Budget,
-    GpuMemory,
-    MemoryInventory,
-    ModelShape,
-    NodeWorkload,
-    _visible_nvml_indices,
-    activation_bytes,
-    make_budget,
-    model_shape,
-    parse_bytes,
-    place_node,
-    predict_node_peak_bytes,
-    read_inventory,
-    streamed_io_bytes,
-)
+from supermerge.merge_core.methods.learned_peak import LearnedWorkload
+from supermerge.merge_core.methods.per_tensor_peak import PerTensorWorkload
+from supermerge.merge_core.peak import RUNTIME_BYTES, ModelShape, activation_bytes
+from supermerge.merge_core.stream_peak import streamed_io_bytes
+from supermerge.orchestrator.budget import SAFE_GPU_FRACTION, SAFE_RAM_FRACTION, Budget, make_budget
+from supermerge.orchestrator.hardware import GpuMemory, MemoryInventory, _visible_nvml_indices, read_inventory
+from supermerge.orchestrator.model_inventory import model_shape
+from supermerge.orchestrator.placement import place_node
+from supermerge.orchestrator.sizes import parse_bytes
 
 SHAPE = ModelShape(n_params=1000, largest_tensor=400, tensor_names=("a", "b"), layers=2, hidden=8, heads=2,
                    intermediate=32, vocab=50)
@@ -44,8 +34,8 @@ SHAPE = ModelShape(n_params=1000, largest_tensor=400, tensor_names=("a", "b"), l
 
 def test_eq6_terms_for_a_known_shape():
     # k = 3 full fine-tunes (3 x 1000 values loaded), G = 5 weight groups: N_trainable = 15
-    work = NodeWorkload(k=3, loaded_values=3000, n_groups=5, batches=((4, 10), (2, 6)))
-    p = predict_node_peak_bytes(SHAPE, work)
+    work = LearnedWorkload(k=3, loaded_values=3000, n_groups=5, batches=((4, 10), (2, 6)))
+    p = work.peak(SHAPE)
     assert p.model_weights == 4 * 1000
     assert p.merge_weight_grads == 4 * 15
     assert p.optimizer_state == 8 * 15
@@ -65,40 +55,38 @@ def test_eq6_terms_for_a_known_shape():
     assert p.peak == p.total and p.device_bytes == 0 and p.host_bytes == p.total
     assert p.to_dict()["eq6"] == 16180
     # joint backward: every task's batch before one backward; the merged tensors' gradients pass one at a time
-    joint = predict_node_peak_bytes(SHAPE, NodeWorkload(k=3, loaded_values=3000, n_groups=5,
-                                                        batches=((4, 10), (2, 6)), per_task_backward=False))
+    joint = LearnedWorkload(k=3, loaded_values=3000, n_groups=5, batches=((4, 10), (2, 6)),
+                            per_task_backward=False).peak(SHAPE)
     assert joint.merged_param_grads == 4 * 400
     assert joint.activations == 4 * (4 * 10 + 2 * 6) * per_token == 56576
     assert joint.eq6 == p.eq6
 
 
 def test_adapters_and_grid_searches_change_only_their_terms():
-    adapters = predict_node_peak_bytes(SHAPE, NodeWorkload(k=3, loaded_values=250, n_groups=5, batches=((4, 10),)))
+    adapters = LearnedWorkload(k=3, loaded_values=250, n_groups=5, batches=((4, 10),)).peak(SHAPE)
     # adapters are loaded compact and stacked dense: the stacks hold what the adapters did and more
     assert adapters.task_vectors == 4 * 250 and adapters.stacked_task_vectors == 4 * 3 * 1000 - 4 * 250
-    bf16 = predict_node_peak_bytes(SHAPE, NodeWorkload(3, 3000, 5, ((4, 10),), stack_bytes_per_value=2))
+    bf16 = LearnedWorkload(3, 3000, 5, ((4, 10),), stack_bytes_per_value=2).peak(SHAPE)
     # bf16 stacks are half the loaded fp32 deltas they replace: the loaded ones bound the peak (an upper
     # bound while training, when only the stacks remain)
     assert bf16.stacked_task_vectors == 0 and bf16.task_vectors == 4 * 3000
-    bf16_gpu = predict_node_peak_bytes(SHAPE, NodeWorkload(3, 3000, 5, ((4, 10),), stack_bytes_per_value=2), "cuda")
+    bf16_gpu = LearnedWorkload(3, 3000, 5, ((4, 10),), stack_bytes_per_value=2).peak(SHAPE, "cuda")
     assert bf16_gpu.stacked_task_vectors == 2 * 3 * 1000
-    one = NodeWorkload(k=3, loaded_values=3000, n_groups=0, batches=(), learned=False)
-    plain = predict_node_peak_bytes(SHAPE, one)
+    one = PerTensorWorkload(k=3, loaded_values=3000, batches=())
+    plain = one.peak(SHAPE)
     assert (plain.model_weights, plain.merged_params, plain.activations, plain.runtime) == (0, 4000, 0, 0)
     assert plain.stacked_task_vectors == 4 * 3 * 400  # one tensor stacked at a time
     assert plain.eq6 == plain.task_vectors == 12000
-    searched = predict_node_peak_bytes(SHAPE, NodeWorkload(3, 3000, 0, ((32, 10),), learned=False, candidates=4))
-    scaled = predict_node_peak_bytes(
-        SHAPE, NodeWorkload(3, 3000, 0, ((32, 10),), learned=False, candidates=4, scaled_search=True)
-    )
+    searched = PerTensorWorkload(3, 3000, ((32, 10),), candidates=4).peak(SHAPE)
+    scaled = PerTensorWorkload(3, 3000, ((32, 10),), candidates=4, scaled_search=True).peak(SHAPE)
     assert searched.merged_params == 2 * 4000 and scaled.merged_params == 3 * 4000
     assert searched.model_weights == 4000 and searched.activations > 0 and searched.runtime == RUNTIME_BYTES
 
 
 def test_on_a_gpu_the_loaded_task_vectors_and_runtime_stay_on_the_host():
-    work = NodeWorkload(k=3, loaded_values=3000, n_groups=5, batches=((4, 10),))
-    cpu = predict_node_peak_bytes(SHAPE, work, "cpu")
-    gpu = predict_node_peak_bytes(SHAPE, work, "cuda")
+    work = LearnedWorkload(k=3, loaded_values=3000, n_groups=5, batches=((4, 10),))
+    cpu = work.peak(SHAPE, "cpu")
+    gpu = work.peak(SHAPE, "cuda")
     # on a GPU the stacks are built on the device while the loaded deltas they replace are on the host
     assert cpu.stacked_task_vectors == 0 and gpu.stacked_task_vectors == 4 * 3 * 1000
     assert gpu.total == cpu.total + gpu.stacked_task_vectors
@@ -106,7 +94,7 @@ def test_on_a_gpu_the_loaded_task_vectors_and_runtime_stay_on_the_host():
     assert gpu.peak == gpu.device_bytes == gpu.total - gpu.host_bytes
     # offloaded: the stacks stay on the host, in place of the loaded deltas; one k-row chunk (fp32 + its
     # source) is on the GPU
-    off = predict_node_peak_bytes(SHAPE, work, "cuda", offload=True)
+    off = work.offloaded_peak(SHAPE)
     assert off.host_bytes == gpu.host_bytes and off.stacked_task_vectors == 0
     assert off.transfer_buffers == (4 + 4) * 3 * SHAPE.largest_tensor
     assert off.device_bytes == gpu.device_bytes - gpu.stacked_task_vectors + off.transfer_buffers
@@ -188,14 +176,14 @@ def test_budget_defaults_to_a_safe_share_and_caps_the_whole_process():
 
 
 def test_place_node_picks_the_gpu_with_room_or_says_why_none():
-    work = NodeWorkload(k=3, loaded_values=3000, n_groups=5, batches=((4, 10),))
-    gpu = predict_node_peak_bytes(SHAPE, work, "cuda")
-    cpu = predict_node_peak_bytes(SHAPE, work, "cpu")
+    work = LearnedWorkload(k=3, loaded_values=3000, n_groups=5, batches=((4, 10),))
+    gpu = work.peak(SHAPE, "cuda")
+    cpu = work.peak(SHAPE, "cpu")
     roomy = Budget(host=cpu.total, gpus={0: gpu.device_bytes, 1: gpu.device_bytes + 1})
     assert place_node(SHAPE, work, roomy, "cuda").device == "cuda:1"
     assert place_node(SHAPE, work, roomy, "cuda:0").device == "cuda:0"
     # a GPU that holds the model but not k task vectors: they stay in host memory
-    offloaded = predict_node_peak_bytes(SHAPE, work, "cuda", offload=True)
+    offloaded = work.offloaded_peak(SHAPE)
     assert offloaded.device_bytes < gpu.device_bytes and offloaded.host_bytes >= gpu.host_bytes
     small_gpus = Budget(host=cpu.total, gpus={0: gpu.device_bytes - 1})
     half = place_node(SHAPE, work, small_gpus, "cuda")

@@ -13,7 +13,8 @@ import torch
 
 import supermerge.orchestrator.node
 from supermerge.orchestrator.errors import NodeOutOfMemoryError, StoreError
-from supermerge.orchestrator.memory import MemoryInventory, format_bytes
+from supermerge.orchestrator.hardware import MemoryInventory
+from supermerge.orchestrator.sizes import format_bytes
 from supermerge.orchestrator.node import NodeTask, cached_record, run_node
 from supermerge.orchestrator.plan import plan
 from supermerge.orchestrator.store import CheckpointStore

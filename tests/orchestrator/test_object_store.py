@@ -19,7 +19,7 @@ from supermerge.merge_core.checkpoint import write_model_dir  # noqa: E402
 from supermerge.merge_core.config import parse_config  # noqa: E402
 from supermerge.orchestrator.errors import StoreError  # noqa: E402
 from supermerge.orchestrator.executor import execute  # noqa: E402
-from supermerge.orchestrator.memory import MemoryInventory  # noqa: E402
+from supermerge.orchestrator.hardware import MemoryInventory  # noqa: E402
 from supermerge.orchestrator.object_store import MANIFEST, ObjectStore  # noqa: E402
 from supermerge.orchestrator.plan import plan  # noqa: E402
 from supermerge.orchestrator.s3_lease import S3Lease  # noqa: E402

@@ -12,7 +12,7 @@ MB = 2**20
 
 def _node(id: str, device: str = "cpu", total: int = 100 * MB, host: int = 0, children: tuple = ()) -> SimpleNamespace:
     return SimpleNamespace(id=id, device=device, children=children, predicted_peak_bytes=total,
-                           predicted={"total": total, "host": host, "peak": total})
+                           predicted=SimpleNamespace(total=total, host_bytes=host, peak=total))
 
 
 def _plan(nodes: list[SimpleNamespace], host_budget: int) -> SimpleNamespace:

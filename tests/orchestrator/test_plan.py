@@ -10,7 +10,7 @@ import pytest
 from supermerge.merge_core.config import parse_config
 from supermerge.merge_core.errors import DataError
 from supermerge.orchestrator.errors import MemoryBudgetError, TreeError
-from supermerge.orchestrator.memory import MemoryInventory
+from supermerge.orchestrator.hardware import MemoryInventory
 from supermerge.orchestrator.node import NodeTask
 from supermerge.orchestrator.plan import plan
 from tests.orchestrator.families import FAMILIES, NAMES, config_dict, make_config
@@ -34,7 +34,7 @@ def test_plenty_of_memory_gives_one_flat_merge(tiny_base_dir, family_models, tmp
     assert p.similarity is None  # a flat merge needs no similarity pass
     root = p.root
     assert [c.name for c in root.children] == NAMES and sorted(root.tasks) == sorted(NAMES)
-    assert root.device == "cpu" and root.predicted["peak"] == root.predicted["total"] > 0
+    assert root.device == "cpu" and root.predicted.peak == root.predicted.total > 0
 
 
 def test_max_fan_in_two_gives_a_tree_with_each_family_under_its_own_node(tiny_base_dir, family_models, tmp_path):
@@ -146,8 +146,8 @@ def test_a_bf16_stack_halves_the_stacked_task_vectors(tiny_base_dir, family_mode
     fp32 = plan(parse_config(raw), inventory=PLENTY).root.predicted
     raw["parameters"] = {**raw["parameters"], "storage_dtype": "bfloat16"}
     bf16 = plan(parse_config(raw), inventory=PLENTY).root.predicted
-    assert bf16["stacked_task_vectors"] * 2 == fp32["stacked_task_vectors"]
-    assert bf16["task_vectors"] == fp32["task_vectors"]
+    assert bf16.stacked_task_vectors * 2 == fp32.stacked_task_vectors
+    assert bf16.task_vectors == fp32.task_vectors
 
 
 def test_fixed_parameters_need_no_validation_data_and_a_grid_does(tiny_base_dir, family_models, tmp_path):
@@ -157,7 +157,7 @@ def test_fixed_parameters_need_no_validation_data_and_a_grid_does(tiny_base_dir,
     for m in raw["models"]:
         del m["validation"]
     p = plan(parse_config(raw), inventory=PLENTY)
-    assert p.root.validation == {} and p.root.predicted["model_weights"] == 0
+    assert p.root.validation == {} and p.root.predicted.model_weights == 0
     with pytest.raises(DataError, match="have no 'validation:' file"):
         plan(parse_config({**raw, "parameters": {"search": True}}), inventory=PLENTY)
     # a parameter left out takes its default: no search, no data needed (no silent grid search)
@@ -195,7 +195,9 @@ def test_flat_compressed_is_chosen_only_when_it_fits_and_dense_flat_does_not(tin
     """The planner's order: a dense flat merge, then flat over compressed task vectors, then trees.
     Each budget is set from the predictions themselves, so the test checks the choice, not a size."""
     from supermerge.orchestrator.executor import execute
-    from supermerge.orchestrator.memory import FP32, compressed_loaded_values, model_shape
+    from supermerge.merge_core.methods.learned_peak import compressed_loaded_values
+    from supermerge.merge_core.peak import FP32
+    from supermerge.orchestrator.model_inventory import model_shape
 
     dense = plan(_config(tiny_base_dir, family_models, tmp_path), inventory=PLENTY)
     assert dense.shape == "flat" and "basis" not in dense.root.parameters
@@ -209,8 +211,8 @@ def test_flat_compressed_is_chosen_only_when_it_fits_and_dense_flat_does_not(tin
     compressed_peak = _largest_node(between)
     assert compressed_peak < dense_peak
     k, shape = len(NAMES), model_shape(tiny_base_dir, "classification")
-    assert between.root.predicted["task_vectors"] == FP32 * k * compressed_loaded_values(shape, k)
-    assert between.root.predicted["task_vectors"] < dense.root.predicted["task_vectors"] / 2
+    assert between.root.predicted.task_vectors == FP32 * k * compressed_loaded_values(shape, k)
+    assert between.root.predicted.task_vectors < dense.root.predicted.task_vectors / 2
     assert between.root.key != dense.root.key  # another merge: its own store entry
     # just enough for the compressed flat merge: still chosen; one byte less: not chosen. (On this tiny
     # model the 32 MiB runtime margin dominates, so no tree node is smaller and nothing fits: the trees
@@ -239,7 +241,9 @@ def test_flat_compressed_is_chosen_only_when_it_fits_and_dense_flat_does_not(tin
 def test_basis_compressed_given_in_the_config_is_predicted_compressed(tiny_base_dir, family_models, tmp_path):
     """``basis: compressed`` asked for by the user (not chosen by the planner) is predicted over
     compressed task vectors too, flat and in a tree (each node compresses for its own k)."""
-    from supermerge.orchestrator.memory import FP32, compressed_loaded_values, compressed_stack_values, model_shape
+    from supermerge.merge_core.methods.learned_peak import compressed_loaded_values, compressed_stack_values
+    from supermerge.merge_core.peak import FP32
+    from supermerge.orchestrator.model_inventory import model_shape
 
     k, shape = len(NAMES), model_shape(tiny_base_dir, "classification")
     params = {"steps": 3, "lr": 0.05, "basis": "compressed"}
@@ -250,13 +254,13 @@ def test_basis_compressed_given_in_the_config_is_predicted_compressed(tiny_base_
 
     flat = plan(config(flat=True), inventory=PLENTY)
     dense = plan(_config(tiny_base_dir, family_models, tmp_path, flat=True), inventory=PLENTY)
-    assert flat.root.predicted["task_vectors"] == FP32 * k * compressed_loaded_values(shape, k)
-    assert flat.root.predicted["stacked_task_vectors"] == max(
+    assert flat.root.predicted.task_vectors == FP32 * k * compressed_loaded_values(shape, k)
+    assert flat.root.predicted.stacked_task_vectors == max(
         0, FP32 * (compressed_stack_values(shape, k) - k * compressed_loaded_values(shape, k)))
-    assert flat.root.predicted["total"] < dense.root.predicted["total"]
+    assert flat.root.predicted.total < dense.root.predicted.total
     tree = plan(config(max_fan_in=2), inventory=PLENTY)
     for node in tree.nodes:
-        assert node.predicted["task_vectors"] == FP32 * 2 * compressed_loaded_values(shape, 2)
+        assert node.predicted.task_vectors == FP32 * 2 * compressed_loaded_values(shape, 2)
 
 
 def test_a_balanced_trees_first_level_is_handed_out_at_once(tiny_base_dir, family_models, tmp_path):

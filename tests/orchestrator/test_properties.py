@@ -27,7 +27,8 @@ from supermerge.merge_core.config import parse_config
 from supermerge.merge_core.data import TaskData, save_task_data
 from supermerge.merge_core.errors import SupermergeError
 from supermerge.orchestrator.executor import execute
-from supermerge.orchestrator.memory import MemoryInventory, parse_bytes
+from supermerge.orchestrator.hardware import MemoryInventory
+from supermerge.orchestrator.sizes import parse_bytes
 from supermerge.orchestrator.plan import plan
 from tests.errors_doc import documented_errors
 
@@ -141,7 +142,7 @@ def test_plans_keep_their_fan_in_and_budget_and_runs_succeed_or_fail_with_a_docu
     assert len(merge_plan.nodes) == len(tree.merges()) and merge_plan.root.id == tree.root
     budget = case["tree"].get("memory_budget")
     if budget is not None:
-        assert all(n.predicted["total"] <= parse_bytes(budget) for n in merge_plan.nodes)
+        assert all(n.predicted.total <= parse_bytes(budget) for n in merge_plan.nodes)
     try:
         report = execute(merge_plan, store_dir=work / "store")
     except SupermergeError as e:
