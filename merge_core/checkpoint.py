@@ -77,11 +77,12 @@ class Checkpoint:
     Use as a context manager (or call ``close``) to release the file handles.
     """
 
-    def __init__(self, path: Path, files: Mapping[str, Path], bin_state: dict[str, Tensor] | None = None):
+    def __init__(self, path: Path, files: Mapping[str, Path], bin_state: dict[str, Tensor] | None = None,
+                 handles: Mapping[Path, Any] | None = None):
         self.path = path
         self._file_of = dict(files)
         self._bin = bin_state
-        self._handles: dict[Path, Any] = {}
+        self._handles: dict[Path, Any] = dict(handles or {})
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         if bin_state is None:
             for f in sorted(set(self._file_of.values())):
@@ -180,14 +181,17 @@ def _index_files(index_path: Path) -> dict[str, Path]:
     return {name: index_path.parent / shard for name, shard in weight_map.items()}
 
 
-def _single_file(f: Path) -> dict[str, Path]:
+def _single_file(path: Path, f: Path) -> Checkpoint:
+    """The checkpoint at ``path`` held in one file ``f``, its header read through one handle (kept
+    open until ``close``)."""
     try:
-        with safe_open(str(f), framework="pt", device="cpu") as handle:
-            return {name: f for name in handle.keys()}
+        handle = safe_open(str(f), framework="pt", device="cpu")
+        names = handle.keys()
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(
             f"{f} is not a readable safetensors file ({e}); it may be truncated or corrupted: copy it again"
         ) from e
+    return Checkpoint(path, {name: f for name in names}, handles={f: handle})
 
 
 def _load_bin(f: Path) -> dict[str, Tensor]:
@@ -222,7 +226,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise CheckpointError(f"{path} does not exist; give a .safetensors file or a model directory")
     if path.is_file():
         if path.suffix == ".safetensors":
-            return Checkpoint(path, _single_file(path))
+            return _single_file(path, path)
         if path.suffix in (".bin", ".pt", ".pth"):
             return Checkpoint(path, {}, _load_bin(path))
         if path.name.endswith(".index.json"):
@@ -231,7 +235,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if (path / SAFETENSORS_INDEX).is_file():
         return Checkpoint(path, _index_files(path / SAFETENSORS_INDEX))
     if (path / SAFETENSORS_SINGLE).is_file():
-        return Checkpoint(path, _single_file(path / SAFETENSORS_SINGLE))
+        return _single_file(path, path / SAFETENSORS_SINGLE)
     if (path / BIN_SINGLE).is_file():
         log.warning("%s: reading legacy pytorch_model.bin with weights_only=True", path)
         return Checkpoint(path, {}, _load_bin(path / BIN_SINGLE))

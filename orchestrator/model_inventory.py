@@ -4,9 +4,10 @@ Planning asks many questions of the same files: the base's tensor names and shap
 planner's ``ModelShape``), each fine-tune's names against the base's, each config.json against the
 base's, each task's class names, the weight files' sizes (a streamed node's reads). A
 ``ModelInventory`` answers them all from one read of each file's header and config.json, and is
-passed down through the plan. Its checkpoints keep their parsed headers but hold no file open between
-uses (a pass over the tensors, such as the finite check or the similarity, opens and closes the
-files itself), so planning maps no more of the models than it did.
+passed down through the plan. A checkpoint's file handle, opened for its header, serves the first
+pass over its tensors (the finite check), which closes it; ``close`` lets go of the rest before the
+plan reads what memory is free, so the plan maps no more of the models than it did. The headers stay
+known, and a later pass (the similarity) opens the files again.
 """
 
 from __future__ import annotations
@@ -44,10 +45,14 @@ class ModelInventory:
         """The checkpoint at ``path`` (a full model, or an adapter's weights file), its header read once."""
         key = Path(path).resolve()
         if key not in self._checkpoints:
-            ckpt = open_checkpoint(path)
-            ckpt.close()  # keep the parsed header, not the file handles
-            self._checkpoints[key] = ckpt
+            self._checkpoints[key] = open_checkpoint(path)
         return self._checkpoints[key]
+
+    def close(self) -> None:
+        """Let go of the files' handles (and their mapped pages); the headers stay known, and a later
+        read of a tensor opens its file again."""
+        for ckpt in self._checkpoints.values():
+            ckpt.close()
 
     def adapter(self, path: str | os.PathLike[str]) -> Checkpoint:
         """An adapter dir's weights file, its header read once."""

@@ -431,6 +431,7 @@ def plan(
     models = ModelInventory(config.base, config.kind)
     data = data if data is not None else DataCache()
     inputs = _read_inputs(config, spec, models, data, progress)
+    models.close()  # before the free memory is read: no model's pages stay mapped
     if not inputs.streamed and (spec.kind == "learned" or inputs.val or inputs.candidates > 1):
         models.load_model_code()
     inventory = inventory if inventory is not None else read_inventory()
