@@ -130,11 +130,6 @@ class ModelInventory:
             auto.from_config(self.base_auto_config())
 
 
-def model_shape(base: str | os.PathLike[str], kind: Kind) -> ModelShape:
-    """The base's ``ModelShape``, read now (a plan reads it through its ``ModelInventory``)."""
-    return ModelInventory(base, kind).shape()
-
-
 def _config_value(config: Any, names: Sequence[str], what: str, folder: Path) -> int:
     for n in names:
         value = getattr(config, n, None)

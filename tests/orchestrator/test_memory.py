@@ -23,7 +23,7 @@ from supermerge.merge_core.peak import RUNTIME_BYTES, ModelShape, activation_byt
 from supermerge.merge_core.stream_peak import streamed_io_bytes
 from supermerge.orchestrator.budget import SAFE_GPU_FRACTION, SAFE_RAM_FRACTION, Budget, make_budget
 from supermerge.orchestrator.hardware import GpuMemory, MemoryInventory, _visible_nvml_indices, read_inventory
-from supermerge.orchestrator.model_inventory import model_shape
+from supermerge.orchestrator.model_inventory import ModelInventory
 from supermerge.orchestrator.placement import place_node
 from supermerge.orchestrator.sizes import parse_bytes
 
@@ -118,7 +118,7 @@ def test_streamed_io_counts_the_widening_and_cast_only_for_narrow_dtypes():
 def test_activation_term_matches_what_autograd_saves(tiny_base_dir):
     """The reference: every tensor autograd keeps for backward, counted through its hooks."""
     model = FunctionalModel(tiny_base_dir)
-    shape = model_shape(tiny_base_dir, "classification")
+    shape = ModelInventory(tiny_base_dir, "classification").shape()
     params = {n: p.detach().clone() for n, p in model.module.named_parameters()}
     w = torch.ones((), requires_grad=True)
     for batch, seq in ((16, 12), (4, 48)):
@@ -139,7 +139,7 @@ def test_activation_term_matches_what_autograd_saves(tiny_base_dir):
 
 
 def test_model_shape_comes_from_the_header_and_config(tiny_base_dir):
-    shape = model_shape(tiny_base_dir, "classification")
+    shape = ModelInventory(tiny_base_dir, "classification").shape()
     with open_checkpoint(tiny_base_dir) as base:
         sizes = [math.prod(base.shape(n)) for n in mergeable_names(base)]
     assert shape.n_params == sum(sizes) and shape.largest_tensor == max(sizes)

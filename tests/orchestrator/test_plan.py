@@ -197,7 +197,7 @@ def test_flat_compressed_is_chosen_only_when_it_fits_and_dense_flat_does_not(tin
     from supermerge.orchestrator.executor import execute
     from supermerge.merge_core.methods.learned_peak import compressed_loaded_values
     from supermerge.merge_core.peak import FP32
-    from supermerge.orchestrator.model_inventory import model_shape
+    from supermerge.orchestrator.model_inventory import ModelInventory
 
     dense = plan(_config(tiny_base_dir, family_models, tmp_path), inventory=PLENTY)
     assert dense.shape == "flat" and "basis" not in dense.root.parameters
@@ -210,7 +210,7 @@ def test_flat_compressed_is_chosen_only_when_it_fits_and_dense_flat_does_not(tin
     assert "tree shape: flat-compressed" in between.render()
     compressed_peak = _largest_node(between)
     assert compressed_peak < dense_peak
-    k, shape = len(NAMES), model_shape(tiny_base_dir, "classification")
+    k, shape = len(NAMES), ModelInventory(tiny_base_dir, "classification").shape()
     assert between.root.predicted.task_vectors == FP32 * k * compressed_loaded_values(shape, k)
     assert between.root.predicted.task_vectors < dense.root.predicted.task_vectors / 2
     assert between.root.key != dense.root.key  # another merge: its own store entry
@@ -243,9 +243,9 @@ def test_basis_compressed_given_in_the_config_is_predicted_compressed(tiny_base_
     compressed task vectors too, flat and in a tree (each node compresses for its own k)."""
     from supermerge.merge_core.methods.learned_peak import compressed_loaded_values, compressed_stack_values
     from supermerge.merge_core.peak import FP32
-    from supermerge.orchestrator.model_inventory import model_shape
+    from supermerge.orchestrator.model_inventory import ModelInventory
 
-    k, shape = len(NAMES), model_shape(tiny_base_dir, "classification")
+    k, shape = len(NAMES), ModelInventory(tiny_base_dir, "classification").shape()
     params = {"steps": 3, "lr": 0.05, "basis": "compressed"}
 
     def config(**tree):
