@@ -50,8 +50,8 @@ from supermerge.merge_core.task_vectors import load_task_vector, mergeable_names
 
 log = logging.getLogger(__name__)
 
-RUN_FIRST = ("supermerge", "supermerge_tsv_init", "tsv", "iso_c", "iso_cts", "wudi", "task_arithmetic", "ties",
-             "supermerge_no_tanh", "adamerging")
+RUN_FIRST = ("supermerge", "supermerge_tsv_init", "supermerge_iso_cts_init", "tsv", "iso_c", "iso_cts", "wudi",
+             "task_arithmetic", "ties", "supermerge_no_tanh", "adamerging")
 """Run order (seed by seed): the merges the targets compare first, so a run cut short keeps them."""
 
 

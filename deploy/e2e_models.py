@@ -81,7 +81,9 @@ def build(root: Path) -> Path:
         "registry": "registry",
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    crash = {**config, "output": "out/crash", "parameters": {"steps": 12, "lr": 0.05}}
+    # 60 steps: about 1 s per node on 2 idle cores; 12 let the whole run finish (5 s) between two polls
+    # of the checker on an idle machine, before it could be killed mid-run
+    crash = {**config, "output": "out/crash", "parameters": {"steps": 60, "lr": 0.05}}
     (root / "crash.yaml").write_text(yaml.safe_dump(crash, sort_keys=False))
     (root / "arriving.yaml").write_text(yaml.safe_dump({n: models[n] for n in ARRIVING}))
     return root / "config.yaml"

@@ -325,7 +325,9 @@ def _learned_start(config: LearnedMergeConfig, model: FunctionalModel, base_para
     scale, search = basis.search_start_scale(model, base_params, stacked, heads, data,
                                              basis.SCALE_GRIDS[config.basis])
     log.info("learned merge starts at the %s merge with scale %g", config.basis, scale)
-    return {n: basis.rescaled(d, scale / config.init) for n, d in stacked.items()}, search
+    for n in stacked:
+        stacked[n] = basis.rescaled(stacked[n], scale / config.init)
+    return stacked, search
 
 
 def result_record(result: MergeResult, *, base_path: str | Path, models: Mapping[str, str]) -> dict[str, Any]:

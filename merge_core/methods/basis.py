@@ -8,8 +8,13 @@ factored (``FactoredStack``: ``r * (out + in)`` values instead of ``k * out * in
 (and a matrix with fewer than k singular values) gets ``tau_i / k``. With every coefficient equal to
 alpha the merge IS TSV-M at alpha (official treatment of non-matrices: alpha times the mean).
 
+``basis: iso_cts`` does the same over Iso-CTS' components (supermerge.merge_core.methods.iso): task i's
+piece of a matrix is its own orthogonalised directions plus 1/k of the common subspace, all at the
+flattened singular value, held dense (the common part is shared, so factoring it per task would cost
+k copies); with every coefficient alpha the merge IS Iso-CTS at alpha (fraction 0.8, the paper's).
+
 ``init_from: training_free`` first picks the basis' own training-free scale on the validation data
-(Task Arithmetic's lam for task vectors, TSV-M's alpha for the TSV pieces, from their grids), then
+(Task Arithmetic's lam for task vectors, TSV-M's or Iso-CTS' alpha for their pieces, from their grids), then
 scales the basis by ``scale / init`` so that W's starting coefficients ``init`` reproduce that merge
 exactly; tanh then bounds each coefficient to +-(scale / init) times the basis.
 
@@ -28,7 +33,7 @@ from torch import Tensor
 from supermerge.merge_core.compress import compress_task_vector
 from supermerge.merge_core.data import TaskData
 from supermerge.merge_core.evaluate import task_scores
-from supermerge.merge_core.methods import task_arithmetic, tsv
+from supermerge.merge_core.methods import iso, task_arithmetic, tsv
 from supermerge.merge_core.methods.learned import FactoredStack, LearnedMergeConfig, TaskVectorStack, combine
 from supermerge.merge_core.model import FunctionalModel
 from supermerge.merge_core.task_vectors import TaskVector
@@ -37,6 +42,7 @@ SCALE_GRIDS: dict[str, tuple[float, ...]] = {
     "task_vectors": task_arithmetic.PARAM_GRID["lam"],
     "compressed": task_arithmetic.PARAM_GRID["lam"],
     "tsv": tsv.PARAM_GRID["alpha"],
+    "iso_cts": iso.ISO_CTS_GRID["alpha"],
 }
 """The training-free scale searched per basis by ``init_from: training_free``."""
 
@@ -66,13 +72,35 @@ def tsv_pieces(stack: TaskVectorStack) -> TaskVectorStack:
     return FactoredStack((u * s).to(dtype), vh.to(dtype), owner, torch.ones_like(s), k)
 
 
-def to_basis(stacked: Mapping[str, TaskVectorStack], basis: str) -> dict[str, TaskVectorStack]:
-    """``stacked`` over ``basis`` (task_vectors: unchanged; tsv: ``tsv_pieces`` per tensor;
-    compressed: unchanged, the task vectors were compressed before they were stacked,
-    ``compress_inputs``)."""
+ISO_CTS_FRACTION = iso.ISO_CTS_GRID["common_space_fraction"][0]
+
+
+def iso_cts_pieces(stack: TaskVectorStack) -> TaskVectorStack:
+    """One tensor's Iso-CTS pieces in place of its task vectors, (k, *S) dense (module docstring)."""
+    deltas = dense_stack(stack)
+    dtype = stack.B.dtype if isinstance(stack, FactoredStack) else stack.dtype
+    k = deltas.shape[0]
+    if deltas.dim() != 3:
+        return (deltas / k).to(dtype)
+    left, right, owner = iso.iso_cts_components(deltas, ISO_CTS_FRACTION)
+    del deltas
+    shared = owner < 0
+    common = (left[:, shared] @ right[shared]) / k
+    pieces = torch.stack([common + left[:, owner == i] @ right[owner == i] for i in range(k)])
+    return pieces.to(dtype)
+
+
+def to_basis(stacked: dict[str, TaskVectorStack], basis: str) -> dict[str, TaskVectorStack]:
+    """``stacked`` over ``basis`` (task_vectors: unchanged; tsv: ``tsv_pieces`` per tensor; iso_cts:
+    ``iso_cts_pieces``; compressed: unchanged, the task vectors were compressed before they were
+    stacked, ``compress_inputs``). Replaces the stacks in ``stacked`` one tensor at a time and returns
+    it, so a dense basis (iso_cts) holds one tensor's task vectors and pieces at once, not two stacks."""
     if basis in ("task_vectors", "compressed"):
-        return dict(stacked)
-    return {n: tsv_pieces(d) for n, d in stacked.items()}
+        return stacked
+    pieces = tsv_pieces if basis == "tsv" else iso_cts_pieces
+    for n in list(stacked):
+        stacked[n] = pieces(stacked[n])
+    return stacked
 
 
 def compress_inputs(vectors: Sequence[TaskVector], config: LearnedMergeConfig, *,
@@ -91,10 +119,11 @@ def compress_inputs(vectors: Sequence[TaskVector], config: LearnedMergeConfig, *
 
 
 def rescaled(stack: TaskVectorStack, factor: float) -> TaskVectorStack:
-    """``factor`` times the stack (a new one; a factored stack changes only its per-rank scale)."""
+    """``factor`` times the stack: a factored stack changes only its per-rank scale (a new one), a
+    dense one is scaled in place (a copy would hold a second stack of every tensor)."""
     if isinstance(stack, FactoredStack):
         return FactoredStack(stack.B, stack.A, stack.owner, stack.scale * factor, stack.k)
-    return stack * factor
+    return stack.mul_(factor)
 
 
 @torch.no_grad()

@@ -57,10 +57,11 @@ def subspace_sizes(rank: int, k: int, common_space_fraction: float) -> tuple[int
     return rank - task_total, task_total // k
 
 
-def iso_cts_direction(deltas: Tensor, common_space_fraction: float) -> Tensor:
-    """The Iso-CTS delta at alpha = 1: (k, *S) fp32 -> S."""
-    if deltas.dim() != 3:
-        return mean_of_tasks(deltas)
+def iso_cts_components(deltas: Tensor, common_space_fraction: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One matrix's Iso-CTS components at alpha = 1, (k, m, n) fp32 -> ``left`` (m, r) already times
+    the mean singular value, ``right`` (r, n) and ``owner`` (r,): the task whose own directions
+    component j holds, -1 for the common subspace. ``left @ right`` is the Iso-CTS delta; the learned
+    merge's ``basis: iso_cts`` weights these components per task (supermerge.merge_core.methods.basis)."""
     k, m, n = deltas.shape
     rank = min(m, n)
     common, per_task = subspace_sizes(rank, k, common_space_fraction)
@@ -78,7 +79,17 @@ def iso_cts_direction(deltas: Tensor, common_space_fraction: float) -> Tensor:
         cols = slice(i * per_task, (i + 1) * per_task)
         left[:, cols], values[cols], right[cols] = ui[:, :per_task], si[:per_task], vhi[:per_task]
         del own, ui, si, vhi
-    return (orthogonal_factor(left) * values.mean()) @ orthogonal_factor(right)
+    owner = torch.full((rank,), -1, dtype=torch.long, device=deltas.device)
+    owner[: k * per_task] = torch.arange(k, device=deltas.device).repeat_interleave(per_task)
+    return orthogonal_factor(left) * values.mean(), orthogonal_factor(right), owner
+
+
+def iso_cts_direction(deltas: Tensor, common_space_fraction: float) -> Tensor:
+    """The Iso-CTS delta at alpha = 1: (k, *S) fp32 -> S."""
+    if deltas.dim() != 3:
+        return mean_of_tasks(deltas)
+    left, right, _ = iso_cts_components(deltas, common_space_fraction)
+    return left @ right
 
 
 def check_fraction(common_space_fraction: float) -> None:

@@ -90,9 +90,11 @@ class LearnedMergeConfig:
     eval_every: int = 10
     patience: int = 3
 
-    basis: Literal["task_vectors", "tsv", "compressed"] = "task_vectors"
+    basis: Literal["task_vectors", "tsv", "iso_cts", "compressed"] = "task_vectors"
     """What W weights: the raw task vectors, (tsv) each matrix's TSV-M decorrelated per-task pieces
-    (supermerge.merge_core.methods.basis; all coefficients alpha = TSV-M at alpha), or (compressed) each task
+    (supermerge.merge_core.methods.basis; all coefficients alpha = TSV-M at alpha), (iso_cts) its
+    Iso-CTS pieces (each task's own directions + 1/k of the common subspace, isotropic spectrum; all
+    coefficients alpha = Iso-CTS at alpha), or (compressed) each task
     vector with its matrices cut to their top ``rank`` singular components (supermerge.merge_core.compress):
     k tasks then hold about one to two dense task vectors' memory, not k."""
     rank: int | None = None
@@ -104,8 +106,8 @@ class LearnedMergeConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.basis not in ("task_vectors", "tsv", "compressed"):
-            problems.append(f"basis must be task_vectors, tsv or compressed, not {self.basis!r}")
+        if self.basis not in ("task_vectors", "tsv", "iso_cts", "compressed"):
+            problems.append(f"basis must be task_vectors, tsv, iso_cts or compressed, not {self.basis!r}")
         if self.rank is not None and (self.basis != "compressed" or isinstance(self.rank, bool)
                                       or not isinstance(self.rank, int) or self.rank < 1):
             problems.append(f"rank {self.rank!r} applies only to basis: compressed and must be an integer >= 1 "

@@ -126,6 +126,11 @@ METHODS: dict[str, MethodSpec] = {
             learned=supermerge.SUPERMERGE_TSV_INIT,
         ),
         MethodSpec(
+            "supermerge_iso_cts_init", supermerge.PAPER, "learned",
+            "SuperMerge over the Iso-CTS pieces, started at Iso-CTS with alpha chosen on validation",
+            learned=supermerge.SUPERMERGE_ISO_CTS_INIT,
+        ),
+        MethodSpec(
             "supermerge_compressed", supermerge.PAPER, "learned",
             "SuperMerge's tanh weights over task vectors compressed to their top singular components",
             learned=supermerge.SUPERMERGE_COMPRESSED,

@@ -19,6 +19,8 @@ SUPERMERGE_NO_TANH = LearnedMergeConfig(transform="identity", objective="supervi
 SUPERMERGE_TSV = dataclasses.replace(SUPERMERGE, basis="tsv")
 SUPERMERGE_TSV_INIT = dataclasses.replace(SUPERMERGE, basis="tsv", init_from="training_free")
 SUPERMERGE_TA_INIT = dataclasses.replace(SUPERMERGE, init_from="training_free")
+# The same over Iso-CTS' pieces (the best training-free merge of the benchmark), started at Iso-CTS.
+SUPERMERGE_ISO_CTS_INIT = dataclasses.replace(SUPERMERGE, basis="iso_cts", init_from="training_free")
 
 # Issue 15 part 3 (supermerge.merge_core.compress): the same training over task vectors whose matrices are cut to
 # their top singular components (TSV-M's floor(min(out, in) / k) per task): a flat merge in about the
