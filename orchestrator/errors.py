@@ -27,3 +27,8 @@ class StoreError(OrchestratorError):
 class NodeOutOfMemoryError(OrchestratorError):
     """A merge node ran out of memory while it ran (more than predicted was needed, or other work took
     the memory): that node fails; nodes finished before it stay in the store for the next run."""
+
+
+class PlacementError(OrchestratorError):
+    """A merge node fits no configured work pool (its device class, or its predicted peak): refused
+    before any node runs."""
