@@ -31,7 +31,6 @@ and rank table) and a progress bar, both posted from the run's first second and 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -39,16 +38,15 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
-from prefect.settings import PREFECT_LOGGING_EXTRA_LOGGERS
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.tasks import Task
 from prefect.utilities.annotations import quote
 
-from supermerge.flows.live import FROM_STORE, MERGED, NOT_RUN, RUNNING, LiveTree, close_crashed_runs
+from supermerge.flows.live import FROM_STORE, LiveTree, close_crashed_runs
+from supermerge.flows.node_flow import FROM_STORE_STATE, FROM_STORE_TAG, node_state_name, node_task_options, show_library_logs
+from supermerge.flows.pools import run_tree_on_pools
 from supermerge.merge_core.checkpoint import refuse_existing
 from supermerge.merge_core.config import MergeConfig
 from supermerge.merge_core.evaluate import results_table
@@ -60,6 +58,7 @@ from supermerge.orchestrator.options import load_merge_config
 from supermerge.orchestrator.node import NodeRecord, NodeTask, cached_record, run_node
 from supermerge.orchestrator.parallel import device_slots, submission_order
 from supermerge.orchestrator.plan import MergePlan
+from supermerge.orchestrator.pools import parse_pools
 from supermerge.orchestrator.store import Store
 from supermerge.orchestrator.stores import open_store
 from supermerge.orchestrator.versions import check_versioned, current, next_version, prune, published_root_key, switch_current
@@ -67,8 +66,6 @@ from supermerge.orchestrator.versions import check_versioned, current, next_vers
 FLOW_NAME = "hierarchical-merge"
 PROGRESS_KEY = "hierarchical-merge-progress"
 REPORT_KEY = "hierarchical-merge-report"
-FROM_STORE_STATE = "From store"
-FROM_STORE_TAG = "from-store"
 
 
 @task(name="merge-node", cache_policy=NO_CACHE, persist_result=False)
@@ -98,38 +95,6 @@ def evaluate_merge(config: MergeConfig, model_dir: str) -> tuple[dict[str, float
     return scores[row], table
 
 
-def show_library_logs() -> None:
-    """Give the loggers named in PREFECT_LOGGING_EXTRA_LOGGERS (supermerge: every module of the product) Prefect's own
-    level for them (``prefect.extra``'s, INFO by default) unless they have one: Prefect attaches its
-    API handler to them but leaves their level at the root's WARNING, which drops INFO lines."""
-    level = logging.getLogger("prefect.extra").getEffectiveLevel()
-    for name in PREFECT_LOGGING_EXTRA_LOGGERS.value():
-        logger = logging.getLogger(name)
-        if logger.level == logging.NOTSET:
-            logger.setLevel(level)
-
-
-def _state_name(future: PrefectFuture[Any], record: dict[str, Any] | None) -> str:
-    state = future.state
-    if state.is_completed() and record is not None:
-        return FROM_STORE if record["cached"] else MERGED
-    if state.is_failed() or state.is_crashed():
-        return f"{state.name.lower()}: {state.message or ''}".strip()
-    return NOT_RUN
-
-
-def _node_task(node: NodeTask, stored: bool, config: MergeConfig, live: LiveTree) -> Task[..., Any]:
-    """The node's task: named after the node from its creation, the config's retries, tagged when
-    the store holds it already, and marked running in the live tree when it starts."""
-
-    def running(_task: Task[..., Any], task_run: TaskRun, _state: State) -> None:
-        live.set(node.id, RUNNING if task_run.run_count <= 1 else f"{RUNNING} (attempt {task_run.run_count})")
-
-    return merge_node.with_options(task_run_name=node.id, retries=config.retry.retries,
-                                   retry_delay_seconds=config.retry.retry_delay_seconds,
-                                   tags=[FROM_STORE_TAG] if stored else None, on_running=[running])
-
-
 def run_tree(plan: MergePlan, store: Store, slots: dict[str, int], live: LiveTree) -> dict[str, PrefectFuture[Any]]:
     """Submit one merge task per node, lowest first, to its device's pool (``slots`` threads), each
     with its merged children's futures as arguments; return once all are done, the live tree
@@ -139,7 +104,7 @@ def run_tree(plan: MergePlan, store: Store, slots: dict[str, int], live: LiveTre
         pools = {d: stack.enter_context(ThreadPoolTaskRunner(max_workers=n)) for d, n in slots.items()}
         for node in submission_order(plan):
             children = [futures[c.name] for c in node.children if c.path is None]
-            node_task = _node_task(node, cached_record(node, store) is not None, plan.config, live)
+            node_task = node_task_options(merge_node, node, cached_record(node, store) is not None, plan.config, live)
             futures[node.id] = pools[node.device].submit(
                 node_task, {"node": quote(node.to_dict()), "store_dir": quote(store.location), "children": children}
             )
@@ -147,7 +112,7 @@ def run_tree(plan: MergePlan, store: Store, slots: dict[str, int], live: LiveTre
         for future in as_completed(list(futures.values())):
             future.wait()  # keeps the final state on the future (the API's copy may lag behind)
             record = future.result(raise_on_failure=False) if future.state.is_completed() else None
-            live.set(node_of[id(future)], _state_name(future, record), NodeRecord(**record) if record else None)
+            live.set(node_of[id(future)], node_state_name(future, record), NodeRecord(**record) if record else None)
     return futures
 
 
@@ -155,7 +120,7 @@ def outcomes(futures: dict[str, PrefectFuture[Any]]) -> tuple[dict[str, NodeReco
     """Each node's record (None when it did not complete) and state in words."""
     raw = {n: f.result(raise_on_failure=False) if f.state.is_completed() else None for n, f in futures.items()}
     return ({n: NodeRecord(**r) if r is not None else None for n, r in raw.items()},
-            {n: _state_name(futures[n], raw[n]) for n in futures})
+            {n: node_state_name(futures[n], raw[n]) for n in futures})
 
 
 def _flow_run() -> Any:
@@ -191,6 +156,7 @@ def hierarchical_merge(
     max_parallel: int | None = None,
     versions: int = 0,
     store: str | None = None,
+    pools: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Merge the models a YAML config names as a tree of merges; publish the root to its output.
 
@@ -199,7 +165,9 @@ def hierarchical_merge(
     published at the output; ``max_parallel``: at most this many CPU nodes at once. ``versions``: publish
     each run as ``<output>/v<N>`` with ``<output>/current`` pointing at it, keeping this many (0: publish
     at ``output`` itself, refusing an existing one unless ``overwrite``). ``store``: the checkpoint
-    store (a folder or ``s3://bucket/prefix``), overriding the config's.
+    store (a folder or ``s3://bucket/prefix``), overriding the config's. ``pools``: run each node as a
+    run of the ``merge-node`` deployment on one of these work pools (``{"name", "device", "memory"}``
+    each; supermerge.flows.pools) instead of in this process; the store must be one every worker reaches.
     """
     show_library_logs()
     logger = get_run_logger()
@@ -212,6 +180,7 @@ def hierarchical_merge(
         merge_config = load_merge_config(Path(config), output=Path(output) if output else None, method=method,
                                           device=device, memory_budget=memory_budget, max_fan_in=max_fan_in,
                                           flat=flat, store=store)
+        work_pools = parse_pools(pools) if pools is not None else None
         published = None
         if versions:
             check_versioned(merge_config.output)
@@ -233,7 +202,8 @@ def hierarchical_merge(
         logger.info("%s\nslots per device: %s", plan.render(), slots)
         live.start(plan, {})
         try:
-            futures = run_tree(plan, checkpoints, slots, live)
+            futures = (run_tree_on_pools(plan, checkpoints, work_pools, live) if work_pools is not None
+                       else run_tree(plan, checkpoints, slots, live))
         except BaseException:
             live.crashed()
             raise

@@ -32,3 +32,8 @@ class NodeOutOfMemoryError(OrchestratorError):
 class PlacementError(OrchestratorError):
     """A merge node fits no configured work pool (its device class, or its predicted peak): refused
     before any node runs."""
+
+
+class RemoteNodeError(OrchestratorError):
+    """A merge node's run on a worker ended without completing (failed, crashed, cancelled): that
+    node's task fails, and its retries start another run."""
