@@ -138,8 +138,8 @@ def node_runs(run_id: str, timeout: float = 60) -> dict[str, list[dict[str, Any]
     start and end (unix seconds), and where it ran. Waits for task runs and logs to reach the server."""
     deadline = time.monotonic() + timeout
     while True:
-        parents = {t["id"]: t for t in task_runs(run_id) if t["name"].startswith("merge-")
-                   and " @ " in t["name"]}
+        # run_deployment's own task run (named after the deployment) is each child's parent
+        parents = {t["id"]: t for t in task_runs(run_id)}
         children = api("POST", "/flow_runs/filter", {"flow_runs": {"parent_task_run_id": {"any_": list(parents)}},
                                                      "sort": "START_TIME_ASC", "limit": 200}) if parents else []
         nodes: dict[str, list[dict[str, Any]]] = {}
