@@ -10,8 +10,8 @@
                                           per node its runs, each with its state, interval, pid, parent pid
     python deploy/e2e_distributed_check.py overlap RUN_ID WORKERS         siblings ran at once on different
                                           workers (WORKERS: JSON {name: pid})
-    python deploy/e2e_distributed_check.py kill-mid-node SINCE WORKERS    once a merge-node run created after
-                                          SINCE (unix seconds) has started merging, SIGKILL its worker's
+    python deploy/e2e_distributed_check.py kill-mid-node SINCE WORKERS    once a merge-node run started after
+                                          SINCE (unix seconds) holds its node's lock, SIGKILL its worker's
                                           process group and its own process; print what was killed
     python deploy/e2e_distributed_check.py retried RUN_ID KILL            the killed node's run ended Crashed and
                                           a second run of it completed on another worker
@@ -37,6 +37,8 @@ from typing import Any
 
 import httpx
 import yaml
+
+from supermerge.orchestrator.store import LOCKS_DIR
 
 API = os.environ["PREFECT_API_URL"].rstrip("/")
 PLACED = re.compile(r"merge-node (?P<node>\S+): pid (?P<pid>\d+), parent pid (?P<ppid>\d+), host (?P<host>\S+)")
@@ -185,9 +187,19 @@ def overlap(run: dict[str, Any], workers: dict[str, int]) -> dict[str, Any]:
     return summary
 
 
+def holds_lease(parameters: dict[str, Any]) -> bool:
+    """The node's lease object is in the store: its run holds the node's lock, so it is merging it."""
+    import boto3
+
+    bucket, _, prefix = parameters["store"].removeprefix("s3://").partition("/")
+    lock = f"{prefix}/{LOCKS_DIR}/{parameters['node']['key']}.lock".lstrip("/")
+    found = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).list_objects_v2(Bucket=bucket, Prefix=lock)
+    return found.get("KeyCount", 0) > 0
+
+
 def kill_mid_node(since: float, workers: dict[str, int], timeout: float = 400) -> dict[str, Any]:
-    """Once a merge-node run created after ``since`` has logged its placement (it is loading or
-    merging), wait a second and SIGKILL its worker's process group and its own process."""
+    """Once a merge-node run started after ``since`` holds its node's lease in the store (it is
+    merging the node), SIGKILL its worker's process group and its own process."""
     deadline = time.monotonic() + timeout
     by_pid = {pid: name for name, pid in workers.items()}
     while time.monotonic() < deadline:
@@ -196,10 +208,7 @@ def kill_mid_node(since: float, workers: dict[str, int], timeout: float = 400) -
                                                     "limit": 50})
         for child in running:
             if child["name"].startswith("merge-") and (where := placed(child["id"])) is not None \
-                    and where["ppid"] in by_pid:
-                time.sleep(1)
-                if api("GET", f"/flow_runs/{child['id']}")["state_type"] != "RUNNING":
-                    continue
+                    and where["ppid"] in by_pid and holds_lease(child["parameters"]):
                 worker_pid = where["ppid"]
                 for target, how in ((worker_pid, os.killpg), (where["pid"], os.kill)):
                     try:
@@ -218,11 +227,12 @@ def retried(run: dict[str, Any], kill: dict[str, Any], workers: dict[str, int]) 
     by_pid = {pid: name for name, pid in workers.items()}
     states = [r["state"] for r in runs]
     last = runs[-1]
+    crashed = [r for r in runs if r["state"] == "CRASHED"]
     summary = {"node": kill["node"], "runs": states, "killed_on": kill["worker"],
                "retried_on": by_pid.get(last.get("ppid", -1)),
-               "crash_marked_after_kill_s": None,
+               "crashed_after_kill_s": round(crashed[0]["end"] - kill["at"], 1) if crashed and crashed[0]["end"] else None,
+               "retry_started_after_kill_s": round(last["start"] - kill["at"], 1) if last.get("start") else None,
                "retry_finished_after_kill_s": round(last["end"] - kill["at"], 1) if last.get("end") else None}
-    crashed = [r for r in runs if r["state"] == "CRASHED"]
     if not crashed or last["state"] != "COMPLETED" or summary["retried_on"] in (None, kill["worker"]):
         fail(f"the killed node was not marked Crashed and run again on another worker: {summary} ({runs})")
     return summary
