@@ -7,7 +7,9 @@ the node as plain data and the store's location in, the node's small record out,
 the store (which every worker must reach: ``s3://...`` or a shared mount at the same path). A worker
 runs each flow run in a process of its own (a process pool: a subprocess; Docker or Kubernetes: a
 container), so the node's measured peak, its RSS high-water mark and the malloc threshold are its
-own, whatever runs beside it. The flow logs its process id, its parent's (the worker's, on a
+own, whatever runs beside it; the model code a learned node runs is imported before its meter starts
+(``merge_core.model.load_model_code``: some 160 MB for a BERT, which the in-process path loads while
+planning), so a node measures the same on either path. The flow logs its process id, its parent's (the worker's, on a
 process pool) and its host, which is how a run's placement can be read back from the API.
 """
 
@@ -27,6 +29,7 @@ from prefect.tasks import Task
 
 from supermerge.flows.live import FROM_STORE, MERGED, NOT_RUN, RUNNING, LiveTree
 from supermerge.merge_core.config import MergeConfig
+from supermerge.merge_core.model import load_model_code
 from supermerge.orchestrator.node import NodeTask, run_node
 from supermerge.orchestrator.sizes import format_bytes
 from supermerge.orchestrator.stores import open_store
@@ -73,6 +76,8 @@ def merge_node_flow(node: dict[str, Any], store: str) -> Any:
     logger = get_run_logger()
     task = NodeTask.from_dict(node)
     logger.info(PLACED_LOG.format(node=task.id, pid=os.getpid(), ppid=os.getppid(), host=socket.gethostname()))
+    if task.validation:  # the node runs its model: its code is loaded before the node's meter starts
+        load_model_code(task.base, task.kind)  # type: ignore[arg-type]
     record = run_node(task, open_store(store))
     what = "finished in the store, not merged again; it had merged" if record.cached else "merged"
     logger.info("%s: %s in %.2f s, peak %s (predicted %s)", record.id, what, record.seconds,

@@ -123,3 +123,19 @@ def prediction_entropy(kind: TaskKind, logits: Tensor, inputs: Mapping[str, Tens
         mask = inputs["attention_mask"].to(ent.dtype)
         return (ent * mask).sum() / mask.sum().clamp(min=1)
     return ent.mean()
+
+
+def load_model_code(base_path: str | Path, kind: TaskKind = "classification") -> None:
+    """Import the Hugging Face model code for ``base_path``'s architecture by building its skeleton on
+    the meta device (no tensor memory). A fresh process that runs one merge node (a worker's) would
+    otherwise load that code, some 160 MB of Python modules for a BERT, the first time the node builds
+    its model: inside the node's measured peak, though it is no part of the node's work and the
+    planner does not predict it. A base without config.json is left alone (``FunctionalModel`` says why)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    folder = config_dir(base_path)
+    if folder is None:
+        return
+    auto = AutoModelForSequenceClassification if kind == "classification" else AutoModelForCausalLM
+    with _quiet_transformers(), torch.device("meta"):
+        auto.from_config(AutoConfig.from_pretrained(folder))
