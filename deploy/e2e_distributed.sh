@@ -128,6 +128,6 @@ A=$("${CHECK[@]}" merge "$CONFIG" "$WORK/ws/out/alone" "$BUCKET/run3" "$WORK/alo
 say "one worker left, every node alone: $A"
 R=$("${CHECK[@]}" peaks "$WORK/distributed.json" "$WORK/alone.json")
 say "peaks, siblings at once vs alone: $R"
-R=$("${CHECK[@]}" overhead "$WORK/in-process.json" "$WORK/distributed.json")
+R=$("${CHECK[@]}" overhead "$WORK/in-process.json" "$WORK/distributed.json" "$WORK/alone.json")
 say "seconds per node beyond the merge: $R"
 say "passed; stopping servers and workers"

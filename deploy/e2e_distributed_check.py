@@ -17,7 +17,7 @@
                                           a second run of it completed on another worker
     python deploy/e2e_distributed_check.py same A B                       two published models, byte for byte
     python deploy/e2e_distributed_check.py peaks CONCURRENT ALONE         per node, measured peaks within 10 %
-    python deploy/e2e_distributed_check.py overhead IN_PROCESS DISTRIBUTED  seconds per node beyond the merge
+    python deploy/e2e_distributed_check.py overhead IN_PROCESS TWO ONE   seconds per node beyond the merge
 
 Each prints one JSON line and exits 1 with the reason when a check fails.
 """
@@ -268,27 +268,29 @@ def peaks(concurrent: dict[str, Any], alone: dict[str, Any]) -> dict[str, Any]:
     return rows
 
 
-def overhead(in_process: dict[str, Any], distributed: dict[str, Any]) -> dict[str, Any]:
-    """Per node: its task run's seconds (start to end) minus the merge's own seconds (the record's),
-    on each path; the means and their difference."""
+def overhead(in_process: dict[str, Any], distributed: dict[str, Any], alone: dict[str, Any]) -> dict[str, Any]:
+    """Per node: its task run's seconds (start to end) minus the merge's own seconds (the record's);
+    the mean on each path: in process (threads, one node at a time), on two workers (siblings at
+    once), on one worker (one node at a time, as in process); the overhead is the last minus the first."""
 
-    def beyond(run: dict[str, Any]) -> dict[str, float]:
+    def beyond(run: dict[str, Any]) -> float:
         records = node_records(run)
         out = {}
         for t in task_runs(run["run"]):
             node = t["name"].split(" @ ")[0]
             if node in records and t["state_type"] == "COMPLETED" and t["start_time"] and t["end_time"]:
                 out[node] = _time(t["end_time"]) - _time(t["start_time"]) - records[node]["seconds"]
-        return out
+        if set(out) != set(records):
+            fail(f"run {run['run']}: no completed task run for {sorted(set(records) - set(out))}")
+        return sum(out.values()) / len(out)
 
-    a, b = beyond(in_process), beyond(distributed)
-    if not a or set(a) != set(b):
-        fail(f"the two runs' nodes differ: {sorted(a)} vs {sorted(b)}")
-    mean_a, mean_b = sum(a.values()) / len(a), sum(b.values()) / len(b)
-    return {"nodes": len(a), "in_process_s": round(mean_a, 2), "distributed_s": round(mean_b, 2),
-            "overhead_per_node_s": round(mean_b - mean_a, 2),
-            "in_process_run_s": in_process["seconds"], "distributed_run_s": distributed["seconds"],
-            "merge_seconds": {n: r["seconds"] for n, r in node_records(distributed).items()}}
+    means = {name: beyond(run) for name, run in
+             (("in_process", in_process), ("two_workers", distributed), ("one_worker", alone))}
+    return {"nodes": len(node_records(in_process)), **{f"{k}_s": round(v, 2) for k, v in means.items()},
+            "overhead_per_node_s": round(means["one_worker"] - means["in_process"], 2),
+            "run_s": {"in_process": in_process["seconds"], "two_workers": distributed["seconds"], "one_worker": alone["seconds"]},
+            "merge_s": {name: {n: r["seconds"] for n, r in node_records(run).items()}
+                        for name, run in (("in_process", in_process), ("two_workers", distributed), ("one_worker", alone))}}
 
 
 def main(argv: list[str]) -> None:
@@ -318,7 +320,7 @@ def main(argv: list[str]) -> None:
     elif command == "peaks":
         out = peaks(json.loads(Path(args[0]).read_text()), json.loads(Path(args[1]).read_text()))
     elif command == "overhead":
-        out = overhead(json.loads(Path(args[0]).read_text()), json.loads(Path(args[1]).read_text()))
+        out = overhead(*(json.loads(Path(a).read_text()) for a in args[:3]))
     else:
         fail(f"unknown command {command}")
         return
