@@ -21,7 +21,9 @@ at ``output`` itself and refuses an existing one without ``overwrite``.
 Concurrency: one thread pool per device the plan uses, sized by ``supermerge.orchestrator.parallel.device_slots``
 (one node per GPU; on the CPU as many nodes as the memory budget holds at once, at most one per core),
 each node submitted to its own device's pool. Pools in the flow's process need no concurrency limits
-on the server (which poll, about a second per hand-off).
+on the server (which poll, about a second per hand-off). With ``pools``, each node instead runs as a
+flow run of the ``merge-node`` deployment on a work pool, in a process of its own on whichever worker
+takes it (supermerge.flows.pools); everything else here is the same.
 
 Retries come from the config's ``retry:`` section. Artifacts (supermerge.flows.live): the report (the tree,
 each node's state, predicted vs measured memory, seconds and, with ``evaluate``, the test accuracy
