@@ -41,13 +41,28 @@ def compressed_rank(shape: Sequence[int], k: int, rank: int | None = None) -> in
 
 
 def compress_delta(delta: Tensor, rank: int) -> LowRankDelta:
-    """The best rank-``rank`` approximation of an (out, in) delta: ``B = U_r diag(S_r)``, ``A = V_r^T``,
-    fp32 (an economy SVD, so ``rank = min(out, in)`` gives ``delta`` back to float rounding)."""
+    """The best rank-``rank`` approximation of an (out, in) delta: ``B = U_r diag(S_r)``, ``A = V_r^T``, fp32.
+
+    Through the eigendecomposition of the smaller Gram matrix (``delta^T delta`` or ``delta delta^T``,
+    min(out, in) square) instead of an SVD of ``delta``: a 151,936 x 896 word embedding costs one
+    matrix product and an 896 x 896 eigh, several times faster than its economy SVD. The Gram's
+    eigenvectors are the singular vectors of ``delta``; the other factor is ``delta`` projected on
+    them (``B = delta V_r``, or ``A = diag(1/S_r) U_r^T delta``), so the product is the projection of
+    ``delta`` on its top-r singular subspace, Eckart-Young's optimum. The eigh runs in fp64 (squaring
+    the singular values squares their range); ``rank = min(out, in)`` gives ``delta`` back to rounding."""
     if delta.dim() != 2 or not 1 <= rank <= min(delta.shape):
         raise ValueError(f"compress_delta needs a matrix and 1 <= rank <= {min(delta.shape)}, got "
                          f"shape {tuple(delta.shape)} and rank {rank}")
-    u, s, vh = torch.linalg.svd(delta.to(torch.float32), full_matrices=False)
-    return LowRankDelta((u[:, :rank] * s[:rank]).contiguous(), vh[:rank].contiguous(), 1.0)
+    d = delta.to(torch.float32)
+    tall = d.shape[0] >= d.shape[1]
+    gram = d.T @ d if tall else d @ d.T
+    values, vectors = torch.linalg.eigh(gram.to(torch.float64))
+    top = vectors[:, -rank:].flip(1).to(torch.float32)  # eigh sorts ascending
+    if tall:
+        return LowRankDelta((d @ top).contiguous(), top.T.contiguous(), 1.0)
+    s = values[-rank:].flip(0).clamp(min=0).sqrt().to(torch.float32)
+    a = top.T @ d  # diag(S_r) V_r^T
+    return LowRankDelta((top * s).contiguous(), (a / s.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).contiguous(), 1.0)
 
 
 def compress_task_vector(vector: TaskVector, k: int, rank: int | None = None) -> TaskVector:

@@ -175,7 +175,11 @@ def merge(
     return result
 
 
-def _heads(vectors: Sequence[TaskVector]) -> dict[str, dict[str, Tensor]]:
+def _heads(vectors: Sequence[TaskVector], kind: TaskKind = "classification") -> dict[str, dict[str, Tensor]]:
+    """Each task's head. A causal LM's task predicts tokens with the merged model's own output layer
+    (an ``lm`` task): it has no head of its own, so a model that carries none gets the empty one."""
+    if kind == "causal_lm":
+        return {t: v.heads.get(t, {}) for v in vectors for t in v.tasks}
     return {t: h for v in vectors for t, h in v.heads.items()}
 
 
@@ -248,7 +252,7 @@ def _merge_per_tensor(
     seed: int,
     progress: bool,
 ) -> MergeResult:
-    heads = _heads(vectors)
+    heads = _heads(vectors, model.kind if model is not None else "classification")
     search: list[dict[str, Any]] = []
     with open_checkpoint(base_path) as base:
         names = mergeable_names(base)
@@ -292,7 +296,7 @@ def _merge_learned(
     from supermerge.merge_core.methods import basis
     from supermerge.merge_core.methods.learned import stack_task_vectors
 
-    heads = _heads(vectors)
+    heads = _heads(vectors, model.kind)
     heads_dev = {t: {n: x.to(model.device) for n, x in h.items()} for t, h in heads.items()}
     with open_checkpoint(base_path) as base:
         names = mergeable_names(base)
@@ -355,6 +359,7 @@ def result_record(result: MergeResult, *, base_path: str | Path, models: Mapping
             "groups": result.learned.groups,
             "loss_first_last": [result.learned.losses[0], result.learned.losses[-1]]
             if result.learned.losses else [],
+            "step_seconds": [round(t, 3) for t in result.learned.step_seconds],
         }
     return record
 

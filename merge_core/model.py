@@ -73,9 +73,15 @@ class FunctionalModel:
         self._names = skeleton
         self.prefix = prefix if any(n.startswith(prefix) for n in skeleton) else ""
 
+    def skeleton_name(self, base_name: str) -> str:
+        """The skeleton's name for a base tensor: a headless checkpoint's names (BERT's ``embeddings...``)
+        get the prefix the task model puts before them; a causal LM's checkpoint is the task model
+        itself (``model.layers...``), whose names are the skeleton's already."""
+        return base_name if base_name in self._names else self.prefix + base_name
+
     def base_tensor(self, base_name: str) -> Tensor:
         """The base's parameter as the skeleton holds it (no copy)."""
-        full = self.prefix + base_name
+        full = self.skeleton_name(base_name)
         if full not in self._names:
             raise ConfigError(f"the model in {self.folder} has no parameter {full!r}")
         return self._names[full]
@@ -90,7 +96,7 @@ class FunctionalModel:
 
         Shapes: classification (batch, n_classes); causal_lm (batch, seq, vocab).
         """
-        full = {self.prefix + n: t for n, t in params.items()}
+        full = {self.skeleton_name(n): t for n, t in params.items()}
         full.update(head)
         out = functional_call(self.module, full, args=(), kwargs=dict(inputs), strict=False)
         return out.logits

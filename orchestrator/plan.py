@@ -333,6 +333,7 @@ def _check_models(config: MergeConfig, models: ModelInventory, *, needs_heads: b
             heads.update(found)
             if not found:
                 headless.append(m.name)
+    # a causal LM's tasks are scored by the merged model's own output layer: no head of their own
     if headless and needs_heads:
         raise DataError(
             f"model(s) {headless} carry no task head ({', '.join(config.head_prefixes)}*), so they cannot be "
@@ -367,7 +368,7 @@ def _read_inputs(config: MergeConfig, spec: MethodSpec, models: ModelInventory, 
             )
     # read now, so bad test data is refused before any work; the run scores the root on it at the end
     test = data.split(config.models, "test", config.base, config.max_length, labels)
-    heads = _check_models(config, models, needs_heads=bool(val) or bool(test), progress=progress)
+    heads = _check_models(config, models, needs_heads=config.kind == "classification" and (bool(val) or bool(test)), progress=progress)
     _check_data(config, base_config, heads, {"validation": val, "test": test})
     shape = models.shape()
     n_groups = len(weight_groups(list(shape.tensor_names), learned.granularity)[0]) if learned else 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -154,6 +155,8 @@ class LearnedMerge:
     """The step whose W this is, when early stopping chose it (``LearnedMergeConfig.holdout``)."""
     holdout_losses: list[tuple[int, float]] = field(default_factory=list)
     """(step, held-out loss) at each early-stopping check."""
+    step_seconds: list[float] = field(default_factory=list)
+    """Wall time of each training step (sampling, forward and backward over every task, AdamW)."""
 
 
 def split_holdout(data: TaskData, holdout: int, generator: torch.Generator) -> tuple[TaskData, TaskData]:
@@ -472,6 +475,7 @@ def train_merge_weights(
     checks: list[tuple[int, float]] = []
     best = (0, math.inf, weights.detach().clone())
     losses: list[float] = []
+    step_seconds: list[float] = []
     bar = tqdm(range(config.steps), desc="training merge weights", disable=not progress, leave=False)
     for step in bar:
         if held and step % config.eval_every == 0:
@@ -480,6 +484,7 @@ def train_merge_weights(
                 best = (step, checks[-1][1], weights.detach().clone())
             elif (step - best[0]) // config.eval_every >= config.patience:
                 break
+        step_started = time.perf_counter()
         batches = {t: d.sample(config.batch_size, generator) for t, d in data.items()}
         optimizer.zero_grad(set_to_none=True)
         loss = backward_step(weights, model, base, stacked, group_of, heads, batches, config)
@@ -488,6 +493,7 @@ def train_merge_weights(
             with torch.no_grad():
                 weights.clamp_(0.0, 1.0)
         losses.append(loss)
+        step_seconds.append(time.perf_counter() - step_started)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     else:
         if held:
@@ -508,4 +514,5 @@ def train_merge_weights(
         losses=losses,
         steps_used=best[0] if held else None,
         holdout_losses=checks,
+        step_seconds=step_seconds,
     )

@@ -45,6 +45,23 @@ def test_compressed_delta_is_the_best_rank_r_approximation():
     torch.testing.assert_close(compress_delta(delta, 7).dense(), delta, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300)])
+def test_gram_compression_equals_the_svds_truncation(shape):
+    """compress_delta goes through the smaller Gram matrix's eigendecomposition, not an SVD: its factors
+    are U_r S_r and V_r^T as the SVD gives them (up to each component's sign), for tall and wide
+    matrices, when the kept singular values stand apart from the dropped ones (low rank plus noise,
+    the shape of a fine-tune's delta)."""
+    g = torch.Generator().manual_seed(1)
+    m, n = shape
+    delta = torch.randn(m, 6, generator=g) @ torch.randn(6, n, generator=g) + 1e-2 * torch.randn(m, n, generator=g)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    low = compress_delta(delta, 6)
+    signs = torch.sign((low.A * vh[:6]).sum(1))
+    torch.testing.assert_close(low.A * signs[:, None], vh[:6], rtol=0, atol=1e-4)
+    torch.testing.assert_close(low.B * signs, u[:, :6] * s[:6], rtol=0, atol=1e-3)
+    torch.testing.assert_close(low.dense(), (u[:, :6] * s[:6]) @ vh[:6], rtol=0, atol=1e-4)
+
+
 def test_small_rank_stores_about_one_kth_per_task(setup):
     """Per task a compressed (out, in) matrix holds r (out + in) = (out + in) / (max(out, in) k) of its
     dense values at TSV-M's rank: 1/k for the long side, 2/k at most (square); the k tasks together
