@@ -41,13 +41,14 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from supermerge.flows.live import FROM_STORE, LiveTree, close_crashed_runs
-from supermerge.flows.node_flow import FROM_STORE_STATE, FROM_STORE_TAG, node_state_name, node_task_options, show_library_logs
+from supermerge.flows.node_flow import (FROM_STORE_STATE, follow_nodes, node_state_name, node_task_options,
+                                         show_library_logs)
 from supermerge.flows.pools import run_tree_on_pools
 from supermerge.merge_core.checkpoint import refuse_existing
 from supermerge.merge_core.config import MergeConfig
@@ -110,11 +111,7 @@ def run_tree(plan: MergePlan, store: Store, slots: dict[str, int], live: LiveTre
             futures[node.id] = pools[node.device].submit(
                 node_task, {"node": quote(node.to_dict()), "store_dir": quote(store.location), "children": children}
             )
-        node_of = {id(f): n for n, f in futures.items()}
-        for future in as_completed(list(futures.values())):
-            future.wait()  # keeps the final state on the future (the API's copy may lag behind)
-            record = future.result(raise_on_failure=False) if future.state.is_completed() else None
-            live.set(node_of[id(future)], node_state_name(future, record), NodeRecord(**record) if record else None)
+        follow_nodes(futures, live)
     return futures
 
 

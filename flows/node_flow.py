@@ -22,7 +22,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import State, TaskRun
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectFuture, as_completed
 from prefect.settings import PREFECT_LOGGING_EXTRA_LOGGERS
 from prefect.states import Completed
 from prefect.tasks import Task
@@ -30,7 +30,7 @@ from prefect.tasks import Task
 from supermerge.flows.live import FROM_STORE, MERGED, NOT_RUN, RUNNING, LiveTree
 from supermerge.merge_core.config import MergeConfig
 from supermerge.merge_core.model import load_model_code
-from supermerge.orchestrator.node import NodeTask, run_node
+from supermerge.orchestrator.node import NodeRecord, NodeTask, run_node
 from supermerge.orchestrator.sizes import format_bytes
 from supermerge.orchestrator.stores import open_store
 
@@ -100,3 +100,13 @@ def node_task_options(base: Task[P, R], node: NodeTask, stored: bool, config: Me
     return base.with_options(task_run_name=name or node.id, retries=config.retry.retries,
                              retry_delay_seconds=config.retry.retry_delay_seconds,
                              tags=[FROM_STORE_TAG] if stored else None, on_running=[running])
+
+
+def follow_nodes(futures: dict[str, PrefectFuture[Any]], live: LiveTree) -> None:
+    """Wait for every node's task, in the order they end, and set each node's final state and record
+    in the live tree (the in-process path and the pool path submit differently, but end alike)."""
+    node_of = {id(f): n for n, f in futures.items()}
+    for future in as_completed(list(futures.values())):
+        future.wait()  # keeps the final state on the future (the API's copy may lag behind)
+        record = future.result(raise_on_failure=False) if future.state.is_completed() else None
+        live.set(node_of[id(future)], node_state_name(future, record), NodeRecord(**record) if record else None)

@@ -36,15 +36,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import WorkerStatus
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from supermerge.flows.live import LiveTree
-from supermerge.flows.node_flow import FROM_STORE_STATE, NODE_FLOW_NAME, node_state_name, node_task_options
+from supermerge.flows.node_flow import FROM_STORE_STATE, NODE_FLOW_NAME, follow_nodes, node_task_options
 from supermerge.orchestrator.errors import PlacementError, RemoteNodeError, StoreError
-from supermerge.orchestrator.node import NodeRecord, NodeTask, cached_record
+from supermerge.orchestrator.node import NodeTask, cached_record
 from supermerge.orchestrator.parallel import submission_order
 from supermerge.orchestrator.plan import MergePlan
 from supermerge.orchestrator.pools import WorkPool, dispatched_node, place_on_pools
@@ -126,11 +126,7 @@ def run_tree_on_pools(plan: MergePlan, store: Store, pools: Sequence[WorkPool],
             futures[node.id] = runner.submit(node_task, {
                 "node": quote(dispatched_node(node)), "deployment": quote(deployment_name(pool)),
                 "store": quote(store.location), "children": children})
-        node_of = {id(f): n for n, f in futures.items()}
-        for future in as_completed(list(futures.values())):
-            future.wait()
-            record = future.result(raise_on_failure=False) if future.state.is_completed() else None
-            live.set(node_of[id(future)], node_state_name(future, record), NodeRecord(**record) if record else None)
+        follow_nodes(futures, live)
     return futures
 
 

@@ -18,7 +18,8 @@ from uuid import UUID
 import pytest
 import yaml
 
-from supermerge.flows.hierarchical import FROM_STORE_STATE, FROM_STORE_TAG, PROGRESS_KEY, REPORT_KEY, hierarchical_merge
+from supermerge.flows.hierarchical import PROGRESS_KEY, REPORT_KEY, hierarchical_merge
+from supermerge.flows.node_flow import FROM_STORE_STATE, FROM_STORE_TAG
 from supermerge.flows.registry import register
 from supermerge.orchestrator.executor import REPORT_FILE
 from supermerge.orchestrator.incremental import path_to_root
