@@ -18,46 +18,16 @@
 # KEEP=1 keeps the temp dir (logs, models) for a look afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$PWD
-PY=${PYTHON:-python}
-STARTED=$EPOCHREALTIME
-WORK=$(mktemp -d -t supermerge-e2e.XXXXXX)
-PGIDS=()
-
-say() { awk -v a="$STARTED" -v b="$EPOCHREALTIME" -v m="$*" 'BEGIN { printf "[e2e %5.1fs] %s\n", b - a, m }'; }
-
-cleanup() {
-  local rc=$? i
-  # the worker before the server it talks to; a Prefect 3.8.8 worker here ignored SIGTERM and SIGINT for
-  # over 30 s, so a group still alive after 10 s is killed (nothing is running by then)
-  for ((i = ${#PGIDS[@]} - 1; i >= 0; i--)); do
-    kill -TERM -- "-${PGIDS[i]}" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 -- "-${PGIDS[i]}" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL -- "-${PGIDS[i]}" 2>/dev/null || true
-  done
-  if [ "$rc" != 0 ]; then
-    echo "[e2e] FAILED (exit $rc); last lines of the logs:" >&2
-    for f in "$WORK"/*.log; do [ -f "$f" ] && { echo "--- $f" >&2; tail -n 25 "$f" >&2; }; done
-  fi
-  if [ "${KEEP:-0}" = 1 ]; then echo "[e2e] kept $WORK"; else rm -rf "$WORK"; fi
-  [ "$rc" = 0 ] && say "server and worker stopped"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-background() {  # background LOG CMD...: start CMD in its own process group, remember the group
-  local log=$1; shift
-  setsid "$@" >"$log" 2>&1 &
-  PGIDS+=("$!")
-}
+E2E_TAG=e2e E2E_STOPPED="server and worker stopped"
+# shellcheck source=deploy/e2e_lib.sh
+source deploy/e2e_lib.sh
 
 export PREFECT_HOME=$WORK/prefect-home DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_WORKER_QUERY_SECONDS=2 PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120
 # a run refused the deployment's concurrency slot asks again after 5 s (Prefect's default: 30 s)
 export PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS=5
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-PORT=${E2E_PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+PORT=${E2E_PORT:-$(free_port)}
 export PREFECT_API_URL=http://127.0.0.1:$PORT/api
 ZOMBIE_WITHIN=${ZOMBIE_WITHIN:-40}  # seconds without a heartbeat (one each 30 s) before a run is marked Crashed
 CHECK=("$PY" deploy/e2e_check.py)

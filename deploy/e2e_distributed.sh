@@ -20,38 +20,9 @@
 # KEEP=1 keeps the temp dir; STEPS (default 300) sets the SuperMerge steps per node.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$PWD
-PY=${PYTHON:-python}
-STARTED=$EPOCHREALTIME
-WORK=$(mktemp -d -t supermerge-e2e-dist.XXXXXX)
-PGIDS=()
-
-say() { awk -v a="$STARTED" -v b="$EPOCHREALTIME" -v m="$*" 'BEGIN { printf "[e2e-dist %5.1fs] %s\n", b - a, m }'; }
-
-cleanup() {
-  local rc=$? i
-  for ((i = ${#PGIDS[@]} - 1; i >= 0; i--)); do
-    kill -TERM -- "-${PGIDS[i]}" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 -- "-${PGIDS[i]}" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL -- "-${PGIDS[i]}" 2>/dev/null || true
-  done
-  if [ "$rc" != 0 ]; then
-    echo "[e2e-dist] FAILED (exit $rc); last lines of the logs:" >&2
-    for f in "$WORK"/*.log; do [ -f "$f" ] && { echo "--- $f" >&2; tail -n 25 "$f" >&2; }; done
-  fi
-  if [ "${KEEP:-0}" = 1 ]; then echo "[e2e-dist] kept $WORK"; else rm -rf "$WORK"; fi
-  [ "$rc" = 0 ] && say "servers and workers stopped"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-background() {  # background LOG CMD...: start CMD in its own process group, remember the group
-  local log=$1; shift
-  setsid "$@" >"$log" 2>&1 &
-  PGIDS+=("$!")
-}
-free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+E2E_TAG=e2e-dist E2E_STOPPED="servers and workers stopped"
+# shellcheck source=deploy/e2e_lib.sh
+source deploy/e2e_lib.sh
 
 export PREFECT_HOME=$WORK/prefect-home DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_WORKER_QUERY_SECONDS=2 PREFECT_LOGGING_EXTRA_LOGGERS=supermerge

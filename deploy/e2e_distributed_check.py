@@ -35,38 +35,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
+from e2e_api import api, fail
 
 from supermerge.orchestrator.store import LOCKS_DIR
 
-API = os.environ["PREFECT_API_URL"].rstrip("/")
 PLACED = re.compile(r"merge-node (?P<node>\S+): pid (?P<pid>\d+), parent pid (?P<ppid>\d+), host (?P<host>\S+)")
 """supermerge.flows.node_flow.PLACED_LOG, read back."""
 PEAK_TOLERANCE = 0.10
 METADATA = {"supermerge.json", "merge_report.json"}
 """Files of a published model that record the run (times, peaks, paths), not the model."""
-
-
-def fail(why: str) -> None:
-    print(f"[e2e] CHECK FAILED: {why}", file=sys.stderr)
-    sys.exit(1)
-
-
-def api(method: str, path: str, body: Any = None, attempts: int = 6) -> Any:
-    """One REST call; a busy server's 429/5xx or a dropped connection is tried again."""
-    for attempt in range(attempts):
-        try:
-            response = httpx.request(method, f"{API}{path}", json=body, timeout=30)
-            if response.status_code != 429 and response.status_code < 500:
-                response.raise_for_status()
-                return response.json() if response.content else None
-        except httpx.TransportError:
-            if attempt == attempts - 1:
-                raise
-        time.sleep(1 + 2 * attempt)
-    response.raise_for_status()
-    raise AssertionError
 
 
 def _time(text: str | None) -> float | None:
