@@ -13,9 +13,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from supermerge.flows.console import os_error_line
-from supermerge.merge_core.errors import CheckpointError, SupermergeError
+from supermerge.merge_core.errors import SupermergeError
+
+if TYPE_CHECKING:  # imported where used: `supermerge --help` stays quick
+    from supermerge.merge_core.config import MergeConfig
+    from supermerge.orchestrator.options import MergeOptions
 
 log = logging.getLogger("supermerge")
 
@@ -41,47 +46,41 @@ example config (paths relative to the config file):
 """
 
 
-def cmd_plan(config_path: Path, *, device: str | None, memory_budget: str | None, max_fan_in: int | None,
-             flat: bool, output: Path | None = None) -> int:
-    """Print the merge tree, each node's predicted peak memory and device, the fan-in chosen, and the
+def cmd_plan(config_path: Path, options: MergeOptions) -> int:
+    """Print the merge tree a merge would run (the published one grown by new models, unless
+    ``--replan``), each node's predicted peak memory and device, the fan-in chosen, and the
     checkpoint store's size."""
-    from supermerge.orchestrator.executor import store_location
-    from supermerge.orchestrator.plan import plan
     from supermerge.orchestrator.options import load_merge_config
+    from supermerge.orchestrator.run import plan_for
     from supermerge.orchestrator.store_usage import store_usage
+    from supermerge.orchestrator.stores import store_location
 
-    config = load_merge_config(config_path, output=output, device=device, memory_budget=memory_budget,
-                                max_fan_in=max_fan_in, flat=flat)
-
-    print(plan(config, progress=True).render())
+    config = load_merge_config(config_path, options)
+    print(plan_for(config, options, progress=True).render())
     location = store_location(config)
     print(f"store: {location}" if "://" in str(location) else store_usage(Path(location)).render())
     return 0
 
 
-def cmd_merge(
-    config_path: Path, *, output: Path | None, method: str | None, device: str | None, overwrite: bool,
-    memory_budget: str | None = None, max_fan_in: int | None = None, flat: bool = False, prefect: bool = False,
-    store: str | None = None,
-) -> int:
+def cmd_merge(config_path: Path, options: MergeOptions, *, prefect: bool = False) -> int:
     """Plan the merge tree (refusing before any work if it cannot fit), run it bottom-up through the
     checkpoint store, and print where the result is and how well it scores. ``prefect``: run it as the
     ``hierarchical-merge`` flow (Prefect's embedded default, or the server at PREFECT_API_URL)."""
-    if prefect:
-        return _merge_with_prefect(config_path, output=output, method=method, device=device, overwrite=overwrite,
-                                   memory_budget=memory_budget, max_fan_in=max_fan_in, flat=flat, store=store)
-    from supermerge.orchestrator.executor import REPORT_FILE, execute
-    from supermerge.orchestrator.sizes import format_bytes
     from supermerge.orchestrator.options import load_merge_config
-    from supermerge.orchestrator.plan import plan
 
-    config = load_merge_config(config_path, output=output, method=method, device=device,
-                               memory_budget=memory_budget, max_fan_in=max_fan_in, flat=flat, store=store)
-    check_output(config.output, overwrite=overwrite)
-    merge_plan = plan(config, progress=True)
+    config = load_merge_config(config_path, options)
+    if prefect:
+        return _merge_with_prefect(config_path, config, options)
+    from supermerge.orchestrator.executor import execute_prepared
+    from supermerge.orchestrator.publish import REPORT_FILE
+    from supermerge.orchestrator.run import prepare
+    from supermerge.orchestrator.sizes import format_bytes
+
+    prepared = prepare(config, options, progress=True)
+    merge_plan = prepared.plan
     created = _missing_folders(config.output.parent)
     try:
-        report = execute(merge_plan, overwrite=overwrite, progress=True)
+        report = execute_prepared(prepared, progress=True)
     except BaseException:
         for folder in created:  # the run made them (for the store and the output): leave none behind
             with contextlib.suppress(OSError):
@@ -125,8 +124,9 @@ def cmd_export(merged: Path, *, task: str | None, every: bool, out: Path, overwr
 def cmd_store_prune(config_path: Path, *, everything: bool, output: Path | None = None) -> int:
     """Remove the store entries no published output beside the config's output uses (``--all``: all)."""
     from supermerge.merge_core.config import load_config
-    from supermerge.orchestrator.executor import REPORT_FILE, store_location
+    from supermerge.orchestrator.publish import REPORT_FILE
     from supermerge.orchestrator.store_usage import prune, store_usage, used_keys
+    from supermerge.orchestrator.stores import store_location
 
     config = load_config(config_path, {"output": str(output.resolve()) if output else None})
     location = store_location(config)
@@ -155,20 +155,6 @@ def cmd_convert(config_path: Path, *, output: Path | None) -> int:
     return 0
 
 
-def check_output(output: Path, *, overwrite: bool) -> None:
-    """Refuse, before any work, an output that cannot be written (``output_problem``) or that is the
-    checkpoint store beside it, or inside it (the store would be replaced by the merged model)."""
-    from supermerge.merge_core.checkpoint import output_problem
-    from supermerge.orchestrator.executor import STORE_DIR
-
-    problem = output_problem(output, overwrite=overwrite)
-    if problem is None and STORE_DIR in output.parts:
-        problem = (f"{output} is the checkpoint store beside it ({STORE_DIR}) or inside one, which holds the merge's intermediate "
-                   "models; choose an output outside it")
-    if problem is not None:
-        raise CheckpointError(problem)
-
-
 def _missing_folders(folder: Path) -> list[Path]:
     """``folder`` and the folders above it that do not exist yet, deepest first."""
     missing = []
@@ -178,14 +164,12 @@ def _missing_folders(folder: Path) -> list[Path]:
     return missing
 
 
-def _merge_with_prefect(config_path: Path, *, output: Path | None, **options) -> int:
+def _merge_with_prefect(config_path: Path, config: MergeConfig, options: MergeOptions) -> int:
     from supermerge.flows.local import run_flow
-    from supermerge.orchestrator.options import load_merge_config
+    from supermerge.orchestrator.run import check_output
 
-    shown = {k: options[k] for k in ("method", "device", "memory_budget", "max_fan_in", "flat", "store")}
-    check_output(load_merge_config(config_path, output=output, **shown).output, overwrite=options["overwrite"])
-
-    result = run_flow(config_path, output=str(output.resolve()) if output else None, evaluate=True, **options)
+    check_output(config.output, overwrite=options.overwrite)  # before Prefect's server starts; the flow checks again
+    result = run_flow(config_path, evaluate=True, **options.flow_parameters())
     print(f"merged with the hierarchical-merge flow in {result['seconds']:.1f} s -> {result['output']}")
     print(f"tree: {len(result['nodes'])} merge(s): {result['merged']} merged, {result['from_store']} from the store; "
           f"slots {result['slots']}; per node: {Path(result['output']) / 'merge_report.json'}")
@@ -243,6 +227,16 @@ def _fmt(acc: dict[str, float]) -> str:
     return ", ".join(f"{t} {100 * a:.1f}%" for t, a in sorted(acc.items()))
 
 
+def options_from_args(args: argparse.Namespace) -> MergeOptions:
+    """The merge options a ``merge`` or ``plan`` command line gives (``plan`` has fewer)."""
+    from supermerge.orchestrator.options import MergeOptions
+
+    return MergeOptions(output=args.output, method=getattr(args, "method", None), device=args.device,
+                        memory_budget=args.memory_budget, max_fan_in=args.max_fan_in, flat=args.flat,
+                        store=getattr(args, "store", None), overwrite=getattr(args, "overwrite", False),
+                        replan=args.replan)
+
+
 def _tree_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget", metavar="SIZE",
                    help="memory one merge node may use, e.g. 8GB or 512MiB (default: a safe share of what is free)")
@@ -250,6 +244,8 @@ def _tree_options(p: argparse.ArgumentParser) -> None:
     shape.add_argument("--max-fan-in", type=int, metavar="N",
                        help="at most N models per merge node (the planner takes the largest that fits)")
     shape.add_argument("--flat", action="store_true", help="one merge of every model (no tree)")
+    p.add_argument("--replan", action="store_true",
+                   help="cluster the tree from scratch instead of growing the one published at the output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -341,12 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "merge":
-            return cmd_merge(args.config, output=args.output, method=args.method, device=args.device,
-                             overwrite=args.overwrite, memory_budget=args.memory_budget,
-                             max_fan_in=args.max_fan_in, flat=args.flat, prefect=args.prefect, store=args.store)
+            return cmd_merge(args.config, options_from_args(args), prefect=args.prefect)
         if args.command == "plan":
-            return cmd_plan(args.config, device=args.device, memory_budget=args.memory_budget,
-                            max_fan_in=args.max_fan_in, flat=args.flat, output=args.output)
+            return cmd_plan(args.config, options_from_args(args))
         if args.command == "evaluate":
             return cmd_evaluate(args.config, args.models, device=args.device, references=not args.no_references)
         if args.command == "methods":

@@ -32,7 +32,6 @@ and rank table) and a progress bar, both posted from the run's first second and 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -47,24 +46,22 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from supermerge.flows.live import FROM_STORE, LiveTree, close_crashed_runs
-from supermerge.flows.node_flow import (FROM_STORE_STATE, follow_nodes, node_state_name, node_task_options,
+from supermerge.flows.node_flow import (FROM_STORE_STATE, follow_nodes, node_task_options,
                                          show_library_logs)
 from supermerge.flows.pools import run_tree_on_pools
-from supermerge.merge_core.checkpoint import refuse_existing
 from supermerge.merge_core.config import MergeConfig
 from supermerge.merge_core.evaluate import results_table
 from supermerge.merge_core.job import score_models
-from supermerge.orchestrator.executor import config_store, finish
-from supermerge.orchestrator.incremental import plan_with_previous
 from supermerge.orchestrator.sizes import format_bytes
-from supermerge.orchestrator.options import load_merge_config
+from supermerge.orchestrator.options import MergeOptions, load_merge_config
 from supermerge.orchestrator.node import NodeRecord, NodeTask, cached_record, run_node
 from supermerge.orchestrator.parallel import device_slots, submission_order
 from supermerge.orchestrator.plan import MergePlan
 from supermerge.orchestrator.pools import parse_pools
+from supermerge.orchestrator.publish import ExecutionReport
+from supermerge.orchestrator.run import Prepared, conclude, prepare
 from supermerge.orchestrator.store import Store
 from supermerge.orchestrator.stores import open_store
-from supermerge.orchestrator.versions import check_versioned, current, next_version, prune, published_root_key, switch_current
 
 FLOW_NAME = "hierarchical-merge"
 PROGRESS_KEY = "hierarchical-merge-progress"
@@ -87,15 +84,18 @@ def merge_node(node: dict[str, Any], store_dir: str, children: list[dict[str, An
     return record.to_dict()
 
 
-@task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
-def evaluate_merge(config: MergeConfig, model_dir: str) -> tuple[dict[str, float], str]:
-    """Test accuracy of the merged model per task, and the paper's table with the pretrained model and
-    the individual fine-tunes as references."""
-    row = config.output.name
-    scores = score_models(config, {"pretrained": None, "individual": None, row: model_dir})
-    table = results_table({row: scores[row]}, references={k: scores[k] for k in ("pretrained", "individual")},
-                          individual=scores["individual"])
-    return scores[row], table
+@task(name="conclude", cache_policy=NO_CACHE, persist_result=False)
+def conclude_run(prepared: Prepared, records: list[NodeRecord], seconds: float, evaluate: bool) -> ExecutionReport:
+    """Score the root on the test data (``evaluate``) and publish it (supermerge.orchestrator.run.conclude,
+    the step ``supermerge merge`` ends with too)."""
+    return conclude(prepared, records, seconds, evaluate_test=evaluate)
+
+
+@task(name="references", cache_policy=NO_CACHE, persist_result=False)
+def reference_scores(config: MergeConfig) -> dict[str, dict[str, float]]:
+    """Test accuracy of the pretrained model and of each task's own fine-tune: the rows the merged
+    model is ranked against in the report."""
+    return score_models(config, {"pretrained": None, "individual": None})
 
 
 def run_tree(plan: MergePlan, store: Store, slots: dict[str, int], live: LiveTree) -> dict[str, PrefectFuture[Any]]:
@@ -115,11 +115,9 @@ def run_tree(plan: MergePlan, store: Store, slots: dict[str, int], live: LiveTre
     return futures
 
 
-def outcomes(futures: dict[str, PrefectFuture[Any]]) -> tuple[dict[str, NodeRecord | None], dict[str, str]]:
-    """Each node's record (None when it did not complete) and state in words."""
-    raw = {n: f.result(raise_on_failure=False) if f.state.is_completed() else None for n, f in futures.items()}
-    return ({n: NodeRecord(**r) if r is not None else None for n, r in raw.items()},
-            {n: node_state_name(futures[n], raw[n]) for n in futures})
+def finished_records(futures: dict[str, PrefectFuture[Any]]) -> list[NodeRecord]:
+    """The records of the nodes that completed, in submission order."""
+    return [NodeRecord(**f.result()) for f in futures.values() if f.state.is_completed()]
 
 
 def _flow_run() -> Any:
@@ -174,27 +172,22 @@ def hierarchical_merge(
     run = _flow_run()
     if run is not None and run.deployment_id is not None:
         close_crashed(run.deployment_id)
+    options = MergeOptions.from_flow_parameters(output=output, method=method, device=device, memory_budget=memory_budget,
+                                                max_fan_in=max_fan_in, flat=flat, store=store, overwrite=overwrite,
+                                                replan=replan)
     with LiveTree(run.id if run is not None else None, REPORT_KEY, PROGRESS_KEY) as live:
         live.planning(f"reading {config} and planning the merge tree")
-        merge_config = load_merge_config(Path(config), output=Path(output) if output else None, method=method,
-                                          device=device, memory_budget=memory_budget, max_fan_in=max_fan_in,
-                                          flat=flat, store=store)
+        merge_config = load_merge_config(Path(config), options)
         work_pools = parse_pools(pools) if pools is not None else None
-        published = None
-        if versions:
-            check_versioned(merge_config.output)
-            published = current(merge_config.output)
-        else:
-            refuse_existing(merge_config.output, overwrite=overwrite, option="overwrite=True")
-        plan = plan_with_previous(merge_config, replan=replan, published=published)
-        checkpoints = config_store(merge_config)
+        prepared = prepare(merge_config, options, versions=versions)
+        plan, checkpoints = prepared.plan, prepared.store
         planned = time.perf_counter()
-        if published is not None and published_root_key(published) == plan.root.key:
+        if prepared.up_to_date:
             live.start(plan, {n.id: FROM_STORE for n in plan.nodes})
-            note = f"up to date: {published} already holds this merge tree's root; nothing merged or published"
+            note = f"up to date: {prepared.published} already holds this merge tree's root; nothing merged or published"
             live.finish(note)
             logger.info("%s (%.1f s)", note, time.perf_counter() - started)
-            return {"output": str(published), "version": published.name, "up_to_date": True,
+            return {"output": str(prepared.published), "version": prepared.published.name, "up_to_date": True,
                     "store": checkpoints.location, "seconds": round(time.perf_counter() - started, 3),
                     "merged": 0, "from_store": 0, "nodes": [], "test_accuracy": {}}
         slots = device_slots(plan, max_parallel=max_parallel)
@@ -207,27 +200,21 @@ def hierarchical_merge(
             live.crashed()
             raise
         ran = time.perf_counter()
-        records, states = outcomes(futures)
         failed = [n for n, f in futures.items() if f.state.is_failed() or f.state.is_crashed()]
         if failed:
             live.finish(f"failed: node {failed[0]} failed; nothing published (finished nodes stay in the store)")
             futures[failed[0]].result()  # raises that node's own error
 
-        target = next_version(merge_config.output) if versions else merge_config.output
-        plan = dataclasses.replace(plan, config=merge_config.model_copy(update={"output": target}))
-        test_accuracy: dict[str, float] = {}
-        table = ""
-        if evaluate and any(m.test is not None for m in merge_config.models):
-            checkpoints.record(plan.root.key)  # an S3 store's root, merged on another worker, into the local cache
-            test_accuracy, table = evaluate_merge(plan.config, str(checkpoints.path(plan.root.key)))
-        elif evaluate:
+        ordered = finished_records(futures)
+        scored = evaluate and any(m.test is not None for m in merge_config.models)
+        if evaluate and not scored:
             logger.warning("evaluate: no model in %s has test data; nothing to score", config)
-        ordered = [r for r in records.values() if r is not None]
-        report = finish(plan, checkpoints, ordered, time.perf_counter() - started, overwrite=overwrite and not versions,
-                        test_accuracy=test_accuracy)
-        if versions:
-            switch_current(merge_config.output, target)
-            prune(merge_config.output, versions)
+        report = conclude_run(quote(prepared), quote(ordered), ran - planned, scored)
+        table = ""
+        if scored:
+            references = reference_scores(quote(merge_config))
+            table = results_table({merge_config.output.name: report.test_accuracy}, references=references,
+                                  individual=references["individual"])
         finished = time.perf_counter()
         merged, reused = sum(not r.cached for r in ordered), sum(r.cached for r in ordered)
         note = f"published {report.output}: {merged} node(s) merged, {reused} from the store, in {finished - started:.1f} s"
@@ -235,7 +222,7 @@ def hierarchical_merge(
         logger.info(note)
     return {
         "output": str(report.output),
-        "version": target.name if versions else None,
+        "version": prepared.target.name if versions else None,
         "up_to_date": False,
         "store": checkpoints.location,
         "seconds": round(finished - started, 3),
@@ -246,5 +233,5 @@ def hierarchical_merge(
         "merged": merged,
         "from_store": reused,
         "nodes": [r.to_dict() for r in ordered],
-        "test_accuracy": test_accuracy,
+        "test_accuracy": report.test_accuracy,
     }

@@ -29,7 +29,7 @@ import numpy as np
 
 from supermerge.merge_core.config import MergeConfig
 from supermerge.orchestrator.errors import MemoryBudgetError, StoreError, TreeError
-from supermerge.orchestrator.executor import REPORT_FILE
+from supermerge.orchestrator.publish import REPORT_FILE
 from supermerge.orchestrator.plan import MergePlan, plan
 from supermerge.orchestrator.similarity import Similarity, task_vector_similarity
 from supermerge.orchestrator.tree import MergeTree, Nested

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from supermerge.merge_core.checkpoint import open_checkpoint
 from supermerge.merge_core.config import ModelEntry

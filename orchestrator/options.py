@@ -1,52 +1,75 @@
-"""A merge config with the ``supermerge merge`` options applied: one place below the CLI and the flow.
+"""The ``supermerge merge`` options as one typed object, and the config with them applied.
 
-The options are the ones both run paths take (``--output``, ``--method``, ``--device``,
-``--memory-budget``, ``--max-fan-in``, ``--flat``, ``--store``); they are applied to the resolved config, which is
-then validated again as a whole.
+Both run paths (the CLI's plain executor and the ``hierarchical-merge`` flow) take the same options;
+they travel as one ``MergeOptions`` from the command line (or the flow's parameters) down to
+``supermerge.orchestrator.run.prepare``, and are applied to the resolved YAML mapping once, which is
+then validated as a whole (one ConfigError naming the config and the options).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from supermerge.merge_core.config import MergeConfig, load_config, parse_config
 
 log = logging.getLogger(__name__)
 
 
-def load_merge_config(
-    config_path: Path,
-    *,
-    output: Path | None = None,
-    method: str | None = None,
-    device: str | None = None,
-    memory_budget: str | None = None,
-    max_fan_in: int | None = None,
-    flat: bool = False,
-    store: str | None = None,
-) -> MergeConfig:
-    """The config with the command line's (or the flow's) overrides, validated again as a whole (one
-    ConfigError): both run paths read a config through here, so an option means the same on each.
-    ``store``: a folder (relative to the working directory) or an ``s3://`` URL."""
-    overrides = {"output": str(output.resolve()) if output else None, "device": device}
+@dataclass(frozen=True)
+class MergeOptions:
+    """What the command line (or the flow's parameters) says beside the config; None: the config's."""
+
+    output: Path | None = None
+    method: str | None = None
+    device: str | None = None
+    memory_budget: str | None = None
+    max_fan_in: int | None = None
+    flat: bool = False
+    store: str | None = None
+    """A folder (relative to the working directory) or an ``s3://`` URL."""
+    overwrite: bool = False
+    """Replace an existing output (an unversioned run)."""
+    replan: bool = False
+    """Cluster from scratch instead of growing the tree published at the output."""
+
+    def flow_parameters(self) -> dict[str, Any]:
+        """The ``hierarchical-merge`` flow's parameters for these options (JSON values)."""
+        values = dataclasses.asdict(self)
+        values["output"] = str(self.output.resolve()) if self.output is not None else None
+        return values
+
+    @classmethod
+    def from_flow_parameters(cls, **values: Any) -> MergeOptions:
+        """The options the flow's parameters carry (``flow_parameters`` read back)."""
+        output = values.pop("output", None)
+        return cls(output=Path(output) if output else None, **values)
+
+
+def load_merge_config(config_path: Path, options: MergeOptions = MergeOptions()) -> MergeConfig:
+    """The config at ``config_path`` with ``options`` applied, validated again as a whole: both run
+    paths and ``supermerge plan`` read a config through here, so an option means the same on each."""
+    overrides = {"output": str(options.output.resolve()) if options.output else None, "device": options.device}
     config = load_config(config_path, overrides)
     raw = config.resolved()
     if config.max_length_resolved.source != "config":
         raw["max_length"] = None  # resolved again, so the plan still says where it came from
-    if method is not None and method != config.method:
+    if options.method is not None and options.method != config.method:
         # the config's parameters belong to its own method: another method starts from its defaults
         if config.parameters:
-            log.warning("--method %s: ignoring the config's parameters for %s", method, config.method)
-        raw.update(method=method, parameters={})
+            log.warning("--method %s: ignoring the config's parameters for %s", options.method, config.method)
+        raw.update(method=options.method, parameters={})
     tree = dict(raw["tree"])
-    if memory_budget is not None:
-        tree["memory_budget"] = memory_budget
-    if flat:
+    if options.memory_budget is not None:
+        tree["memory_budget"] = options.memory_budget
+    if options.flat:
         tree.update(flat=True, groups=None, max_fan_in=None)
-    if max_fan_in is not None:
-        tree.update(max_fan_in=max_fan_in, flat=False)
+    if options.max_fan_in is not None:
+        tree.update(max_fan_in=options.max_fan_in, flat=False)
     raw["tree"] = tree
-    if store is not None:
-        raw["store"] = store if "://" in store else str(Path(store).resolve())
+    if options.store is not None:
+        raw["store"] = options.store if "://" in options.store else str(Path(options.store).resolve())
     return parse_config(raw, source=f"{config_path} (with the command line's options)")

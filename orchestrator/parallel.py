@@ -2,7 +2,7 @@
 
 The Prefect flow runs independent subtrees at once; this module decides how many nodes may run at
 once on each device and the order to hand them out in. Once every node is done, the flow publishes the
-root through ``executor.finish``, the step ``executor.execute`` ends with (same ``merge_report.json``),
+root through ``run.conclude``, the step ``supermerge merge`` ends with (same ``merge_report.json``),
 so either way of running gives the same output and the next run can reuse its tree
 (supermerge.orchestrator.incremental).
 

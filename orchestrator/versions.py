@@ -2,7 +2,7 @@
 
 A one-off merge publishes its model at ``output`` and refuses to replace it without ``overwrite``. A
 deployment re-merges into the same output night after night, so there each run publishes a new
-version instead: ``<output>/v1``, ``<output>/v2``, ... (each written by ``executor.publish``, atomic),
+version instead: ``<output>/v1``, ``<output>/v2``, ... (each written by ``publish.publish``, atomic),
 then points ``<output>/current`` at it (a relative symlink, replaced by one rename, so a reader sees
 the old version or the new one, never neither), then deletes the oldest versions beyond ``keep``.
 A version is never changed once published; load ``<output>/current``.
@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from supermerge.merge_core.errors import CheckpointError
-from supermerge.orchestrator.executor import REPORT_FILE
+from supermerge.orchestrator.publish import REPORT_FILE
 
 log = logging.getLogger(__name__)
 

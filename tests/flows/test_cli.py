@@ -450,7 +450,7 @@ def _files(*roots: Path) -> dict[str, tuple[int, int]]:
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_gives_one_clear_error_and_writes_nothing(workspace, tiny_base_dir, tiny_finetuned, capsys,
                                                             monkeypatch, case):
-    from supermerge.flows.cli import build_parser, cmd_merge
+    from supermerge.flows.cli import build_parser, cmd_merge, options_from_args
     from supermerge.merge_core.errors import SupermergeError
 
     what, make_bad = BAD_INPUTS[case]
@@ -467,8 +467,7 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(workspace, tiny_base
 
     args = build_parser().parse_args(argv)  # the same command, to see the error the CLI printed
     with pytest.raises(SupermergeError) as refused:
-        cmd_merge(args.config, output=args.output, method=args.method, device=args.device, overwrite=args.overwrite,
-                  memory_budget=args.memory_budget, max_fan_in=args.max_fan_in, flat=args.flat)
+        cmd_merge(args.config, options_from_args(args))
     capsys.readouterr()
     assert generic(f"supermerge: error: {refused.value}".splitlines()[0], {}) == generic(errors[0], {})
     assert _files(workspace, tiny_base_dir, models) == before, "something was written"

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import yaml
 from safetensors.torch import load_file, save_file
 
-from supermerge.flows.cli import INTERRUPTED, build_parser, cmd_merge, main
+from supermerge.flows.cli import INTERRUPTED, build_parser, cmd_merge, main, options_from_args
 from supermerge.merge_core.data import TaskData, save_task_data
 from supermerge.merge_core.errors import SupermergeError
 from tests.errors_doc import check_row, generic
@@ -259,7 +259,7 @@ def test_bad_input_is_refused_before_work_in_one_line(workspace, tiny_base_dir, 
 
     args = build_parser().parse_args(argv)
     with pytest.raises(SupermergeError) as refused:
-        cmd_merge(args.config, output=args.output, method=args.method, device=args.device, overwrite=args.overwrite)
+        cmd_merge(args.config, options_from_args(args))
     capsys.readouterr()
     assert generic(f"supermerge: error: {refused.value}".splitlines()[0], {}) == generic(errors[0], {})
     assert _files(workspace, tiny_base_dir, tiny_finetuned["alpha"].parent) == before, "something was written"
@@ -322,7 +322,7 @@ def test_a_non_finite_result_names_node_and_tensor_and_nothing_enters_the_store(
 
     args = build_parser().parse_args(["merge", str(workspace / "config.yaml")])
     with pytest.raises(NonFiniteError) as refused:
-        cmd_merge(args.config, output=None, method=None, device=None, overwrite=False)
+        cmd_merge(args.config, options_from_args(args))
     what = "fine-tunes whose values are finite but whose merge overflows fp32"
     check_row(case, f"{what} ({'streamed' if 'lam' in parameters and not isinstance(parameters['lam'], list) else 'grid search'})",
               refused.value, _paths(workspace, tiny_base_dir, tiny_finetuned))

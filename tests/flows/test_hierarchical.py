@@ -21,7 +21,7 @@ import yaml
 from supermerge.flows.hierarchical import PROGRESS_KEY, REPORT_KEY, hierarchical_merge
 from supermerge.flows.node_flow import FROM_STORE_STATE, FROM_STORE_TAG
 from supermerge.flows.registry import register
-from supermerge.orchestrator.executor import REPORT_FILE
+from supermerge.orchestrator.publish import REPORT_FILE
 from supermerge.orchestrator.incremental import path_to_root
 from supermerge.orchestrator.tree import MergeTree
 from tests.orchestrator.families import one_thread
@@ -279,7 +279,7 @@ def test_a_node_out_of_memory_fails_alone_and_its_independent_sibling_completes(
     clear error (tried twice: retries 1), pa+pb completes and stays in the store for the next run, the
     root never runs, and nothing is published."""
     import supermerge.orchestrator.node
-    from supermerge.orchestrator.executor import default_store_dir
+    from supermerge.orchestrator.stores import default_store_dir
     from supermerge.orchestrator.store import CheckpointStore
 
     config = _write_config(tmp_path, tiny_base_dir, family_models, ["pa", "pb", "qa", "qb"], registry=None)
@@ -337,3 +337,71 @@ def test_versioned_runs_publish_v1_then_up_to_date_then_v2_and_keep_the_newest(
     from transformers import AutoModel
 
     AutoModel.from_pretrained(out / CURRENT)
+
+
+def _swapped(nested: Any, a: str, b: str) -> Any:
+    """The nested groups with leaves ``a`` and ``b`` trading places."""
+    if isinstance(nested, list):
+        return [_swapped(n, a, b) for n in nested]
+    return {a: b, b: a}.get(nested, nested)
+
+
+def test_merge_and_merge_prefect_grow_the_published_tree_alike_after_a_registration(
+    first_run: tuple[dict[str, Any], UUID, float], workspace: Path, tmp_path: Path,
+    family_models: dict[str, dict[str, Path]], capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The one run path: after a registration, ``supermerge plan``, ``supermerge merge`` and
+    ``supermerge merge --prefect`` all grow the tree published at the output (here one with pa and qa
+    swapped, which clustering from scratch would never build), and the two merges publish the same bytes."""
+    from supermerge.flows.cli import main
+
+    published = _report(first_run[0])["plan"]["groups"]
+    swapped = _swapped(published, "pa", "qa")
+    assert swapped != published
+    m = family_models[ARRIVING]
+    outputs: dict[str, tuple[Path, list[Any]]] = {}
+    for way, extra in (("plain", []), ("prefect", ["--prefect"])):
+        config = _copy(workspace, tmp_path / way)
+        report_file = config.parent / "out" / "merged" / REPORT_FILE
+        report = json.loads(report_file.read_text())
+        report["plan"]["groups"] = swapped
+        report_file.write_text(json.dumps(report))
+        register(m["path"], ARRIVING, m["validation"], config.parent / "registry")
+        if way == "plain":
+            assert main(["plan", str(config)]) == 0
+            shown = capsys.readouterr().out
+            assert "the previous tree, grown by rb" in shown and "merge-pa+qb" in shown and "merge-ra+rb" in shown
+            assert main(["plan", str(config), "--replan"]) == 0
+            assert "merge-pa+qb" not in capsys.readouterr().out  # from scratch: the families pair up again
+        assert main(["merge", str(config), "--overwrite", *extra]) == 0
+        capsys.readouterr()
+        output = config.parent / "out" / "merged"
+        outputs[way] = (output, json.loads((output / REPORT_FILE).read_text())["plan"]["groups"])
+    (plain, plain_groups), (flowed, flowed_groups) = outputs["plain"], outputs["prefect"]
+    tree = MergeTree.from_nested(plain_groups)
+    assert plain_groups == flowed_groups and tree.children(path_to_root(tree, ARRIVING)[0]) == [REGISTERED, ARRIVING]
+    assert tree.children(tree.parent("pa")) == ["pa", "qb"]  # still the swapped tree, grown
+    names = sorted(str(p.relative_to(plain)) for p in plain.rglob("*.safetensors"))
+    assert names and names == sorted(str(p.relative_to(flowed)) for p in flowed.rglob("*.safetensors"))
+    for name in names:
+        assert (plain / name).read_bytes() == (flowed / name).read_bytes(), name
+
+
+def test_merge_after_a_registration_merges_only_the_new_models_path(
+    first_run: tuple[dict[str, Any], UUID, float], workspace: Path, tmp_path: Path,
+    family_models: dict[str, dict[str, Path]], capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The plain ``supermerge merge --overwrite`` grows the published tree as the flow does: the nodes
+    off the new model's path come from the store."""
+    from supermerge.flows.cli import main
+
+    config = _copy(workspace, tmp_path)
+    m = family_models[ARRIVING]
+    register(m["path"], ARRIVING, m["validation"], config.parent / "registry")
+    assert main(["merge", str(config), "--overwrite"]) == 0
+    capsys.readouterr()
+    after = json.loads((config.parent / "out" / "merged" / REPORT_FILE).read_text())
+    tree = MergeTree.from_nested(after["plan"]["groups"])
+    merged = {n["id"] for n in after["nodes"] if not n["cached"]}
+    assert merged == set(path_to_root(tree, ARRIVING))
+    assert {n["id"] for n in after["nodes"] if n["cached"]} == {n for n in tree.merges()} - merged != set()

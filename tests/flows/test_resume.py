@@ -26,7 +26,8 @@ import pytest
 import yaml
 
 from supermerge.flows.cli import main
-from supermerge.orchestrator.executor import REPORT_FILE, STORE_DIR
+from supermerge.orchestrator.publish import REPORT_FILE
+from supermerge.orchestrator.stores import STORE_DIR
 from supermerge.orchestrator.node import run_node
 from supermerge.orchestrator.plan import plan
 from supermerge.orchestrator.store import LOCKS_DIR, CheckpointStore

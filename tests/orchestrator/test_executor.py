@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from supermerge.merge_core.errors import CheckpointError
-from supermerge.orchestrator.executor import REPORT_FILE, ExecutionReport, execute
+from supermerge.orchestrator.executor import execute
+from supermerge.orchestrator.publish import REPORT_FILE, ExecutionReport
 from supermerge.orchestrator.hardware import MemoryInventory
 from supermerge.orchestrator.node import NodeRecord, NodeTask, load_validation, run_node
 from supermerge.orchestrator.plan import MergePlan, plan

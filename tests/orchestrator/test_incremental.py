@@ -10,7 +10,7 @@ import pytest
 
 from supermerge.merge_core.config import MergeConfig
 from supermerge.orchestrator.errors import StoreError, TreeError
-from supermerge.orchestrator.executor import REPORT_FILE
+from supermerge.orchestrator.publish import REPORT_FILE
 from supermerge.orchestrator.incremental import PreviousTree, grow_tree, path_to_root, read_previous_tree, reusable
 from supermerge.orchestrator.similarity import Similarity
 from supermerge.orchestrator.tree import MergeTree

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from supermerge.merge_core.errors import CheckpointError
-from supermerge.orchestrator.executor import REPORT_FILE
+from supermerge.orchestrator.publish import REPORT_FILE
 from supermerge.orchestrator.versions import (CURRENT, check_versioned, current, next_version, prune, published_root_key,
                                    switch_current, versions)
 
