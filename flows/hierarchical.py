@@ -1,9 +1,10 @@
 """The ``hierarchical-merge`` Prefect flow: a merge tree with one Prefect task per merge node.
 
-The flow plans (supermerge.orchestrator.plan, or the previous run's tree grown by newly registered models,
-supermerge.orchestrator.incremental), then submits one task per merge node, named after the node
-(``merge-pa+pb``), with its merged children's futures as arguments, so the UI draws the tree's edges
-and independent subtrees run at once, and publishes the root as ``supermerge merge`` does. Each task
+The flow takes the one run path (supermerge.orchestrator.run, the same as ``supermerge merge``): it
+prepares (the output checked once, the previous run's tree grown by newly registered models, or a new
+plan), then submits one task per merge node, named after the node (``merge-pa+pb``), with its merged
+children's futures as arguments, so the UI draws the tree's edges and independent subtrees run at
+once, then concludes in the task ``conclude`` (scores the root, publishes it). Each task
 runs ``supermerge.orchestrator.node.run_node`` and returns its small ``NodeRecord`` dict: models move through the
 checkpoint store on disk, never through Prefect (a tensor result or parameter would be pickled into
 Prefect's result storage). The store is also the cache: a node finished there, by this flow or by
