@@ -20,6 +20,9 @@ from supermerge.merge_core.safe_yaml import load_yaml
 from supermerge.merge_core.task_registry import with_registry_models
 from supermerge.merge_core.task_vectors import DEFAULT_HEAD_PREFIXES
 
+DEFAULT_METHOD = "supermerge"
+"""The method of a config that names none."""
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -70,7 +73,7 @@ class TreeConfig(_Strict):
 class MergeConfig(_Strict):
     base: Path
     output: Path
-    method: str = "supermerge"
+    method: str = DEFAULT_METHOD
     parameters: dict[str, Any] = Field(default_factory=dict)
     """Method hyperparameters; a list searches those values on the validation data."""
     models: list[ModelEntry]
@@ -297,7 +300,8 @@ def _parameter_problems(raw: dict[str, Any]) -> list[str]:
     misspelt name could cause (a missing lambda would otherwise ask for validation data)."""
     from supermerge.merge_core.methods.registry import METHODS, unknown_parameters
 
-    spec = METHODS.get(raw.get("method", "supermerge")) if isinstance(raw.get("method", "supermerge"), str) else None
+    method = raw.get("method", DEFAULT_METHOD)
+    spec = METHODS.get(method) if isinstance(method, str) else None
     params = raw.get("parameters")
     if spec is None or not isinstance(params, dict):
         return []
@@ -305,7 +309,10 @@ def _parameter_problems(raw: dict[str, Any]) -> list[str]:
     return [f"  - parameters: {problem}"] if problem else []
 
 
-def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> MergeConfig:
+def read_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path]:
+    """The config file's mapping (a mergekit config translated to ours) with ``overrides`` set, not yet
+    validated, and the folder its relative paths are relative to: for callers that change it further
+    before the one validation (supermerge.orchestrator.options)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -317,8 +324,14 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
             raise ConfigError(f"{path} is a mergekit config, which names no output; pass --output DIR "
                               "(mergekit's OUT_PATH argument)")
         raw, root = from_mergekit(raw, str(path)), Path.cwd()  # mergekit's paths are relative to the cwd
-    if isinstance(raw, dict) and given:
-        raw = {**raw, **given}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with base, output, models, method")
+    return {**raw, **given}, root
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> MergeConfig:
+    """The config file validated (``overrides``: keys set over the file's, e.g. ``output``)."""
+    raw, root = read_config(path, overrides)
     return parse_config(raw, root=root, source=str(path))
 
 

@@ -166,10 +166,9 @@ def incremental_plan(
                 progress=progress,
             )
         groups = grow_tree(groups, new, similarity, config.tree.max_fan_in or previous.fan_in)
-    raw = config.resolved()
     # the previous tree's shape is in its groups now; tree.shape shapes only a clustered tree
-    raw["tree"] = {**raw["tree"], "groups": groups, "flat": False, "shape": "balanced"}
-    grown = MergeConfig.model_validate(raw)
+    grown = config.model_copy(update={"tree": config.tree.model_copy(
+        update={"groups": groups, "flat": False, "shape": "balanced"})})
     try:
         result = plan(grown, similarity=similarity, progress=progress, **plan_options)
     except MemoryBudgetError as e:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supermerge.merge_core.config import MergeConfig, load_config, parse_config
+from supermerge.merge_core.config import DEFAULT_METHOD, MergeConfig, parse_config, read_config
 
 log = logging.getLogger(__name__)
 
@@ -50,26 +50,26 @@ class MergeOptions:
 
 
 def load_merge_config(config_path: Path, options: MergeOptions = MergeOptions()) -> MergeConfig:
-    """The config at ``config_path`` with ``options`` applied, validated again as a whole: both run
-    paths and ``supermerge plan`` read a config through here, so an option means the same on each."""
+    """The config at ``config_path`` with ``options`` applied to its mapping, then validated once as a
+    whole: both run paths and ``supermerge plan`` read a config through here, so an option means the
+    same on each."""
     overrides = {"output": str(options.output.resolve()) if options.output else None, "device": options.device}
-    config = load_config(config_path, overrides)
-    raw = config.resolved()
-    if config.max_length_resolved.source != "config":
-        raw["max_length"] = None  # resolved again, so the plan still says where it came from
-    if options.method is not None and options.method != config.method:
+    raw, root = read_config(config_path, overrides)
+    if options.method is not None and options.method != raw.get("method", DEFAULT_METHOD):
         # the config's parameters belong to its own method: another method starts from its defaults
-        if config.parameters:
-            log.warning("--method %s: ignoring the config's parameters for %s", options.method, config.method)
-        raw.update(method=options.method, parameters={})
-    tree = dict(raw["tree"])
+        if raw.get("parameters"):
+            log.warning("--method %s: ignoring the config's parameters for %s", options.method,
+                        raw.get("method", DEFAULT_METHOD))
+        raw = {**raw, "method": options.method, "parameters": {}}
+    tree = dict(raw.get("tree") or {})
     if options.memory_budget is not None:
         tree["memory_budget"] = options.memory_budget
     if options.flat:
         tree.update(flat=True, groups=None, max_fan_in=None)
     if options.max_fan_in is not None:
         tree.update(max_fan_in=options.max_fan_in, flat=False)
-    raw["tree"] = tree
+    if tree or "tree" in raw:
+        raw = {**raw, "tree": tree}
     if options.store is not None:
-        raw["store"] = options.store if "://" in options.store else str(Path(options.store).resolve())
-    return parse_config(raw, source=f"{config_path} (with the command line's options)")
+        raw = {**raw, "store": options.store if "://" in options.store else str(Path(options.store).resolve())}
+    return parse_config(raw, root=root, source=str(config_path))
