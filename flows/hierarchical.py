@@ -52,7 +52,7 @@ from supermerge.flows.node_flow import (FROM_STORE_STATE, follow_nodes, node_tas
 from supermerge.flows.pools import run_tree_on_pools
 from supermerge.merge_core.config import MergeConfig
 from supermerge.merge_core.evaluate import results_table
-from supermerge.merge_core.job import score_models
+from supermerge.merge_core.job import DataCache, score_models
 from supermerge.orchestrator.sizes import format_bytes
 from supermerge.orchestrator.options import MergeOptions, load_merge_config
 from supermerge.orchestrator.node import NodeRecord, NodeTask, cached_record, run_node
@@ -70,13 +70,15 @@ REPORT_KEY = "hierarchical-merge-report"
 
 
 @task(name="merge-node", cache_policy=NO_CACHE, persist_result=False)
-def merge_node(node: dict[str, Any], store_dir: str, children: list[dict[str, Any]]) -> Any:
+def merge_node(node: dict[str, Any], store_dir: str, children: list[dict[str, Any]],
+               data: DataCache | None = None) -> Any:
     """Merge one node into the store (returned from the store when finished there already, in the
     state ``From store``).
 
     ``children``: the merged children's records; the argument only orders the node after them and
-    draws the edges, the inputs themselves are read from the store."""
-    record = run_node(NodeTask.from_dict(node), open_store(store_dir))
+    draws the edges, the inputs themselves are read from the store. ``data``: the plan's data files,
+    read and tokenised once per run (the tasks run in this process)."""
+    record = run_node(NodeTask.from_dict(node), open_store(store_dir), data=data)
     what = "finished in the store, not merged again; it had merged" if record.cached else "merged"
     get_run_logger().info("%s: %s in %.2f s, peak %s (predicted %s)", record.id, what, record.seconds,
                           format_bytes(record.measured_peak_bytes), format_bytes(record.predicted_peak_bytes))
@@ -93,10 +95,10 @@ def conclude_run(prepared: Prepared, records: list[NodeRecord], seconds: float, 
 
 
 @task(name="references", cache_policy=NO_CACHE, persist_result=False)
-def reference_scores(config: MergeConfig) -> dict[str, dict[str, float]]:
+def reference_scores(config: MergeConfig, data: DataCache) -> dict[str, dict[str, float]]:
     """Test accuracy of the pretrained model and of each task's own fine-tune: the rows the merged
-    model is ranked against in the report."""
-    return score_models(config, {"pretrained": None, "individual": None})
+    model is ranked against in the report (``data``: the run's, which read the test data already)."""
+    return score_models(config, {"pretrained": None, "individual": None}, data=data)
 
 
 def run_tree(plan: MergePlan, store: Store, slots: dict[str, int], live: LiveTree) -> dict[str, PrefectFuture[Any]]:
@@ -110,7 +112,8 @@ def run_tree(plan: MergePlan, store: Store, slots: dict[str, int], live: LiveTre
             children = [futures[c.name] for c in node.children if c.path is None]
             node_task = node_task_options(merge_node, node, cached_record(node, store) is not None, plan.config, live)
             futures[node.id] = pools[node.device].submit(
-                node_task, {"node": quote(node.to_dict()), "store_dir": quote(store.location), "children": children}
+                node_task, {"node": quote(node.to_dict()), "store_dir": quote(store.location), "children": children,
+                            "data": quote(plan.data)}
             )
         follow_nodes(futures, live)
     return futures
@@ -213,7 +216,7 @@ def hierarchical_merge(
         report = conclude_run(quote(prepared), quote(ordered), ran - planned, scored)
         table = ""
         if scored:
-            references = reference_scores(quote(merge_config))
+            references = reference_scores(quote(merge_config), quote(plan.data))
             table = results_table({merge_config.output.name: report.test_accuracy}, references=references,
                                   individual=references["individual"])
         finished = time.perf_counter()

@@ -405,3 +405,25 @@ def test_merge_after_a_registration_merges_only_the_new_models_path(
     merged = {n["id"] for n in after["nodes"] if not n["cached"]}
     assert merged == set(path_to_root(tree, ARRIVING))
     assert {n["id"] for n in after["nodes"] if n["cached"]} == {n for n in tree.merges()} - merged != set()
+
+
+def test_each_data_file_is_read_once_per_flow_run(
+    tiny_base_dir: Path, family_models: dict[str, dict[str, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Planning reads every task's data; the node tasks, the root's score and the reference rows reuse
+    it (the run's DataCache) instead of tokenising each file again."""
+    import supermerge.merge_core.job
+
+    reads: list[str] = []
+    real = supermerge.merge_core.job.load_task_data
+
+    def counted(path: Any, *args: Any, **kwargs: Any) -> Any:
+        reads.append(str(Path(path).resolve()))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(supermerge.merge_core.job, "load_task_data", counted)
+    config = _write_config(tmp_path, tiny_base_dir, family_models, ["pa", "pb", "qa"], registry=None)
+    result, _, _ = _run(config, evaluate=True)
+    assert result["merged"] == 2 and set(result["test_accuracy"]) == {"pa", "pb", "qa"}
+    files = {str(Path(family_models[n]["validation"]).resolve()) for n in ("pa", "pb", "qa")}
+    assert sorted(reads) == sorted(files)  # each once (validation and test are one file here)
