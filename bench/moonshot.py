@@ -17,7 +17,10 @@ peak (RSS growth over the node, orchestrator/measure.py) and its seconds per tra
     python -m bench.moonshot --workdir /tmp/moonshot --markdown docs/perf/moonshot.md
     python -m bench.moonshot --small --workdir /tmp/moonshot-small     # a shrunken decoder, seconds
 
-The workdir holds the models (``--keep`` keeps them; by default they are deleted at the end).
+The workdir holds the models (``--keep`` keeps them; by default they are deleted at the end) and the
+checkpoint store: a re-run resumes, finished nodes read back from the store (``--fresh`` empties it).
+The machine's load is sampled during the merge (its 1-minute load average every ``LOAD_SAMPLE_SECONDS``):
+other work on the machine inflates the seconds, not the memory.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +163,29 @@ def write_config(workdir: Path, base: Path, models: list[dict[str, str]], setup:
     return path
 
 
+LOAD_SAMPLE_SECONDS = 30.0
+
+
+class LoadSampler(threading.Thread):
+    """The 1-minute load average every LOAD_SAMPLE_SECONDS while a block runs (the machine is shared)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True, name="load-sampler")
+        self.samples: list[float] = [os.getloadavg()[0]]
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(LOAD_SAMPLE_SECONDS):
+            self.samples.append(os.getloadavg()[0])
+
+    def stop(self) -> dict[str, float]:
+        self._done.set()
+        self.join()
+        self.samples.append(os.getloadavg()[0])
+        return {"mean": sum(self.samples) / len(self.samples), "max": max(self.samples),
+                "samples": len(self.samples)}
+
+
 def _cli(*args: str, log: Path) -> str:
     """Run ``supermerge ARGS`` in a fresh process (as a user would), its output kept in ``log``."""
     cmd = [sys.executable, "-m", "supermerge.flows.cli", *args]
@@ -180,13 +207,14 @@ def node_rows(store: Path, report: dict[str, Any]) -> list[dict[str, Any]]:
             "node": n["id"], "inputs": len(record.get("models", {})), "predicted_bytes": n["predicted_peak_bytes"],
             "measured_bytes": n["measured_peak_bytes"], "ratio": n["measured_peak_bytes"] / n["predicted_peak_bytes"],
             "seconds": n["seconds"], "step_seconds": steps, "predicted_terms": record.get("predicted", {}),
-            "peak_method": n["peak_method"],
+            "peak_method": n["peak_method"], "cached": record.get("node", {}).get("cached", False),
         })
     return rows
 
 
-def run(workdir: Path, setup: Setup) -> dict[str, Any]:
-    """Build everything, plan, merge; the plan's text and every node's numbers."""
+def run(workdir: Path, setup: Setup, fresh: bool = False) -> dict[str, Any]:
+    """Build everything, plan, merge; the plan's text and every node's numbers. The store is kept
+    between runs (finished nodes are resumed) unless ``fresh``."""
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     base = make_base(workdir / "base", setup.config, setup.seed)
@@ -194,11 +222,17 @@ def run(workdir: Path, setup: Setup) -> dict[str, Any]:
     made = time.perf_counter() - started
     config = write_config(workdir, base, models, setup)
     shutil.rmtree(workdir / "merged", ignore_errors=True)
-    shutil.rmtree(workdir / "store", ignore_errors=True)
+    if fresh:
+        shutil.rmtree(workdir / "store", ignore_errors=True)
     plan_text = _cli("plan", str(config), log=workdir / "plan.log")
     load_before = os.getloadavg()
+    load = LoadSampler()
+    load.start()
     merge_started = time.perf_counter()
-    _cli("merge", str(config), log=workdir / "merge.log")
+    try:
+        _cli("merge", str(config), log=workdir / "merge.log")
+    finally:
+        load_during = load.stop()
     merge_seconds = time.perf_counter() - merge_started
     report = json.loads((workdir / "merged" / "merge_report.json").read_text())
     from safetensors import safe_open
@@ -209,7 +243,7 @@ def run(workdir: Path, setup: Setup) -> dict[str, Any]:
         "k": setup.k, "n_params": n_params, "setup": {**setup.__dict__, "config": setup.config},
         "plan": plan_text, "shape": report.get("plan", {}).get("shape"), "nodes": node_rows(workdir / "store", report),
         "seconds_to_make_models": round(made, 1), "merge_seconds": round(merge_seconds, 1),
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "load_average_before": load_before, "load_average_after": os.getloadavg(), "load_during": load_during,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
                    f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, torch "
                    f"{torch.__version__}, {torch.get_num_threads()} threads",
@@ -226,7 +260,7 @@ def table(result: dict[str, Any]) -> str:
              "| seconds per step |", "|---|---|---|---|---|---|---|"]
     for n in result["nodes"]:
         per_step = ", ".join(f"{s:.0f}" for s in n["step_seconds"]) or "-"
-        lines.append(f"| {n['node']} | {n['inputs']} | {_gib(n['predicted_bytes'])} | {_gib(n['measured_bytes'])} "
+        lines.append(f"| {n['node']}{' (resumed from the store)' if n.get('cached') else ''} | {n['inputs']} | {_gib(n['predicted_bytes'])} | {_gib(n['measured_bytes'])} "
                      f"| {n['ratio']:.2f} | {n['seconds']:.0f} | {per_step} |")
     top = max(result["nodes"], key=lambda n: n["predicted_bytes"])
     terms = {k: v for k, v in top["predicted_terms"].items()
@@ -240,12 +274,18 @@ TABLES_MARKER = "<!-- below: written by bench/moonshot.py -->"
 
 
 def markdown(result: dict[str, Any], command: str) -> str:
-    la, lb = result["load_average_before"], result["load_average_after"]
+    la, lb, ld = result["load_average_before"], result["load_average_after"], result["load_during"]
+    ratios = [n["ratio"] for n in result["nodes"]]
+    outside = [n["node"] for n in result["nodes"] if not 0.8 <= n["ratio"] <= 1.1]
     return (f"{table(result)}\n\nk = {result['k']} task models of {result['n_params']:,} values "
-            f"(fp32 task vectors: {_gib(4 * result['k'] * result['n_params'])} GiB); plan: {result['shape']}; "
-            f"`supermerge merge` took {result['merge_seconds']:.0f} s (making the models "
-            f"{result['seconds_to_make_models']:.0f} s). Machine: {result['machine']}; load average "
-            f"{la[0]:.1f} before the merge, {lb[0]:.1f} after (1 min).\n\n"
+            f"(fp32 task vectors: {_gib(4 * result['k'] * result['n_params'])} GiB); plan: {result['shape']}, "
+            f"{len(result['nodes'])} node(s); measured / predicted {min(ratios):.2f}-{max(ratios):.2f}"
+            f"{' (outside 0.8-1.1: ' + ', '.join(outside) + ')' if outside else ', every node within 0.8-1.1'}; "
+            f"`supermerge merge` took {result['merge_seconds']:.0f} s (making the models in this run "
+            f"{result['seconds_to_make_models']:.0f} s; 0 when the workdir had them). Machine: {result['machine']}; "
+            f"1-minute load average {la[0]:.1f} before the merge, {lb[0]:.1f} after, {ld['mean']:.1f} on average "
+            f"(max {ld['max']:.1f}) over {ld['samples']} samples during it: the machine was shared, so the seconds "
+            f"are inflated by about load / CPUs where that is above 1.\n\n"
             f"`supermerge plan` printed:\n\n```\n{result['plan'].rstrip()}\n```\n\nCommand: `{command}`\n")
 
 
@@ -255,15 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="a shrunken decoder (seconds, not minutes)")
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--steps", type=int, default=2, help="SuperMerge steps per node")
-    parser.add_argument("--memory-budget", help="the plan's budget (default 11GiB; --small: 300MiB)")
+    parser.add_argument("--memory-budget", help="the plan's budget (default 11GiB; --small: 700MiB, since the "
+                        "process itself holds some 440 MB before any node)")
     parser.add_argument("--keep", action="store_true", help="keep the models in the workdir")
+    parser.add_argument("--fresh", action="store_true", help="empty the checkpoint store first (no resume)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path, help="rewrite this file below its marker line")
     args = parser.parse_args(argv)
     setup = Setup(SMALL if args.small else QWEN2_0_5B, args.k, steps=args.steps,
-                  memory_budget=args.memory_budget or ("300MiB" if args.small else "11GiB"))
+                  memory_budget=args.memory_budget or ("700MiB" if args.small else "11GiB"))
     try:
-        result = run(args.workdir, setup)
+        result = run(args.workdir, setup, fresh=args.fresh)
     finally:
         if not args.keep:
             shutil.rmtree(args.workdir / "models", ignore_errors=True)

@@ -70,11 +70,15 @@ class ModelShape:
     kind: Literal["classification", "causal_lm"] = "classification"
     tensor_shapes: tuple[tuple[int, ...], ...] = ()
     """The shape of each of ``tensor_names`` (what compressed task vectors keep depends on it)."""
+    tied_embeddings: bool = False
+    """A causal LM whose output layer is its word embedding (config.json's ``tie_word_embeddings``):
+    the backward pass then holds that matrix's gradient from the output layer until the embedding's own
+    arrives (``merge_core.methods.learned_peak.output_layer_grad_bytes``)."""
 
 
 Term = Literal["model_weights", "merge_weight_grads", "optimizer_state", "task_vectors", "merge_weights",
                "stacked_task_vectors", "merged_params", "merged_param_grads", "activations", "runtime",
-               "op_temporaries", "io_tensors", "transfer_buffers"]
+               "op_temporaries", "io_tensors", "transfer_buffers", "backward_temporaries"]
 """The name of one of PeakBytes' terms (what ``device_terms`` lists)."""
 
 
@@ -114,6 +118,10 @@ class PeakBytes:
     io_tensors: int = 0
     """A streamed merge's copies of the largest tensor beside its stack: the base's as read, its fp32
     widening and the result cast back to the stored dtype (``stream_peak.streamed_io_bytes``)."""
+    backward_temporaries: int = 0
+    """What a learned merge's backward passes allocate beyond ``activations`` and ``merged_param_grads``
+    at their worst moment: a causal LM's output-layer and embedding gradients (vocab x hidden each),
+    and the products the backward through factored stacks forms (``merge_core.methods.learned_peak``)."""
     transfer_buffers: int = 0
     """On a GPU whose task vectors stay in host memory: the fp32 chunk of every model's task vector
     that each step copies to the GPU (supermerge.merge_core.methods.learned._ChunkedSum), with its source copy."""

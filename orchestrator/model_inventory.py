@@ -161,4 +161,6 @@ def _model_shape(ckpt: Checkpoint, config: Any, kind: Kind, folder: Path) -> Mod
         vocab=_config_value(text, ("vocab_size",), "vocabulary size", folder),
         kind=kind,
         tensor_shapes=shapes,
+        # transformers' own reading of config.json (its default is True where the file is silent)
+        tied_embeddings=kind == "causal_lm" and bool(getattr(config, "tie_word_embeddings", False)),
     )

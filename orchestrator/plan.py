@@ -26,7 +26,8 @@ from supermerge.merge_core.devices import resolve_device
 from supermerge.merge_core.errors import ConfigError, DataError
 from supermerge.merge_core.job import DataCache
 from supermerge.merge_core.methods.learned import STORAGE_DTYPES, LearnedMergeConfig, weight_groups
-from supermerge.merge_core.methods.learned_peak import LearnedWorkload, compressed_loaded_values, compressed_stack_values
+from supermerge.merge_core.methods.learned_peak import (LearnedWorkload, compressed_factored_product_values,
+                                                        compressed_loaded_values, compressed_stack_values)
 from supermerge.merge_core.methods.per_tensor_peak import PerTensorWorkload
 from supermerge.merge_core.methods.registry import MethodSpec, Temporaries, get_method
 from supermerge.merge_core.peak import ModelShape, Workload
@@ -252,16 +253,17 @@ def _learned_workload(inputs: _Inputs, learned: LearnedMergeConfig, tree: MergeT
     or the config asks for (``basis: compressed``, ``supermerge_compressed``)."""
     k = len(tree.children(node))
     per_child = _loaded_per_child(inputs, tree, node)
-    loaded, stack_values = sum(per_child), None
+    loaded, stack_values, products = sum(per_child), None, 0
     if compressed or learned.basis == "compressed":
         full = compressed_loaded_values(inputs.shape, k, learned.rank)
         loaded = sum(full if v == inputs.shape.n_params else v for v in per_child)
         stack_values = compressed_stack_values(inputs.shape, k, learned.rank)
+        products = compressed_factored_product_values(inputs.shape, k, learned.rank)
     return LearnedWorkload(
         k=k, loaded_values=loaded, n_groups=inputs.n_groups, batches=_batches(inputs, tree, node, learned.batch_size),
         per_task_backward=learned.backward == "per_task",
         stack_bytes_per_value=STORAGE_DTYPES[learned.storage_dtype].itemsize,
-        stack_values=stack_values,
+        stack_values=stack_values, factored_product_values=products,
     )
 
 

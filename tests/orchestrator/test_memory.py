@@ -17,7 +17,10 @@ from supermerge.merge_core.task_vectors import mergeable_names
 from supermerge.orchestrator import measure
 from supermerge.orchestrator.errors import MemoryBudgetError
 from supermerge.orchestrator.measure import PeakMeter
-from supermerge.merge_core.methods.learned_peak import LearnedWorkload
+from supermerge.merge_core.methods.learned import FactoredStack
+from supermerge.merge_core.methods.learned_peak import (LearnedWorkload, backward_temporary_bytes,
+                                                        compressed_factored_product_values)
+from supermerge.merge_core.model import task_loss
 from supermerge.merge_core.methods.per_tensor_peak import PerTensorWorkload
 from supermerge.merge_core.peak import RUNTIME_BYTES, ModelShape, activation_bytes
 from supermerge.merge_core.stream_peak import streamed_io_bytes
@@ -136,6 +139,86 @@ def test_activation_term_matches_what_autograd_saves(tiny_base_dir):
                             kwargs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
         counted = sum(n for ptr, n in saved.items() if ptr not in weights)
         assert counted == pytest.approx(activation_bytes(shape, batch, seq), rel=0.05)
+
+
+def _rss_peak_above_start(block) -> int:
+    """The RSS high-water mark while ``block()`` runs, above the RSS before it (freed heap handed back
+    first, large blocks mmapped as a merge node has them)."""
+    measure.return_large_blocks_promptly()
+    measure._release_freed_heap()
+    start = measure.psutil.Process().memory_info().rss
+    assert measure._reset_high_water_mark(), "this kernel does not let the RSS high-water mark be reset"
+    block()
+    return measure._high_water_mark() - start
+
+
+def _causal_lm(vocab: int, hidden: int, tied: bool):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=2 * hidden, tie_word_embeddings=tied,
+                         max_position_embeddings=64)
+    return Qwen2ForCausalLM(config).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_causal_lm_backward_term_matches_a_measured_task_backward(tied):
+    """A later task of a per-task step: the merged tensors' gradients already held, one task's forward
+    and backward through a causal LM whose vocab x hidden output layer dwarfs the rest. Tied (Qwen2's
+    case) its gradient, the embedding's and their sum are alive together at the end of backward; the
+    activations alone would predict a tenth of what it measures."""
+    vocab, hidden, batch, seq = 48_000, 384, 2, 16
+    module = _causal_lm(vocab, hidden, tied)
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in module.named_parameters()}
+    for p in params.values():
+        p.grad = torch.zeros_like(p)
+    shape = ModelShape(n_params=sum(p.numel() for p in params.values()), largest_tensor=vocab * hidden,
+                       tensor_names=tuple(params), layers=1, hidden=hidden, heads=4, intermediate=2 * hidden,
+                       vocab=vocab, kind="causal_lm", tied_embeddings=tied)
+
+    def step(b: int, s: int) -> None:
+        ids = torch.randint(0, vocab, (b, s))
+        out = functional_call(module, params, args=(), kwargs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        task_loss("causal_lm", out.logits, ids).backward()
+
+    step(1, 4)  # the first backward's one-time allocations are no part of a step
+    measured = _rss_peak_above_start(lambda: step(batch, seq))
+    activations = activation_bytes(shape, batch, seq)
+    predicted = activations + backward_temporary_bytes(shape, activations)
+    if tied:
+        assert predicted == 3 * 4 * vocab * hidden
+        assert 0.9 <= measured / predicted <= 1.1
+        assert measured / activations > 5  # what the planner predicted before the term
+    else:
+        # untied: the output layer's gradient beside the activations, an upper bound (measured 0.87)
+        assert predicted == activations + 4 * vocab * hidden
+        assert 0.8 <= measured / predicted <= 1.1
+
+
+def test_factored_stack_backward_term_matches_its_two_products():
+    """The backward through the merge of a factored (out, R) @ (R, in) stack forms ``grad @ A^T`` and
+    ``B *`` that: two (out, R) fp32 products, measured."""
+    out, inner, k, r = 32_000, 256, 16, 16
+    stack = FactoredStack(torch.randn(out, k * r), torch.randn(k * r, inner),
+                          torch.arange(k).repeat_interleave(r), torch.ones(k * r), k)
+    coeffs = torch.full((k,), 0.3, requires_grad=True)
+    grad = torch.randn(out, inner)
+    merged = stack.weighted_sum(coeffs)
+    measured = _rss_peak_above_start(lambda: merged.backward(grad))
+    shape = ModelShape(n_params=out * inner, largest_tensor=out * inner, tensor_names=("w",), layers=1,
+                       hidden=inner, heads=1, intermediate=inner, vocab=out, tensor_shapes=((out, inner),))
+    assert compressed_factored_product_values(shape, k) == out * k * r
+    predicted = backward_temporary_bytes(shape, 0, out * k * r)
+    assert predicted == 2 * 4 * out * k * r
+    assert 0.9 <= measured / predicted <= 1.1
+
+
+def test_model_shape_reads_whether_a_causal_lm_ties_its_output_layer(tmp_path):
+    for tied in (True, False):
+        folder = tmp_path / f"tied-{tied}"
+        _causal_lm(1000, 32, tied).save_pretrained(folder)
+        assert ModelInventory(folder, "causal_lm").shape().tied_embeddings is tied
+    assert ModelInventory(tmp_path / "tied-True", "classification").shape().tied_embeddings is False
 
 
 def test_model_shape_comes_from_the_header_and_config(tiny_base_dir):
