@@ -441,6 +441,20 @@ def save_results(results: BenchResults, path: Path) -> Path:
     return path
 
 
+def recorded_command(argv: Sequence[str]) -> str:
+    """The command saved with a segment, without ``--resume`` / ``--resume-from PATH``: the report adds
+    ``--resume`` to every later segment, which continues from the results so far whichever file held them."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--resume-from":
+            skip = True
+        elif a != "--resume" and not a.startswith("--resume-from="):
+            kept.append(a)
+    return " ".join(["python -m bench.benchmark", *kept])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -456,6 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="build the fine-tunes (fill the cache) and stop")
     parser.add_argument("--resume", action="store_true",
                         help="keep the merges of WORKDIR/benchmark_results.partial.json and run only the rest")
+    parser.add_argument("--resume-from", type=Path, default=None, metavar="RESULTS",
+                        help="like --resume, but keep the merges of this results file (e.g. "
+                             "docs/benchmark_results.json, when the workdir's partial file is gone)")
     parser.add_argument("--no-lora", action="store_true", help="skip the LoRA variant (a later --resume can add it)")
     parser.add_argument("--no-curve", action="store_true",
                         help="skip the learning curve (a later --resume can add it)")
@@ -489,11 +506,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepare_finetunes(config, args.workdir, args.cache, progress=True)
         print(f"fine-tunes ready in {(time.perf_counter() - start) / 60:.1f} min")
         return 0
-    command = "python -m bench.benchmark " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
-                                                      if a != "--resume")
+    if args.resume_from is not None and not args.resume_from.is_file():
+        parser.error(f"--resume-from {args.resume_from}: no such results file (benchmark_results.json of an earlier run)")
+    command = recorded_command(argv if argv is not None else sys.argv[1:])
     partial = args.workdir / "benchmark_results.partial.json"
-    resume = load_results(partial) if args.resume and partial.exists() else None
-    results = run_benchmark(config, args.workdir, command=command.strip(), partial=partial, cache=args.cache,
+    if args.resume_from is not None:
+        resume = load_results(args.resume_from)
+    else:
+        resume = load_results(partial) if args.resume and partial.exists() else None
+    results = run_benchmark(config, args.workdir, command=command, partial=partial, cache=args.cache,
                             resume=resume)
     from bench.report import write_report
 

@@ -1,0 +1,43 @@
+"""The validation-size experiment's data split, its report section, and the benchmark's saved command."""
+
+from __future__ import annotations
+
+from bench.benchmark import recorded_command
+from bench.report import valsize_section
+from bench.val_size import validation_indices
+from supermerge.merge_core.corpora import split_indices
+
+
+def test_larger_validation_sets_start_with_the_benchmarks_and_never_touch_train_or_test():
+    labels = [i % 3 for i in range(200)]
+    train, val, test = split_indices(labels, n_train=100, n_val=10, n_test=40, seed=0)
+    bigger = validation_indices(labels, n_train=100, n_val=10, n_test=40, seed=0, n=30)
+    assert bigger[:10] == val and len(bigger) == len(set(bigger)) == 30
+    assert not set(bigger) & (set(train) | set(test))
+    capped = validation_indices(labels, n_train=100, n_val=10, n_test=40, seed=0, n=500)
+    assert set(capped) == set(range(200)) - set(train) - set(test) and capped[:30] == bigger  # all 60 left
+    assert len(validation_indices(labels, n_train=150, n_val=10, n_test=40, seed=0, n=30)) == 10  # nothing left
+
+
+def _run(n: int, seed: int, acc: float, got: int | None = None) -> dict:
+    return {"n_val": n, "seed": seed, "val_examples": {"a": n, "b": got or n}, "test_accuracy": {"a": acc, "b": acc},
+            "val_accuracy": {}, "steps_used": 10, "seconds": 2.0, "params": {}}
+
+
+def test_valsize_section_reports_each_size_the_caps_and_the_target():
+    vs = {"method": "supermerge", "command": "python -m bench.val_size", "seconds": 60.0,
+          "config": {"steps": 150, "batch_size": 8, "learned_lr": 0.05, "holdout": 8, "n_val": 32},
+          "individual": {"a": 0.8, "b": 0.8},
+          "runs": [_run(32, 0, 0.6), _run(32, 1, 0.64), _run(128, 0, 0.76, got=32)]}
+    res = {"runs": [{"variant": "full", "method": "supermerge", "seed": 0, "test_accuracy": {"a": 0.6, "b": 0.6}}]}
+    text = "\n".join(valsize_section(vs, res))
+    assert "| 32 | 2 | 62.0 ± 2.8 | 77.5 ± 3.5 | 10, 10 | 2.0 |" in text
+    assert "| 128 | 1 | 76.0 | 95.0 | 10 | 2.0 |" in text
+    assert "b (32)" in text and "**met** (best 95.0 %)" in text
+    assert "1 of 1 seed(s) give exactly the benchmark's" in text
+
+
+def test_the_saved_command_drops_both_resume_flags():
+    argv = ["--workdir", "w", "--resume-from", "docs/benchmark_results.json", "--threads", "1", "--resume"]
+    assert recorded_command(argv) == "python -m bench.benchmark --workdir w --threads 1"
+    assert recorded_command(["--resume-from=x.json"]) == "python -m bench.benchmark"
