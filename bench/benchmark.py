@@ -395,6 +395,8 @@ def run_benchmark(
         if differ:
             raise ValueError(f"--resume: the partial results were made with other settings ({', '.join(differ)}); "
                              "run without --resume")
+        if config.curve_task is None and resume.curve:  # --no-curve skips building the curve, not what was measured
+            ours.update(curve_task=theirs["curve_task"], curve_sizes=theirs["curve_sizes"])
         results = dataclasses.replace(resume, config=ours)
     else:
         results = BenchResults(config=dataclasses.asdict(config), machine=machine_info(), command=command,
@@ -414,7 +416,8 @@ def run_benchmark(
     variants, curve = prepare_finetunes(config, workdir, cache, progress=progress)
     results.finetunes = {v: finetune_records(ts) for v, ts in variants.items()}
     model = FunctionalModel(minilm_dir())
-    results.curve = score_curve(curve, model, config.max_length)
+    if curve:
+        results.curve = score_curve(curve, model, config.max_length)
     ood = ood_data(config, _tokenizer())
     base = {n: p.to(model.device) for n, p in _base_params(minilm_dir()).items()}
     results.ood_references = {"pretrained": {t: probe_accuracy(model, base, tr, te) for t, (tr, te) in ood.items()}}
@@ -475,7 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "docs/benchmark_results.json, when the workdir's partial file is gone)")
     parser.add_argument("--no-lora", action="store_true", help="skip the LoRA variant (a later --resume can add it)")
     parser.add_argument("--no-curve", action="store_true",
-                        help="skip the learning curve (a later --resume can add it)")
+                        help="skip the learning curve (a later --resume can add it; a resumed run keeps one "
+                             "measured before)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default torch's: one per core); 1 is faster on a machine other "
                              "jobs share")

@@ -41,3 +41,30 @@ def test_the_saved_command_drops_both_resume_flags():
     argv = ["--workdir", "w", "--resume-from", "docs/benchmark_results.json", "--threads", "1", "--resume"]
     assert recorded_command(argv) == "python -m bench.benchmark --workdir w --threads 1"
     assert recorded_command(["--resume-from=x.json"]) == "python -m bench.benchmark"
+
+
+def test_val_size_runs_end_to_end_at_toy_size(tmp_path):
+    import dataclasses
+
+    import pytest
+
+    from bench.benchmark import BenchConfig
+    from bench.val_size import load, run_val_size
+    from supermerge.merge_core.corpora import DataMissing
+
+    config = BenchConfig(tasks=("language", "sentiment"), n_train=32, n_test=24, max_length=24, steps=4, holdout=8,
+                         eval_every=1, patience=1, lora_rank=None, curve_task=None)
+    out = tmp_path / "valsize.json"
+    try:
+        results = run_val_size(config, tmp_path / "work", method="supermerge_iso_cts_init", sizes=(16, 40), seeds=(0,),
+                               command="pytest", out=out)
+    except DataMissing as e:
+        pytest.skip(str(e))
+    assert [(r.n_val, r.seed) for r in results.runs] == [(16, 0), (40, 0)]
+    assert [r.val_examples for r in results.runs] == [{"language": 16, "sentiment": 16},
+                                                      {"language": 40, "sentiment": 40}]
+    assert all(r.steps_used is not None and set(r.test_accuracy) == {"language", "sentiment"} for r in results.runs)
+    assert set(results.individual) == {"language", "sentiment"}
+    again = run_val_size(config, tmp_path / "work", method="supermerge_iso_cts_init", sizes=(16, 40), seeds=(0,),
+                         command="pytest", out=out, resume=load(out))
+    assert dataclasses.asdict(again)["runs"] == dataclasses.asdict(results)["runs"]  # nothing re-run
