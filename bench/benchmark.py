@@ -487,6 +487,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also run hierarchical SuperMerge, the planner's balanced tree of this fan-in")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="only these methods (default: every registered one the benchmark knows)")
+    parser.add_argument("--lora-methods", nargs="+", default=None,
+                        help="only these methods on the LoRA adapters (default: every registered one of "
+                             "bench/methods.py's LORA_METHODS)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -505,6 +508,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown method(s) {unknown}; the benchmark knows {list(ALL_METHODS)}")
         config = dataclasses.replace(config, methods=tuple(m for m in ALL_METHODS if m in args.methods))
+    if args.lora_methods:
+        unknown = sorted(set(args.lora_methods) - set(LORA_METHODS))
+        if unknown:
+            parser.error(f"--lora-methods: {unknown} not run on LoRA adapters; the benchmark's are {list(LORA_METHODS)}")
+        config = dataclasses.replace(config, lora_methods=tuple(m for m in LORA_METHODS if m in args.lora_methods))
     if args.finetune_only:
         start = time.perf_counter()
         prepare_finetunes(config, args.workdir, args.cache, progress=True)
