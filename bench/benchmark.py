@@ -395,6 +395,8 @@ def run_benchmark(
         if differ:
             raise ValueError(f"--resume: the partial results were made with other settings ({', '.join(differ)}); "
                              "run without --resume")
+        if config.curve_task is None and resume.curve:  # --no-curve skips building the curve, not what was measured
+            ours.update(curve_task=theirs["curve_task"], curve_sizes=theirs["curve_sizes"])
         results = dataclasses.replace(resume, config=ours)
     else:
         results = BenchResults(config=dataclasses.asdict(config), machine=machine_info(), command=command,
@@ -414,7 +416,8 @@ def run_benchmark(
     variants, curve = prepare_finetunes(config, workdir, cache, progress=progress)
     results.finetunes = {v: finetune_records(ts) for v, ts in variants.items()}
     model = FunctionalModel(minilm_dir())
-    results.curve = score_curve(curve, model, config.max_length)
+    if curve:
+        results.curve = score_curve(curve, model, config.max_length)
     ood = ood_data(config, _tokenizer())
     base = {n: p.to(model.device) for n, p in _base_params(minilm_dir()).items()}
     results.ood_references = {"pretrained": {t: probe_accuracy(model, base, tr, te) for t, (tr, te) in ood.items()}}
@@ -441,6 +444,20 @@ def save_results(results: BenchResults, path: Path) -> Path:
     return path
 
 
+def recorded_command(argv: Sequence[str]) -> str:
+    """The command saved with a segment, without ``--resume`` / ``--resume-from PATH``: the report adds
+    ``--resume`` to every later segment, which continues from the results so far whichever file held them."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--resume-from":
+            skip = True
+        elif a != "--resume" and not a.startswith("--resume-from="):
+            kept.append(a)
+    return " ".join(["python -m bench.benchmark", *kept])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -456,9 +473,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="build the fine-tunes (fill the cache) and stop")
     parser.add_argument("--resume", action="store_true",
                         help="keep the merges of WORKDIR/benchmark_results.partial.json and run only the rest")
+    parser.add_argument("--resume-from", type=Path, default=None, metavar="RESULTS",
+                        help="like --resume, but keep the merges of this results file (e.g. "
+                             "docs/benchmark_results.json, when the workdir's partial file is gone)")
     parser.add_argument("--no-lora", action="store_true", help="skip the LoRA variant (a later --resume can add it)")
     parser.add_argument("--no-curve", action="store_true",
-                        help="skip the learning curve (a later --resume can add it)")
+                        help="skip the learning curve (a later --resume can add it; a resumed run keeps one "
+                             "measured before)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default torch's: one per core); 1 is faster on a machine other "
                              "jobs share")
@@ -466,6 +487,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also run hierarchical SuperMerge, the planner's balanced tree of this fan-in")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="only these methods (default: every registered one the benchmark knows)")
+    parser.add_argument("--lora-methods", nargs="+", default=None,
+                        help="only these methods on the LoRA adapters (default: every registered one of "
+                             "bench/methods.py's LORA_METHODS)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -484,16 +508,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown method(s) {unknown}; the benchmark knows {list(ALL_METHODS)}")
         config = dataclasses.replace(config, methods=tuple(m for m in ALL_METHODS if m in args.methods))
+    if args.lora_methods:
+        unknown = sorted(set(args.lora_methods) - set(LORA_METHODS))
+        if unknown:
+            parser.error(f"--lora-methods: {unknown} not run on LoRA adapters; the benchmark's are {list(LORA_METHODS)}")
+        config = dataclasses.replace(config, lora_methods=tuple(m for m in LORA_METHODS if m in args.lora_methods))
     if args.finetune_only:
         start = time.perf_counter()
         prepare_finetunes(config, args.workdir, args.cache, progress=True)
         print(f"fine-tunes ready in {(time.perf_counter() - start) / 60:.1f} min")
         return 0
-    command = "python -m bench.benchmark " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
-                                                      if a != "--resume")
+    if args.resume_from is not None and not args.resume_from.is_file():
+        parser.error(f"--resume-from {args.resume_from}: no such results file (benchmark_results.json of an earlier run)")
+    command = recorded_command(argv if argv is not None else sys.argv[1:])
     partial = args.workdir / "benchmark_results.partial.json"
-    resume = load_results(partial) if args.resume and partial.exists() else None
-    results = run_benchmark(config, args.workdir, command=command.strip(), partial=partial, cache=args.cache,
+    if args.resume_from is not None:
+        resume = load_results(args.resume_from)
+    else:
+        resume = load_results(partial) if args.resume and partial.exists() else None
+    results = run_benchmark(config, args.workdir, command=command, partial=partial, cache=args.cache,
                             resume=resume)
     from bench.report import write_report
 

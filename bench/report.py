@@ -1,6 +1,8 @@
 """Render docs/benchmarks.md and its figures from the benchmark's JSON (nothing typed by hand).
 
     python -m bench.report docs/benchmark_results.json     # re-render without re-running
+
+docs/benchmark_valsize.json (``bench/val_size.py``), when present, adds the validation-size section.
 """
 
 from __future__ import annotations
@@ -295,6 +297,50 @@ def ood_section(res: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def valsize_section(vs: dict[str, Any] | None, res: dict[str, Any]) -> list[str]:
+    """``bench/val_size.py``'s runs: the same merge with more validation examples per task."""
+    if not vs or not vs["runs"]:
+        return []
+    cfg, method = vs["config"], vs["method"]
+    individual = vs["individual"]
+    by: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in vs["runs"]:
+        by[r["n_val"]].append(r)
+    lines = [f"## Validation-set size: {method} with more labelled examples per task", "",
+             "```bash", vs["command"], "```", "",
+             f"The benchmark's full fine-tunes, task vectors, test sets and step budget (at most {cfg['steps']} steps, "
+             f"{cfg['batch_size']} examples per task per step, lr {cfg['learned_lr']}); only the validation set grows. "
+             f"Early stopping holds out {cfg['holdout']} examples per task as in the benchmark, so the extra examples "
+             "train W (and pick the starting alpha). They are the corpus's next examples after each fine-tune's "
+             "training split, never in it or in the test split. Normalised = merged / individual, averaged over "
+             f"tasks; mean ± std over seeds; {vs['seconds'] / 60:.1f} min in all.", ""]
+    capped = sorted({f"{t} ({k})" for rs in by.values() for r in rs for t, k in r["val_examples"].items()
+                     if k < r["n_val"]})
+    if capped:
+        lines += ["Fewer examples than asked (the corpus has no more outside the fine-tune's training and test "
+                  f"splits): {', '.join(capped)}.", ""]
+    lines += ["| examples per task | seeds | avg test acc | normalised | steps used | wall s (mean) |",
+              "|---|---|---|---|---|---|"]
+    bench_runs = {r["seed"]: r for r in res["runs"] if r["variant"] == "full" and r["method"] == method}
+    rows = {str(n): sorted(rs, key=lambda r: r["seed"]) for n, rs in sorted(by.items())}
+    if cfg["n_val"] not in by and bench_runs:  # the benchmark's own runs are this size's: same inputs, same merge
+        rows = {f"{cfg['n_val']} (the benchmark's runs above)": [bench_runs[s] for s in sorted(bench_runs)], **rows}
+    best = 0.0
+    for label, rs in rows.items():
+        norms = [_normalised(r, individual) for r in rs]
+        best = max(best, _mean(norms))
+        lines.append(f"| {label} | {len(rs)} | {_pm([_avg(r['test_accuracy']) for r in rs])} | {_pm(norms)} | "
+                     f"{', '.join(str(r['steps_used']) for r in rs)} | {_mean([r['seconds'] for r in rs]):.1f} |")
+    lines += ["", f"Normalised target >= {100 * NORMALISED_TARGET:.0f} % at any of these sizes: "
+              f"**{'met' if best >= NORMALISED_TARGET else 'not met'}** (best {100 * best:.1f} %)."]
+    same = [(r, bench_runs[r["seed"]]) for r in by.get(cfg["n_val"], []) if r["seed"] in bench_runs]
+    if same:
+        equal = sum(a["test_accuracy"] == b["test_accuracy"] for a, b in same)
+        lines.append(f"At {cfg['n_val']} examples (the benchmark's own validation sets) {equal} of {len(same)} seed(s) "
+                     "give exactly the benchmark's test accuracies for this method.")
+    return lines + [""]
+
+
 def plot_weights(res: dict[str, Any], path: Path) -> Path | None:
     w = res.get("weights") or {}
     if not w:
@@ -346,7 +392,7 @@ def plot_accuracy(res: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def render(res: dict[str, Any], img_dir: Path, rel: str = "img") -> str:
+def render(res: dict[str, Any], img_dir: Path, rel: str = "img", valsize: dict[str, Any] | None = None) -> str:
     cfg, machine = res["config"], res["machine"]
     heat = plot_weights(res, img_dir / "supermerge_weights.png")
     bars = plot_accuracy(res, img_dir / "accuracy.png")
@@ -397,6 +443,7 @@ def render(res: dict[str, Any], img_dir: Path, rel: str = "img") -> str:
     lines += ablation_section(res)
     lines += hierarchical_section(res)
     lines += ood_section(res)
+    lines += valsize_section(valsize, res)
     lora = [v for v in res["references"] if v.startswith("lora")]
     for v in lora:
         lines += variant_section(res, v, f"LoRA adapters (r={v[4:]}): the main methods")
@@ -417,12 +464,17 @@ def _commands(res: dict[str, Any]) -> list[str]:
     return [f"bash deploy/install.sh && {commands[0]}", *(f"{c} --resume" for c in commands[1:])]
 
 
+VALSIZE_FILE = "benchmark_valsize.json"
+"""``bench/val_size.py``'s results, rendered into the doc when they lie beside the benchmark's."""
+
+
 def write_report(results: Any, out_dir: Path) -> Path:
     res = dataclasses.asdict(results) if dataclasses.is_dataclass(results) else results
     img = out_dir / "img"
     img.mkdir(parents=True, exist_ok=True)
     doc = out_dir / "benchmarks.md"
-    doc.write_text(render(res, img) + "\n")
+    valsize = out_dir / VALSIZE_FILE
+    doc.write_text(render(res, img, valsize=json.loads(valsize.read_text()) if valsize.is_file() else None) + "\n")
     return doc
 
 

@@ -45,11 +45,13 @@ def test_benchmark_smoke_runs_and_renders(tmp_path):
     assert "## Targets" in text and "Learning curve: sentiment" in text and "steps chosen" in text
     assert "0 of the 4 merges" in text and "the LoRA variant" in text  # every merge asked for ran; LoRA was off
 
-    # a resumed run with one more seed runs only that seed's seeded merges and says so
-    more = dataclasses.replace(config, seeds=(0, 1, 2))
+    # a resumed run with one more seed runs only that seed's seeded merges and says so; without the
+    # curve (--no-curve) it keeps the curve measured before
+    more = dataclasses.replace(config, seeds=(0, 1, 2), curve_task=None)
     resumed = run_benchmark(more, tmp_path / "work", command="pytest smoke", progress=False,
                             resume=load_results(saved))
     added = {(r.method, r.seed) for r in resumed.runs} - runs
     assert added == {("supermerge", 2)} and len(resumed.segments) == 2
+    assert resumed.curve == results.curve and resumed.config["curve_task"] == "sentiment"
     assert (tmp_path / "out" / "img" / "supermerge_weights.png").stat().st_size > 10_000
     assert (tmp_path / "out" / "img" / "accuracy.png").stat().st_size > 10_000
