@@ -97,6 +97,8 @@ def run_experiments(config: BenchConfig, workdir: Path, *, names: Sequence[str] 
     merge_config = load_config(write_merge_config(workdir / "trees-full.yaml", tasks, method="average",
                                                   output="merged/trees", max_length=config.max_length))
     results = resume or TreeResults(command=command, config=dataclasses.asdict(config), machine=machine_info())
+    if resume is not None:
+        results.command += f"\n{command} --resume"  # every invocation that added runs, in order
     before = results.seconds
     if not results.individual:
         results.individual = score_models(merge_config, {"individual": None})["individual"]
