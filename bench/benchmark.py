@@ -276,20 +276,23 @@ def run_variant(
 
 def run_hierarchical(
     merge_config: MergeConfig, config: BenchConfig, workdir: Path, seed: int, model: FunctionalModel,
-    test: Mapping[str, TaskData], ood: Mapping[str, tuple[TaskData, TaskData]],
+    test: Mapping[str, TaskData], ood: Mapping[str, tuple[TaskData, TaskData]], *,
+    tree: TreeConfig | None = None, overrides: Mapping[str, Any] | None = None, name: str = "hierarchical",
 ) -> Run:
     """Hierarchical SuperMerge through the orchestrator (plan, then the executor, bottom-up through a
-    fresh checkpoint store), scored from the model it publishes, like any saved merge."""
+    fresh checkpoint store), scored from the model it publishes, like any saved merge. ``tree``: the
+    tree settings (default: fan-in ``config.hierarchical_fan_in``); ``overrides``: SuperMerge parameters
+    over the benchmark's (bench/tree_experiments.py varies both); ``name``: its output folder's."""
     from supermerge.orchestrator.executor import execute
     from supermerge.orchestrator.plan import plan
 
-    params = method_params("supermerge", config)
+    params = {**method_params("supermerge", config), **(overrides or {})}
     tree_config = merge_config.model_copy(update={
         "method": "supermerge", "parameters": params, "seed": seed, "device": "cpu",
-        "output": workdir / "merged" / f"hierarchical-seed{seed}",
-        "tree": TreeConfig(max_fan_in=config.hierarchical_fan_in),
+        "output": workdir / "merged" / f"{name}-seed{seed}",
+        "tree": tree if tree is not None else TreeConfig(max_fan_in=config.hierarchical_fan_in),
     })
-    store = workdir / "merged" / f"hierarchical-seed{seed}.store"
+    store = workdir / "merged" / f"{name}-seed{seed}.store"
     if store.exists():
         shutil.rmtree(store)  # measure the whole tree, not a resumed one
     with measure() as cost:
@@ -307,7 +310,8 @@ def run_hierarchical(
         ood_accuracy={t: probe_accuracy(model, tensors, tr, te) for t, (tr, te) in ood.items()},
         val_accuracy=execute_root_val(tree_config.output),
         params={**_jsonable(params), "transform": "tanh", "fan_in": the_plan.fan_in,
-                "tree": json.dumps(the_plan.tree.nested()), "merge_nodes": len(the_plan.nodes)},
+                "tree": json.dumps(the_plan.tree.nested()), "merge_nodes": len(the_plan.nodes),
+                "depth": the_plan.tree.depth, "shape": the_plan.shape},
         seconds=cost.seconds, peak_increase_bytes=cost.peak_increase_bytes,
     )
 
