@@ -2,7 +2,8 @@
 
     python -m bench.report docs/benchmark_results.json     # re-render without re-running
 
-docs/benchmark_valsize.json (``bench/val_size.py``), when present, adds the validation-size section.
+docs/benchmark_valsize.json (``bench/val_size.py``), when present, adds the validation-size section;
+docs/benchmark_trees.json (``bench/tree_experiments.py``), the tree experiments' table.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.methods import ALL_METHODS, SEEDED
+from bench.tree_report import TREES_FILE, trees_section
 from supermerge.merge_core.evaluate import results_table
 
 
@@ -392,7 +394,8 @@ def plot_accuracy(res: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def render(res: dict[str, Any], img_dir: Path, rel: str = "img", valsize: dict[str, Any] | None = None) -> str:
+def render(res: dict[str, Any], img_dir: Path, rel: str = "img", valsize: dict[str, Any] | None = None,
+           trees: dict[str, Any] | None = None) -> str:
     cfg, machine = res["config"], res["machine"]
     heat = plot_weights(res, img_dir / "supermerge_weights.png")
     bars = plot_accuracy(res, img_dir / "accuracy.png")
@@ -442,6 +445,7 @@ def render(res: dict[str, Any], img_dir: Path, rel: str = "img", valsize: dict[s
     lines += ["![average accuracy per method](" + f"{rel}/{bars.name})", ""]
     lines += ablation_section(res)
     lines += hierarchical_section(res)
+    lines += trees_section(trees)
     lines += ood_section(res)
     lines += valsize_section(valsize, res)
     lora = [v for v in res["references"] if v.startswith("lora")]
@@ -473,8 +477,9 @@ def write_report(results: Any, out_dir: Path) -> Path:
     img = out_dir / "img"
     img.mkdir(parents=True, exist_ok=True)
     doc = out_dir / "benchmarks.md"
-    valsize = out_dir / VALSIZE_FILE
-    doc.write_text(render(res, img, valsize=json.loads(valsize.read_text()) if valsize.is_file() else None) + "\n")
+    valsize, trees = out_dir / VALSIZE_FILE, out_dir / TREES_FILE
+    doc.write_text(render(res, img, valsize=json.loads(valsize.read_text()) if valsize.is_file() else None,
+                          trees=json.loads(trees.read_text()) if trees.is_file() else None) + "\n")
     return doc
 
 
