@@ -12,15 +12,25 @@ def _avg(acc: dict[str, float]) -> float:
     return sum(acc.values()) / len(acc)
 
 
-def trees_section(trees: dict[str, Any] | None) -> list[str]:
+def trees_section(trees: dict[str, Any] | None, res: dict[str, Any] | None = None) -> list[str]:
     """One row per experiment: what it changes, the tree it ran, accuracy against the control and the
-    flat merge, the task-steps it trained and its wall time."""
+    flat merge, and its wall time. Without a ``flat`` experiment the flat reference is the benchmark's
+    own flat SuperMerge run of the same seed in ``res`` (same fine-tunes and settings), and the table
+    says so."""
     if not trees or not trees["runs"]:
         return []
     individual = trees["individual"]
     by = {r["experiment"]: r for r in trees["runs"]}
     control = by.get("control")
     flat = by.get("flat")
+    seed = trees["runs"][0]["run"]["seed"]
+    flat_note = ""
+    if flat is None and res is not None:
+        bench_flat = [r for r in res["runs"] if r["variant"] == "full" and r["method"] == "supermerge" and r["seed"] == seed]
+        if bench_flat:
+            flat = {"run": bench_flat[0]}
+            flat_note = (f"\"vs flat\" compares with the benchmark's flat SuperMerge of seed {seed} "
+                         f"({100 * _avg(bench_flat[0]['test_accuracy']):.1f}; the flat experiment was not run).")
     lines = ["## Why the tree loses: controlled experiments", "", "```bash", trees["command"], "```", "",
              "Hierarchical SuperMerge on the 8 full fine-tunes through the orchestrator (plan, plain executor, a "
              "fresh store each), the benchmark's SuperMerge settings at every node (early stopping on the held-out "
@@ -38,7 +48,9 @@ def trees_section(trees: dict[str, Any] | None) -> list[str]:
         p = run["params"]
         lines.append(f"| {name} | {r['question']} | {p.get('depth', '-')} | {p.get('merge_nodes', '-')} | "
                      f"{100 * acc:.1f} | {100 * norm:.1f} % | {vs_control} | {vs_flat} | {run['seconds']:.0f} |")
-    missing = [n for n in ("control", "flat") if n not in by]
-    if missing:
-        lines += ["", f"Not measured yet: {', '.join(missing)} (the columns against them are empty)."]
+    if flat_note:
+        lines += ["", flat_note]
+    if control is None or flat is None:
+        lines += ["", "Not measured: " + ", ".join(n for n, r in (("control", control), ("flat", flat)) if r is None)
+                  + " (the columns against them say -)."]
     return lines + [""]

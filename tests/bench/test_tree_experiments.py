@@ -44,3 +44,15 @@ def test_the_table_compares_each_experiment_with_the_control_and_the_flat_merge(
     assert "| fan-in-4 | q1 | 1 | 3 | 60.0 | 75.0 % | +10.0 | -10.0 | 10 |" in table
     assert "| control | q0 | 2 | 3 | 50.0 | 62.5 % | - | -20.0 | 10 |" in table
     assert trees_section({"runs": []}) == []
+
+
+def test_without_a_flat_experiment_the_benchmarks_own_flat_run_of_that_seed_is_the_reference() -> None:
+    trees = {"command": "c", "seconds": 60.0, "individual": {"a": 0.8, "b": 0.8},
+             "runs": [{"experiment": "control", "question": "q0", "run": _run(0.5, 2)}]}
+    res = {"runs": [{"variant": "full", "method": "supermerge", "seed": 0, "test_accuracy": {"a": 0.6, "b": 0.6}},
+                    {"variant": "full", "method": "supermerge", "seed": 1, "test_accuracy": {"a": 0.9, "b": 0.9}}]}
+    table = "\n".join(trees_section(trees, res))
+    assert "| control | q0 | 2 | 3 | 50.0 | 62.5 % | - | -10.0 | 10 |" in table
+    assert "benchmark's flat SuperMerge of seed 0 (60.0" in table
+    assert "Not measured: control" not in "\n".join(trees_section(trees, res))
+    assert "Not measured: flat" in "\n".join(trees_section(trees))
