@@ -321,8 +321,8 @@ def valsize_section(vs: dict[str, Any] | None, res: dict[str, Any]) -> list[str]
     if capped:
         lines += ["Fewer examples than asked (the corpus has no more outside the fine-tune's training and test "
                   f"splits): {', '.join(capped)}.", ""]
-    lines += ["| examples per task | seeds | avg test acc | normalised | steps used | wall s (mean) |",
-              "|---|---|---|---|---|---|"]
+    lines += ["| examples per task | seeds | avg test acc | per seed | normalised | steps used | wall s (mean) |",
+              "|---|---|---|---|---|---|---|"]
     bench_runs = {r["seed"]: r for r in res["runs"] if r["variant"] == "full" and r["method"] == method}
     rows = {str(n): sorted(rs, key=lambda r: r["seed"]) for n, rs in sorted(by.items())}
     if cfg["n_val"] not in by and bench_runs:  # the benchmark's own runs are this size's: same inputs, same merge
@@ -331,7 +331,8 @@ def valsize_section(vs: dict[str, Any] | None, res: dict[str, Any]) -> list[str]
     for label, rs in rows.items():
         norms = [_normalised(r, individual) for r in rs]
         best = max(best, _mean(norms))
-        lines.append(f"| {label} | {len(rs)} | {_pm([_avg(r['test_accuracy']) for r in rs])} | {_pm(norms)} | "
+        avgs = [_avg(r["test_accuracy"]) for r in rs]
+        lines.append(f"| {label} | {len(rs)} | {_pm(avgs)} | {', '.join(f'{100 * a:.1f}' for a in avgs)} | {_pm(norms)} | "
                      f"{', '.join(str(r['steps_used']) for r in rs)} | {_mean([r['seconds'] for r in rs]):.1f} |")
     lines += ["", f"Normalised target >= {100 * NORMALISED_TARGET:.0f} % at any of these sizes: "
               f"**{'met' if best >= NORMALISED_TARGET else 'not met'}** (best {100 * best:.1f} %)."]

@@ -31,13 +31,13 @@ def test_valsize_section_reports_each_size_the_caps_and_the_target():
           "runs": [_run(32, 0, 0.6), _run(32, 1, 0.64), _run(128, 0, 0.76, got=32)]}
     res = {"runs": [{"variant": "full", "method": "supermerge", "seed": 0, "test_accuracy": {"a": 0.6, "b": 0.6}}]}
     text = "\n".join(valsize_section(vs, res))
-    assert "| 32 | 2 | 62.0 ± 2.8 | 77.5 ± 3.5 | 10, 10 | 2.0 |" in text
-    assert "| 128 | 1 | 76.0 | 95.0 | 10 | 2.0 |" in text
+    assert "| 32 | 2 | 62.0 ± 2.8 | 60.0, 64.0 | 77.5 ± 3.5 | 10, 10 | 2.0 |" in text
+    assert "| 128 | 1 | 76.0 | 76.0 | 95.0 | 10 | 2.0 |" in text
     assert "b (32)" in text and "**met** (best 95.0 %)" in text
     assert "1 of 1 seed(s) give exactly the benchmark's" in text
     vs["runs"] = vs["runs"][2:]  # no 32-example run of its own: the benchmark's is that row
     text = "\n".join(valsize_section(vs, {"runs": [{**res["runs"][0], "steps_used": 30, "seconds": 5.0}]}))
-    assert "| 32 (the benchmark's runs above) | 1 | 60.0 | 75.0 | 30 | 5.0 |" in text and "| 128 | 1 |" in text
+    assert "| 32 (the benchmark's runs above) | 1 | 60.0 | 60.0 | 75.0 | 30 | 5.0 |" in text and "| 128 | 1 |" in text
 
 
 def test_the_saved_command_drops_both_resume_flags():
