@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench.benchmark import recorded_command
 from bench.report import valsize_section
 from bench.val_size import validation_indices
@@ -46,10 +48,9 @@ def test_the_saved_command_drops_both_resume_flags():
     assert recorded_command(["--resume-from=x.json"]) == "python -m bench.benchmark"
 
 
+@pytest.mark.slow  # fine-tunes two toy models: 7 min on the 2 shared cores
 def test_val_size_runs_end_to_end_at_toy_size(tmp_path):
     import dataclasses
-
-    import pytest
 
     from bench.benchmark import BenchConfig
     from bench.val_size import load, run_val_size
