@@ -440,7 +440,9 @@ def load_results(path: Path) -> BenchResults:
     return BenchResults(**raw)
 
 
-def save_results(results: BenchResults, path: Path) -> Path:
+def save_results(results: Any, path: Path) -> Path:
+    """A results dataclass as JSON, replaced whole (a killed run leaves the previous file); the
+    benchmark's, bench/val_size.py's and bench/tree_experiments.py's."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(dataclasses.asdict(results), indent=1, sort_keys=True))

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from bench.benchmark import BenchConfig, Run, _tokenizer, machine_info, run_hierarchical
+from bench.benchmark import BenchConfig, Run, _tokenizer, machine_info, run_hierarchical, save_results
 from supermerge.merge_core.config import TreeConfig, load_config
 from supermerge.merge_core.job import load_split, score_models
 from supermerge.merge_core.model import FunctionalModel
@@ -113,20 +113,12 @@ def run_experiments(config: BenchConfig, workdir: Path, *, names: Sequence[str] 
         results.runs.append({"experiment": exp.name, "question": exp.question, "tree_settings": exp.tree,
                              "overrides": exp.overrides, "run": dataclasses.asdict(run)})
         results.seconds = before + time.perf_counter() - started
-        save(results, out)
+        save_results(results, out)
     return results
 
 
 def load(path: Path) -> TreeResults:
     return TreeResults(**json.loads(path.read_text()))
-
-
-def save(results: TreeResults, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(results), indent=1, sort_keys=True))
-    tmp.replace(path)
-    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from bench.benchmark import BenchConfig, _tokenizer, machine_info, method_params
+from bench.benchmark import BenchConfig, _tokenizer, machine_info, method_params, save_results
 from bench.measure import measure
 from bench.methods import LEARNED
 from supermerge.merge_core.checkpoint import open_checkpoint
@@ -125,7 +125,7 @@ def run_val_size(
                         for k, v in result.params.items()},
             ))
             results.seconds = before + time.perf_counter() - started
-            save(results, out)
+            save_results(results, out)
     return results
 
 
@@ -133,14 +133,6 @@ def load(path: Path) -> ValSizeResults:
     raw = json.loads(path.read_text())
     raw["runs"] = [ValSizeRun(**r) for r in raw["runs"]]
     return ValSizeResults(**raw)
-
-
-def save(results: ValSizeResults, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(results), indent=1, sort_keys=True))
-    tmp.replace(path)
-    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
